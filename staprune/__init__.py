@@ -1,0 +1,11 @@
+"""staprune: training-free spatio-temporal token pruning (STA, ICCV 2023) for video transformers.
+
+    import staprune
+    staprune.patch(model, r=64)      # VideoMAE ViT (transformers) or Video Swin (torchvision)
+"""
+
+from .config import STAConfig, resolve_plan
+from .patch import get_config, kept_tokens, patch, unpatch
+
+__all__ = ["STAConfig", "get_config", "kept_tokens", "patch", "resolve_plan", "unpatch"]
+__version__ = "0.1.0"

@@ -1,0 +1,337 @@
+"""Pruning configuration: the options of DESIGN.md, schedule presets, and validation.
+
+A :class:`STAConfig` is model-independent. :func:`resolve_plan` turns it into a concrete
+:class:`PruningPlan` for one backbone geometry (depth, tubelet-frames ``T``, tokens per frame
+``N``), checking everything that can go wrong before any forward pass runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+METHODS = ("sta", "random", "tome", "none")
+SCHEDULES = ("decreasing", "constant", "increasing", "per_frame")
+FIRST_UNIT = ("bipartite", "random", "grid")
+SIMILARITY = ("key", "query", "value", "hidden")
+SCORES = ("sta", "temporal", "semantic")
+FIRST_TRANSITION = ("all", "kept")
+TOME_MODES = ("locations", "every_block")
+
+
+def _check_choice(name: str, value: object, valid: Sequence[str]) -> None:
+    if value not in valid:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, valid))}")
+
+
+@dataclass(frozen=True)
+class STAConfig:
+    """What to prune and how. Defaults reproduce the paper's published tables.
+
+    Attributes:
+        r: tokens dropped per temporal unit at the first stage (the paper's ``r_1``).
+        method: ``sta`` (the paper), ``random`` (drop r random tokens per unit), ``tome``
+            (ToMe bipartite soft-matching merge) or ``none`` (patched but never prunes).
+        schedule: a preset name or an explicit list of ``(units, r_per_unit)``, one per stage.
+            Presets, stage ``k`` with ``units = T / 2**k``:
+            ``decreasing``: r per unit (per frame r, r/2, r/4: the paper's {8x64, 8x32, 8x16});
+            ``constant``: r * 2**k per unit (per frame r at every stage);
+            ``increasing``: r * 4**k per unit (per frame r, 2r, 4r: the paper's {8x27, 8x54, 8x108});
+            ``per_frame``: the paper's text variant, one frame per unit, ``r // 2**k`` per frame
+            (rounded down).
+        order: one ``F`` (forward) or ``B`` (backward) per stage: the direction the temporal
+            accumulation walks the units.
+        first_unit: image-based pruner for the first unit in processing order.
+        similarity: which tensor gives the token-to-token affinity (attention key / query /
+            value averaged over heads, or the block output ``hidden``).
+        score: ``sta`` = A*(1-F), ``temporal`` = A, ``semantic`` = 1-F.
+        first_transition: ``all`` (published code: the second unit's transition uses every token
+            of the first unit) or ``kept`` (paper Algorithm 1: only its kept tokens).
+        locations: 0-based block indices after which to prune; ``None`` = ``0, L//3, 2L//3``.
+        tome_mode: for ``method="tome"``: ``locations`` (merge STA's token counts at STA's
+            locations) or ``every_block`` (the usual ToMe: merge ``r`` tokens in every block).
+        seed: seeds every random choice (random first unit, grid, random baseline). Each clip
+            draws from its own stream derived from the seed and its pixels, so results repeat
+            exactly and do not depend on what else is in the batch.
+    """
+
+    r: int = 0
+    method: str = "sta"
+    schedule: str | tuple[tuple[int, int], ...] = "decreasing"
+    order: str = "FBF"
+    first_unit: str = "bipartite"
+    similarity: str = "key"
+    score: str = "sta"
+    first_transition: str = "all"
+    locations: tuple[int, ...] | None = None
+    tome_mode: str = "locations"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 0:
+            raise ValueError(f"r={self.r!r} must be a non-negative integer (tokens dropped per unit)")
+        _check_choice("method", self.method, METHODS)
+        _check_choice("first_unit", self.first_unit, FIRST_UNIT)
+        _check_choice("similarity", self.similarity, SIMILARITY)
+        _check_choice("score", self.score, SCORES)
+        _check_choice("first_transition", self.first_transition, FIRST_TRANSITION)
+        _check_choice("tome_mode", self.tome_mode, TOME_MODES)
+        if isinstance(self.schedule, str):
+            _check_choice("schedule", self.schedule, SCHEDULES)
+        else:
+            stages = tuple(tuple(int(v) for v in s) for s in self.schedule)
+            if not stages or any(len(s) != 2 or s[0] < 1 or s[1] < 0 for s in stages):
+                raise ValueError(
+                    f"schedule={self.schedule!r}: an explicit schedule is a non-empty list of "
+                    "(units >= 1, r_per_unit >= 0) pairs, one per stage"
+                )
+            object.__setattr__(self, "schedule", stages)
+        if not isinstance(self.order, str) or not self.order or set(self.order.upper()) - {"F", "B"}:
+            raise ValueError(f"order={self.order!r} must be a string of 'F' and 'B', one per stage, e.g. 'FBF'")
+        object.__setattr__(self, "order", self.order.upper())
+        if self.locations is not None:
+            locs = tuple(int(i) for i in self.locations)
+            if not locs or any(b <= a for a, b in zip(locs, locs[1:], strict=False)) or locs[0] < 0:
+                raise ValueError(f"locations={self.locations!r} must be strictly increasing block indices >= 0")
+            object.__setattr__(self, "locations", locs)
+
+    def with_options(self, **options: object) -> STAConfig:
+        """Copy with some fields replaced (unknown names raise TypeError listing valid ones)."""
+        valid = set(self.__dataclass_fields__)
+        unknown = set(options) - valid
+        if unknown:
+            raise TypeError(f"unknown option(s) {sorted(unknown)}; valid options: {sorted(valid)}")
+        return replace(self, **options)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pruning point: after block ``layer``, regroup the sequence into ``units`` temporal
+    units of ``tokens_in`` tokens each and drop ``r`` tokens per unit."""
+
+    layer: int
+    units: int
+    r: int
+    forward: bool
+    tokens_in: int
+
+    @property
+    def tokens_out(self) -> int:
+        return self.tokens_in - self.r
+
+
+@dataclass(frozen=True)
+class PruningPlan:
+    """A config resolved for one geometry: ``T`` tubelet-frames of ``N`` tokens, ``depth`` blocks."""
+
+    config: STAConfig
+    depth: int
+    frames: int
+    tokens_per_frame: int
+    stages: tuple[Stage, ...] = field(default_factory=tuple)
+
+    @property
+    def tokens_after(self) -> list[int]:
+        """Sequence length after each stage."""
+        return [s.units * s.tokens_out for s in self.stages]
+
+    def tokens_per_block(self) -> list[int]:
+        """Sequence length entering each block (for FLOP counts)."""
+        n = self.frames * self.tokens_per_frame
+        counts = []
+        by_layer = {s.layer: s for s in self.stages}
+        for layer in range(self.depth):
+            counts.append(n)
+            if layer in by_layer:
+                s = by_layer[layer]
+                n = s.units * s.tokens_out
+        return counts
+
+
+def default_locations(depth: int, num_stages: int = 3) -> tuple[int, ...]:
+    """The paper's placement: after blocks 0, L//3, 2L//3 (0-based)."""
+    return tuple(sorted({(k * depth) // num_stages for k in range(num_stages)}))
+
+
+def _preset_stages(schedule: str, r: int, frames: int, num_stages: int) -> list[tuple[int, int]]:
+    stages = []
+    for k in range(num_stages):
+        if schedule == "per_frame":
+            stages.append((frames, r // 2**k))
+            continue
+        if frames % 2**k:
+            raise ValueError(
+                f"{frames} tubelet-frames cannot be grouped into {num_stages} stages of 1, 2, 4, ... frames "
+                f"per unit (stage {k} needs frames divisible by {2**k}); use a frame count divisible by "
+                f"{2 ** (num_stages - 1)}, fewer locations, or an explicit schedule"
+            )
+        per_unit = {"decreasing": r, "constant": r * 2**k, "increasing": r * 4**k}[schedule]
+        stages.append((frames // 2**k, per_unit))
+    return stages
+
+
+def _stages_for(config: STAConfig, r: int, depth: int, frames: int, n: int) -> list[Stage]:
+    """Build stages for a given first-stage r, raising ValueError for infeasible geometry."""
+    locations = config.locations if config.locations is not None else default_locations(depth)
+    if locations[-1] >= depth:
+        raise ValueError(f"locations={locations} reach past the model's {depth} blocks (valid: 0..{depth - 1})")
+    if isinstance(config.schedule, str):
+        pairs = _preset_stages(config.schedule, r, frames, len(locations))
+    else:
+        pairs = list(config.schedule)
+        if len(pairs) != len(locations):
+            raise ValueError(
+                f"explicit schedule has {len(pairs)} stages but there are {len(locations)} locations {locations}"
+            )
+    order = config.order
+    if len(order) == 1:
+        order = order * len(pairs)
+    if len(order) != len(pairs):
+        raise ValueError(f"order={config.order!r} has {len(order)} letters for {len(pairs)} stages")
+    stages = []
+    prev_units, per_unit = frames, n
+    for layer, (units, r_k), direction in zip(locations, pairs, order, strict=True):
+        if prev_units % units:
+            raise ValueError(
+                f"cannot regroup {prev_units} temporal units into {units} at block {layer}: each unit must be "
+                f"whole consecutive units of the previous stage (frames={frames}); adjust the frame count or "
+                "the schedule"
+            )
+        tokens_in = per_unit * (prev_units // units)
+        stages.append(Stage(layer, units, r_k, direction == "F", tokens_in))
+        prev_units, per_unit = units, tokens_in - r_k
+    return stages
+
+
+def _stage_feasible(config: STAConfig, stage: Stage) -> bool:
+    if stage.r == 0:
+        return True
+    if config.method == "tome":
+        # ToMe merges globally: at most half of the whole sequence per step.
+        return stage.units * stage.r <= (stage.units * stage.tokens_in) // 2
+    if config.method == "sta" and config.first_unit == "bipartite":
+        # The first unit drops only from its set A (even positions): ceil(n/2) tokens, and set B must
+        # keep at least one token for matching.
+        return stage.r <= stage.tokens_in // 2
+    return stage.r < stage.tokens_in
+
+
+def resolve_plan(config: STAConfig, depth: int, frames: int, tokens_per_frame: int) -> PruningPlan:
+    """Check ``config`` against a geometry and return the concrete stages.
+
+    Args:
+        depth: number of transformer blocks.
+        frames: tubelet-frames ``T`` (input frames / tubelet size).
+        tokens_per_frame: ``N`` spatial tokens per tubelet-frame.
+
+    Raises:
+        ValueError: frames not divisible into the stages' units, locations outside the model, or
+            r too large for the token count (the message states the largest valid r).
+    """
+    if config.method == "tome" and config.tome_mode == "every_block":
+        # Usual ToMe: r tokens merged in every block, capped at half the sequence as ToMe does.
+        stages, n = [], frames * tokens_per_frame
+        for layer in range(depth):
+            r_k = min(config.r, n // 2)
+            stages.append(Stage(layer, 1, r_k, True, n))
+            n -= r_k
+        return PruningPlan(config, depth, frames, tokens_per_frame, tuple(stages))
+
+    stages = _stages_for(config, config.r, depth, frames, tokens_per_frame)
+    if not all(_stage_feasible(config, s) for s in stages):
+        largest = _largest_valid_r(config, depth, frames, tokens_per_frame)
+        bad = next(s for s in stages if not _stage_feasible(config, s))
+        raise ValueError(
+            f"r={config.r} is too large for this input: at block {bad.layer} each of the {bad.units} units has "
+            f"{bad.tokens_in} tokens and would drop {bad.r} (method={config.method}, "
+            f"first_unit={config.first_unit}, schedule={config.schedule!r}). The largest valid r for "
+            f"{frames}x{tokens_per_frame} tokens is {largest}."
+        )
+    return PruningPlan(config, depth, frames, tokens_per_frame, tuple(stages))
+
+
+def _largest_valid_r(config: STAConfig, depth: int, frames: int, n: int) -> int:
+    best = 0
+    for r in range(1, frames * n):
+        try:
+            stages = _stages_for(config, r, depth, frames, n)
+        except ValueError:
+            break
+        if any(s.tokens_out < 1 for s in stages):
+            break
+        if all(_stage_feasible(config, s) for s in stages):
+            best = r
+    return best
+
+
+def as_config(config: STAConfig | None = None, r: int | None = None, **options: object) -> STAConfig:
+    """Merge ``patch(model, r=..., config=..., **options)`` arguments into one config."""
+    base = config if config is not None else STAConfig()
+    if r is not None:
+        options["r"] = r
+    return base.with_options(**options) if options else base
+
+
+def largest_square_grid(r: int) -> int:
+    """Cells per side of the grid first-unit pruner: ``ceil(sqrt(r))`` (exactly sqrt(r) for squares)."""
+    return max(1, math.isqrt(r - 1) + 1) if r > 0 else 1
+
+
+# --- Video Swin ---------------------------------------------------------------------------------
+def swin_stage_drops(r1: int) -> tuple[int, int, int]:
+    """Per-frame drops at the start of Swin stages 2, 3 and 4: ``r1, 1.5*r1/4, 2*r1/16``.
+
+    Rounded half-up to whole tokens (r1 = 192/256/320 give exact integers: 72/96/120, 24/32/40).
+    """
+    return (r1, int(1.5 * r1 / 4 + 0.5), int(2 * r1 / 16 + 0.5))
+
+
+def resolve_swin_plan(config: STAConfig, frames: int, grids: Sequence[tuple[int, int]]) -> PruningPlan:
+    """Stages for a Video Swin: one per pruned Swin stage (2, 3, 4), each per frame.
+
+    Each Swin stage starts from a full grid (the grid is refilled before patch merging), so every
+    stage prunes ``frames`` units of ``h*w`` tokens independently. ``Stage.layer`` is the 0-based
+    Swin stage index (1, 2, 3).
+
+    Args:
+        frames: temporal positions ``T`` after patch embedding (16 for 32-frame input).
+        grids: spatial token grid ``(h, w)`` of Swin stages 2, 3 and 4.
+    """
+    if config.method == "tome":
+        raise ValueError("method='tome' is not supported for Video Swin (window attention needs a full grid)")
+    if isinstance(config.schedule, str):
+        drops = swin_stage_drops(config.r)
+        units = [frames] * len(drops)
+    else:
+        if len(config.schedule) != len(grids):
+            raise ValueError(f"explicit Swin schedule needs {len(grids)} (units, r) pairs, got {config.schedule}")
+        units = [u for u, _ in config.schedule]
+        drops = tuple(r for _, r in config.schedule)
+    order = config.order * len(grids) if len(config.order) == 1 else config.order
+    if len(order) != len(grids):
+        raise ValueError(f"order={config.order!r} has {len(order)} letters for {len(grids)} Swin stages")
+    stages = []
+    for k, ((h, w), u, r_k, direction) in enumerate(zip(grids, units, drops, order, strict=True)):
+        if frames % u:
+            raise ValueError(f"{frames} temporal positions cannot be split into {u} units at Swin stage {k + 2}")
+        stage = Stage(k + 1, u, r_k, direction == "F", frames // u * h * w)
+        if not _stage_feasible(config, stage):
+            raise ValueError(
+                f"r={config.r} is too large for this Video Swin input: stage {k + 2} has {h}x{w} tokens per "
+                f"frame and would drop {r_k} per frame; the largest valid r1 is "
+                f"{_largest_valid_swin_r(config, frames, grids)}"
+            )
+        stages.append(stage)
+    return PruningPlan(config, 4, frames, grids[0][0] * grids[0][1], tuple(stages))
+
+
+def _largest_valid_swin_r(config: STAConfig, frames: int, grids: Sequence[tuple[int, int]]) -> int:
+    best = 0
+    for r in range(1, grids[0][0] * grids[0][1]):
+        try:
+            resolve_swin_plan(replace(config, r=r), frames, grids)
+        except ValueError:
+            break
+        best = r
+    return best

@@ -1,0 +1,64 @@
+"""``patch`` / ``unpatch`` / ``kept_tokens``: dispatch to the adapter of the model's family."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..config import STAConfig, as_config
+from .common import PATCH_ATTR
+from .videomae import is_videomae, patch_videomae
+
+SUPPORTED = (
+    "transformers VideoMAEForVideoClassification",
+    "transformers VideoMAEModel",
+)
+
+
+def patch(model: nn.Module, r: int | None = None, *, config: STAConfig | None = None, **options) -> nn.Module:
+    """Make ``model`` prune spatio-temporal tokens, in place; returns the same model.
+
+    Args:
+        model: a supported backbone (see ``staprune.patch.SUPPORTED``).
+        r: tokens dropped per temporal unit at the first stage (the paper's r_1).
+        config: a full :class:`STAConfig`; ``r`` and ``options`` override its fields.
+        **options: any STAConfig field, e.g. ``method="random"``, ``order="FFF"``.
+
+    Raises:
+        TypeError: unsupported model or unknown option. ValueError: invalid option value, or r
+        too large / frames not divisible for the model's configured input.
+    """
+    cfg = as_config(config, r, **options)
+    if not isinstance(model, nn.Module) or not is_videomae(model):
+        raise TypeError(
+            f"staprune cannot patch {type(model).__name__}; supported models: {', '.join(SUPPORTED)}"
+        )
+    unpatch(model)
+    return patch_videomae(model, cfg)
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore the stock forward of a patched model (no-op on an unpatched one)."""
+    p = model.__dict__.pop(PATCH_ATTR, None)
+    if p is not None:
+        p.undo()
+    return model
+
+
+def kept_tokens(model: nn.Module) -> list[Tensor]:
+    """Original (pre-pruning) indices of the tokens kept after each stage of the last forward.
+
+    Returns one ``(B, kept)`` long tensor per stage; index ``t * N + s`` is tubelet-frame ``t``,
+    spatial token ``s``. For ToMe, the index of each merged token's representative.
+    """
+    p = model.__dict__.get(PATCH_ATTR)
+    if p is None:
+        raise ValueError("model is not patched by staprune; call staprune.patch(model, r=...) first")
+    if p.state is None:
+        raise ValueError("no forward pass has run since the model was patched")
+    return list(p.state.kept)
+
+
+def get_config(model: nn.Module) -> STAConfig | None:
+    """The config a model was patched with, or None."""
+    p = model.__dict__.get(PATCH_ATTR)
+    return None if p is None else p.config

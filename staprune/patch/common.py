@@ -1,0 +1,82 @@
+"""What every backbone adapter shares: per-forward state and the patch bookkeeping."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..config import PruningPlan, STAConfig
+from ..score import PerSampleRandom, sample_seeds
+
+PATCH_ATTR = "_staprune"
+
+
+@dataclass
+class ForwardState:
+    """Everything one forward pass accumulates while tokens are dropped.
+
+    Attributes:
+        plan: the resolved stages for this input's geometry.
+        source: ``(B, L)`` original (pre-pruning) index of each current token.
+        grid_hw: spatial token grid of one frame ``(H, W)``.
+        rng: per-clip random streams (only for methods that draw noise).
+        size: ``(B, L)`` tokens each current token stands for (ToMe only).
+        kept: ``source`` after each stage, for :func:`staprune.kept_tokens`.
+        metric: the pruning block's similarity tensor, recorded by its attention.
+    """
+
+    plan: PruningPlan
+    source: Tensor
+    grid_hw: tuple[int, int]
+    rng: PerSampleRandom | None = None
+    size: Tensor | None = None
+    kept: list[Tensor] = field(default_factory=list)
+    metric: Tensor | None = None
+
+
+class Patch:
+    """Undo log and runtime state of one patched model (stored on the model as ``_staprune``)."""
+
+    def __init__(self, config: STAConfig, backbone: str) -> None:
+        self.config = config
+        self.backbone = backbone
+        self.state: ForwardState | None = None
+        self._forwards: list[nn.Module] = []
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._plans: dict[tuple[int, int], PruningPlan] = {}
+
+    def override_forward(self, module: nn.Module, forward) -> None:
+        """Shadow ``module.forward`` with an instance attribute; :meth:`undo` deletes it again."""
+        module.forward = forward
+        self._forwards.append(module)
+
+    def add_hook(self, handle: torch.utils.hooks.RemovableHandle) -> None:
+        self._hooks.append(handle)
+
+    def plan_for(self, frames: int, tokens_per_frame: int, build) -> PruningPlan:
+        key = (frames, tokens_per_frame)
+        if key not in self._plans:
+            self._plans[key] = build(frames, tokens_per_frame)
+        return self._plans[key]
+
+    def start(self, plan: PruningPlan, pixels: Tensor, grid_hw: tuple[int, int], device: torch.device) -> None:
+        """Reset per-forward state at the start of a forward pass on ``pixels`` ``(B, ...)``."""
+        bsz = pixels.shape[0]
+        length = plan.frames * plan.tokens_per_frame
+        cfg = plan.config
+        needs_noise = cfg.method == "random" or (cfg.method == "sta" and cfg.first_unit != "bipartite")
+        rng = PerSampleRandom(sample_seeds(pixels, cfg.seed), device) if needs_noise else None
+        source = torch.arange(length, device=device).expand(bsz, -1)
+        size = torch.ones(bsz, length, device=device) if cfg.method == "tome" else None
+        self.state = ForwardState(plan, source, grid_hw, rng, size)
+
+    def undo(self) -> None:
+        for module in self._forwards:
+            module.__dict__.pop("forward", None)
+        for handle in self._hooks:
+            handle.remove()
+        self._forwards.clear()
+        self._hooks.clear()
+        self.state = None
