@@ -210,10 +210,6 @@ def _stage_feasible(config: STAConfig, stage: Stage) -> bool:
     if config.method == "tome":
         # ToMe merges globally: at most half of the whole sequence per step.
         return stage.units * stage.r <= (stage.units * stage.tokens_in) // 2
-    if config.method == "sta" and config.first_unit == "bipartite":
-        # The first unit drops only from its set A (even positions): ceil(n/2) tokens, and set B must
-        # keep at least one token for matching.
-        return stage.r <= stage.tokens_in // 2
     return stage.r < stage.tokens_in
 
 
@@ -287,21 +283,9 @@ def swin_stage_drops(r1: int) -> tuple[int, int, int]:
     return (r1, int(1.5 * r1 / 4 + 0.5), int(2 * r1 / 16 + 0.5))
 
 
-def resolve_swin_plan(config: STAConfig, frames: int, grids: Sequence[tuple[int, int]]) -> PruningPlan:
-    """Stages for a Video Swin: one per pruned Swin stage (2, 3, 4), each per frame.
-
-    Each Swin stage starts from a full grid (the grid is refilled before patch merging), so every
-    stage prunes ``frames`` units of ``h*w`` tokens independently. ``Stage.layer`` is the 0-based
-    Swin stage index (1, 2, 3).
-
-    Args:
-        frames: temporal positions ``T`` after patch embedding (16 for 32-frame input).
-        grids: spatial token grid ``(h, w)`` of Swin stages 2, 3 and 4.
-    """
-    if config.method == "tome":
-        raise ValueError("method='tome' is not supported for Video Swin (window attention needs a full grid)")
+def _swin_stages(config: STAConfig, r1: int, frames: int, grids: Sequence[tuple[int, int]]) -> list[Stage]:
     if isinstance(config.schedule, str):
-        drops = swin_stage_drops(config.r)
+        drops = swin_stage_drops(r1)
         units = [frames] * len(drops)
     else:
         if len(config.schedule) != len(grids):
@@ -315,23 +299,39 @@ def resolve_swin_plan(config: STAConfig, frames: int, grids: Sequence[tuple[int,
     for k, ((h, w), u, r_k, direction) in enumerate(zip(grids, units, drops, order, strict=True)):
         if frames % u:
             raise ValueError(f"{frames} temporal positions cannot be split into {u} units at Swin stage {k + 2}")
-        stage = Stage(k + 1, u, r_k, direction == "F", frames // u * h * w)
+        stages.append(Stage(k + 1, u, r_k, direction == "F", frames // u * h * w))
+    return stages
+
+
+def resolve_swin_plan(config: STAConfig, frames: int, grids: Sequence[tuple[int, int]]) -> PruningPlan:
+    """Stages for a Video Swin: one per pruned Swin stage (2, 3, 4), each per frame.
+
+    Each Swin stage starts from a full grid (the grid is refilled before patch merging), so every
+    stage prunes ``frames`` units of ``h*w`` tokens independently. ``Stage.layer`` is the 0-based
+    Swin stage index (1, 2, 3).
+
+    Args:
+        frames: temporal positions ``T`` after patch embedding (16 for 32-frame input).
+        grids: spatial token grid ``(h, w)`` of Swin stages 2, 3 and 4.
+    """
+    if config.method == "tome":
+        raise ValueError("method='tome' is not supported for Video Swin (window attention needs a full grid)")
+    stages = _swin_stages(config, config.r, frames, grids)
+    for stage in stages:
         if not _stage_feasible(config, stage):
+            h, w = grids[stage.layer - 1]
             raise ValueError(
-                f"r={config.r} is too large for this Video Swin input: stage {k + 2} has {h}x{w} tokens per "
-                f"frame and would drop {r_k} per frame; the largest valid r1 is "
+                f"r={config.r} is too large for this Video Swin input: stage {stage.layer + 1} has {h}x{w} "
+                f"tokens per frame and would drop {stage.r} per unit; the largest valid r1 is "
                 f"{_largest_valid_swin_r(config, frames, grids)}"
             )
-        stages.append(stage)
     return PruningPlan(config, 4, frames, grids[0][0] * grids[0][1], tuple(stages))
 
 
 def _largest_valid_swin_r(config: STAConfig, frames: int, grids: Sequence[tuple[int, int]]) -> int:
     best = 0
     for r in range(1, grids[0][0] * grids[0][1]):
-        try:
-            resolve_swin_plan(replace(config, r=r), frames, grids)
-        except ValueError:
+        if not all(_stage_feasible(config, s) for s in _swin_stages(config, r, frames, grids)):
             break
         best = r
     return best

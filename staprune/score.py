@@ -114,8 +114,23 @@ def bipartite_first_unit(metric: Tensor, r: int) -> Tensor:
 
     A = even positions, B = odd. Each A token's best cosine match in B; the r A tokens with the
     highest best match are dropped. Kept order: all B tokens, then the other A tokens by best
-    match ascending. Args: metric ``(B, n, c)`` normalised. Returns ``(B, n)``.
+    match ascending. One round can drop at most |B| = floor(n/2) tokens; a larger r (Video
+    Swin's later stages drop up to 60-80% of a frame) repeats the round on the kept tokens.
+
+    Args: metric ``(B, n, c)`` normalised. Returns ``(B, n)``: kept first, then dropped.
     """
+    ids = torch.arange(metric.shape[1], device=metric.device).expand(metric.shape[0], -1)
+    dropped: list[Tensor] = []
+    while r > 0:
+        step = min(r, metric.shape[1] // 2)
+        order = _bipartite_round(metric, step)
+        kept_local = order[:, : metric.shape[1] - step]
+        dropped.insert(0, ids.gather(1, order[:, metric.shape[1] - step :]))
+        ids, metric, r = ids.gather(1, kept_local), _take(metric, kept_local), r - step
+    return torch.cat([ids, *dropped], dim=1)
+
+
+def _bipartite_round(metric: Tensor, r: int) -> Tensor:
     bsz, n, _ = metric.shape
     a, b = metric[:, 0::2], metric[:, 1::2]
     best = (a @ b.transpose(1, 2)).amax(-1)  # (B, |A|)

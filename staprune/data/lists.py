@@ -1,0 +1,117 @@
+"""Dataset lists: which video files, with which labels.
+
+Two layouts are supported:
+
+* a list file in the VideoMAE release format, one ``path label`` (or ``path,label``) per line;
+* a folder per class, ``root/<class_name>/<video>.{mp4,avi,webm,mkv,mov}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+VIDEO_SUFFIXES: frozenset[str] = frozenset({".mp4", ".avi", ".webm", ".mkv", ".mov"})
+
+
+@dataclass(frozen=True)
+class VideoItem:
+    """One labelled video."""
+
+    path: Path
+    label: int
+
+
+def _parse_label(text: str) -> int | None:
+    text = text.strip()
+    # isdigit() rather than int() so "+3", "-1" and "3.0" count as malformed, not as labels.
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
+def _split_line(line: str) -> tuple[str, int] | None:
+    # Comma form first: "a.mp4, 3" would otherwise split on the space into ("a.mp4,", 3).
+    for parts in (line.rsplit(",", 1), line.rsplit(None, 1)):
+        if len(parts) == 2:
+            label = _parse_label(parts[1])
+            path = parts[0].strip()
+            if label is not None and path:
+                return path, label
+    return None
+
+
+def read_list(list_file: str | Path, root: str | Path | None = None) -> list[VideoItem]:
+    """Parse a VideoMAE-style list file.
+
+    Each non-blank line that does not start with ``#`` is ``<path> <label>`` (split on the LAST
+    run of whitespace, so paths may contain spaces) or ``<path>,<label>``. Relative paths are
+    resolved against ``root`` (default: the list file's directory); absolute paths are kept.
+
+    Raises:
+        ValueError: a malformed line, reported as ``file:line``.
+        FileNotFoundError: ``list_file`` does not exist.
+    """
+    list_file = Path(list_file)
+    base = Path(root) if root is not None else list_file.parent
+    items: list[VideoItem] = []
+    # utf-8-sig: lists saved by Windows tools often start with a byte-order mark.
+    with list_file.open(encoding="utf-8-sig") as f:
+        for lineno, raw in enumerate(f, start=1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            parsed = _split_line(line)
+            if parsed is None:
+                raise ValueError(
+                    f"{list_file}:{lineno}: expected '<path> <label>' or '<path>,<label>' "
+                    f"with a non-negative integer label, got {line!r}"
+                )
+            path, label = parsed
+            items.append(VideoItem(path=base / path, label=label))  # base / absolute == absolute
+    return items
+
+
+def scan_folders(root: str | Path) -> tuple[list[VideoItem], list[str]]:
+    """Collect ``root/<class_name>/<video>`` files.
+
+    Every non-hidden subdirectory of ``root`` is a class; classes are sorted by name (plain
+    string order) and numbered from 0, so labels are stable across machines. Only files directly
+    inside a class folder with a video suffix (case-insensitive) are used, sorted by name.
+
+    Returns:
+        (items, class_names) where ``class_names[label]`` names each label.
+
+    Raises:
+        ValueError: ``root`` is not a directory or contains no videos.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"{root} is not a directory")
+    class_names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    items = [
+        VideoItem(path=file, label=label)
+        for label, name in enumerate(class_names)
+        for file in sorted((root / name).iterdir())
+        if file.is_file() and file.suffix.lower() in VIDEO_SUFFIXES
+    ]
+    if not items:
+        suffixes = ", ".join(sorted(VIDEO_SUFFIXES))
+        raise ValueError(f"no videos ({suffixes}) found in class folders under {root}")
+    return items, class_names
+
+
+def load_items(data: str | Path, root: str | Path | None = None) -> tuple[list[VideoItem], list[str] | None]:
+    """Load a dataset from a list file or a folder-per-class directory.
+
+    Args:
+        data: a list file (see ``read_list``) or a directory (see ``scan_folders``).
+        root: base directory for relative paths in a list file; ignored for directories.
+
+    Returns:
+        (items, class_names); ``class_names`` is None for list files, which carry only indices.
+    """
+    data = Path(data)
+    if data.is_dir():
+        return scan_folders(data)
+    if data.is_file():
+        return read_list(data, root=root), None
+    raise FileNotFoundError(f"dataset list or folder not found: {data}")
