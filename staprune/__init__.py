@@ -1,7 +1,7 @@
 """staprune: training-free spatio-temporal token pruning (STA, ICCV 2023) for video transformers.
 
-    import staprune
-    staprune.patch(model, r=64)      # VideoMAE ViT (transformers) or Video Swin (torchvision)
+import staprune
+staprune.patch(model, r=64)      # VideoMAE ViT (transformers) or Video Swin (torchvision)
 """
 
 from .config import STAConfig, resolve_plan

@@ -41,7 +41,8 @@ class STAConfig:
             ``per_frame``: the paper's text variant, one frame per unit, ``r // 2**k`` per frame
             (rounded down).
         order: one ``F`` (forward) or ``B`` (backward) per stage: the direction the temporal
-            accumulation walks the units.
+            accumulation walks the units. ``None`` alternates F, B, F, ... (the paper's FBF for its
+            three stages); a single letter applies to every stage.
         first_unit: image-based pruner for the first unit in processing order.
         similarity: which tensor gives the token-to-token affinity (attention key / query /
             value averaged over heads, or the block output ``hidden``).
@@ -59,7 +60,7 @@ class STAConfig:
     r: int = 0
     method: str = "sta"
     schedule: str | tuple[tuple[int, int], ...] = "decreasing"
-    order: str = "FBF"
+    order: str | None = None
     first_unit: str = "bipartite"
     similarity: str = "key"
     score: str = "sta"
@@ -87,13 +88,18 @@ class STAConfig:
                     "(units >= 1, r_per_unit >= 0) pairs, one per stage"
                 )
             object.__setattr__(self, "schedule", stages)
-        if not isinstance(self.order, str) or not self.order or set(self.order.upper()) - {"F", "B"}:
-            raise ValueError(f"order={self.order!r} must be a string of 'F' and 'B', one per stage, e.g. 'FBF'")
-        object.__setattr__(self, "order", self.order.upper())
+        if self.order is not None:
+            if not isinstance(self.order, str) or not self.order or set(self.order.upper()) - {"F", "B"}:
+                raise ValueError(
+                    f"order={self.order!r} must be a string of 'F' and 'B', one per stage, e.g. 'FBF'"
+                )
+            object.__setattr__(self, "order", self.order.upper())
         if self.locations is not None:
             locs = tuple(int(i) for i in self.locations)
             if not locs or any(b <= a for a, b in zip(locs, locs[1:], strict=False)) or locs[0] < 0:
-                raise ValueError(f"locations={self.locations!r} must be strictly increasing block indices >= 0")
+                raise ValueError(
+                    f"locations={self.locations!r} must be strictly increasing block indices >= 0"
+                )
             object.__setattr__(self, "locations", locs)
 
     def with_options(self, **options: object) -> STAConfig:
@@ -171,11 +177,23 @@ def _preset_stages(schedule: str, r: int, frames: int, num_stages: int) -> list[
     return stages
 
 
+def _directions(config: STAConfig, num_stages: int) -> str:
+    """One direction letter per stage (default: alternate F, B, F, ...)."""
+    if config.order is None:
+        return ("FB" * num_stages)[:num_stages]
+    order = config.order * num_stages if len(config.order) == 1 else config.order
+    if len(order) != num_stages:
+        raise ValueError(f"order={config.order!r} has {len(order)} letters for {num_stages} stages")
+    return order
+
+
 def _stages_for(config: STAConfig, r: int, depth: int, frames: int, n: int) -> list[Stage]:
     """Build stages for a given first-stage r, raising ValueError for infeasible geometry."""
     locations = config.locations if config.locations is not None else default_locations(depth)
     if locations[-1] >= depth:
-        raise ValueError(f"locations={locations} reach past the model's {depth} blocks (valid: 0..{depth - 1})")
+        raise ValueError(
+            f"locations={locations} reach past the model's {depth} blocks (valid: 0..{depth - 1})"
+        )
     if isinstance(config.schedule, str):
         pairs = _preset_stages(config.schedule, r, frames, len(locations))
     else:
@@ -184,11 +202,7 @@ def _stages_for(config: STAConfig, r: int, depth: int, frames: int, n: int) -> l
             raise ValueError(
                 f"explicit schedule has {len(pairs)} stages but there are {len(locations)} locations {locations}"
             )
-    order = config.order
-    if len(order) == 1:
-        order = order * len(pairs)
-    if len(order) != len(pairs):
-        raise ValueError(f"order={config.order!r} has {len(order)} letters for {len(pairs)} stages")
+    order = _directions(config, len(pairs))
     stages = []
     prev_units, per_unit = frames, n
     for layer, (units, r_k), direction in zip(locations, pairs, order, strict=True):
@@ -289,16 +303,18 @@ def _swin_stages(config: STAConfig, r1: int, frames: int, grids: Sequence[tuple[
         units = [frames] * len(drops)
     else:
         if len(config.schedule) != len(grids):
-            raise ValueError(f"explicit Swin schedule needs {len(grids)} (units, r) pairs, got {config.schedule}")
+            raise ValueError(
+                f"explicit Swin schedule needs {len(grids)} (units, r) pairs, got {config.schedule}"
+            )
         units = [u for u, _ in config.schedule]
         drops = tuple(r for _, r in config.schedule)
-    order = config.order * len(grids) if len(config.order) == 1 else config.order
-    if len(order) != len(grids):
-        raise ValueError(f"order={config.order!r} has {len(order)} letters for {len(grids)} Swin stages")
+    order = _directions(config, len(grids))
     stages = []
     for k, ((h, w), u, r_k, direction) in enumerate(zip(grids, units, drops, order, strict=True)):
         if frames % u:
-            raise ValueError(f"{frames} temporal positions cannot be split into {u} units at Swin stage {k + 2}")
+            raise ValueError(
+                f"{frames} temporal positions cannot be split into {u} units at Swin stage {k + 2}"
+            )
         stages.append(Stage(k + 1, u, r_k, direction == "F", frames // u * h * w))
     return stages
 

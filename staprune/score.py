@@ -58,14 +58,19 @@ def sample_seeds(pixels: Tensor, seed: int) -> list[int]:
 
 
 # --- scores -----------------------------------------------------------------------------------
+def _at_least_fp32(t: Tensor) -> Tensor:
+    """Scores are ranked, so half precision would create ties: compute in fp32 (fp64 stays fp64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def normalize_metric(metric: Tensor) -> Tensor:
-    """L2-normalise the last dim in fp32 so dot products are cosine similarities. ``(..., c)``."""
-    return F.normalize(metric.float(), dim=-1)
+    """L2-normalise the last dim (fp32 or wider) so dot products are cosine similarities. ``(..., c)``."""
+    return F.normalize(_at_least_fp32(metric), dim=-1)
 
 
 def head_mean(t: Tensor) -> Tensor:
     """Per-head attention tensor ``(B, heads, L, d)`` -> normalised head average ``(B, L, d)``."""
-    return normalize_metric(t.float().mean(1))
+    return normalize_metric(_at_least_fp32(t).mean(1))
 
 
 def semantic_score(x: Tensor) -> Tensor:
@@ -77,7 +82,7 @@ def semantic_score(x: Tensor) -> Tensor:
         ``F`` of shape ``(B, U, n)`` in [0, 1]; a unit whose tokens all have the same activation
         sum gets F = 0 everywhere (never NaN).
     """
-    f = x.float().abs().sum(-1)
+    f = _at_least_fp32(x).abs().sum(-1)
     lo = f.amin(-1, keepdim=True)
     span = f.amax(-1, keepdim=True) - lo
     safe = torch.where(span > 0, span, torch.ones_like(span))

@@ -61,7 +61,9 @@ class Patch:
             self._plans[key] = build(frames, tokens_per_frame)
         return self._plans[key]
 
-    def start(self, plan: PruningPlan, pixels: Tensor, grid_hw: tuple[int, int], device: torch.device) -> None:
+    def start(
+        self, plan: PruningPlan, pixels: Tensor, grid_hw: tuple[int, int], device: torch.device
+    ) -> None:
         """Reset per-forward state at the start of a forward pass on ``pixels`` ``(B, ...)``."""
         bsz = pixels.shape[0]
         length = plan.frames * plan.tokens_per_frame

@@ -60,7 +60,9 @@ def patch_videomae(model: nn.Module, config: STAConfig) -> nn.Module:
     def start(module, args, kwargs):
         pixels = args[0] if args else kwargs.get("pixel_values")
         if kwargs.get("bool_masked_pos") is not None or (len(args) > 1 and args[1] is not None):
-            raise ValueError("staprune cannot prune a VideoMAE run with bool_masked_pos (masked pre-training)")
+            raise ValueError(
+                "staprune cannot prune a VideoMAE run with bool_masked_pos (masked pre-training)"
+            )
         t, n, w = _geometry(hf, pixels.shape[1], pixels.shape[-2], pixels.shape[-1])
         p.start(p.plan_for(t, n, build), pixels, (n // w, w), pixels.device)
 
@@ -117,7 +119,9 @@ def _make_attention(p: Patch, index: int, taps_metric: bool):
         if state.size is not None and index > min(s.layer for s in state.plan.stages):
             bias = state.size.log().to(q.dtype)[:, None, None, :]
         scale = getattr(self, "scaling", self.attention_head_size**-0.5)
-        dropout = getattr(self, "dropout_prob", self.config.attention_probs_dropout_prob) if self.training else 0.0
+        dropout = (
+            getattr(self, "dropout_prob", self.config.attention_probs_dropout_prob) if self.training else 0.0
+        )
         probs = None
         if self.config._attn_implementation == "eager":
             scores = torch.matmul(q, k.transpose(2, 3)) * scale

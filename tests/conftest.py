@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny random-weight VideoMAE models built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def tiny_videomae(
+    image_size: int = 112,
+    num_frames: int = 16,
+    layers: int = 6,
+    hidden: int = 48,
+    heads: int = 4,
+    attn: str = "sdpa",
+    seed: int = 0,
+    head: bool = True,
+    **overrides,
+):
+    """A VideoMAE with the paper's geometry (patch 16, tubelet 2) but tiny width and depth."""
+    from transformers import VideoMAEConfig, VideoMAEForVideoClassification, VideoMAEModel
+
+    torch.manual_seed(seed)
+    cfg = VideoMAEConfig(
+        image_size=image_size,
+        num_frames=num_frames,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=hidden * 4,
+        num_labels=7,
+        attn_implementation=attn,
+        **overrides,
+    )
+    model = (VideoMAEForVideoClassification if head else VideoMAEModel)(cfg)
+    # Random init gives near-identical tokens; scale the patch embedding so tokens differ clearly.
+    with torch.no_grad():
+        model.base_model.embeddings.patch_embeddings.projection.weight.mul_(4.0)
+    return model.eval()
+
+
+def clips(batch: int = 2, frames: int = 16, size: int = 112, seed: int = 1) -> torch.Tensor:
+    """Random clips ``(B, T, 3, H, W)`` as VideoMAE expects."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, frames, 3, size, size, generator=g)
+
+
+@pytest.fixture
+def model_factory():
+    return tiny_videomae
+
+
+@pytest.fixture
+def clip_factory():
+    return clips
