@@ -25,7 +25,7 @@ def uniform_clip_indices(num_frames: int, clip_len: int, stride: int, num_clips:
 
     * ``num_clips == 1``: ``start = slack // 2`` (the centre clip);
     * otherwise ``start_i = floor(i * slack / (num_clips - 1))`` for i in 0..num_clips-1,
-      so the first clip starts at frame 0 and the last one ends at the last frame.
+      so the first clip starts at frame 0 and the last clip's span ends at the last frame.
 
     Too-short videos (``num_frames < span``): every start is 0 and indices past the end are
     clamped to ``num_frames - 1`` (the last frame repeats). Callers that want to reject such
@@ -70,7 +70,9 @@ def segment_clip_indices(num_frames: int, clip_len: int, num_clips: int) -> list
     ]
 
 
-def spatial_crop_boxes(height: int, width: int, crop_size: int, num_crops: int) -> list[tuple[int, int, int, int]]:
+def spatial_crop_boxes(
+    height: int, width: int, crop_size: int, num_crops: int
+) -> list[tuple[int, int, int, int]]:
     """Square crops for multi-crop testing, as (top, left, h, w) boxes.
 
     ``height``/``width`` are the size of the frame the crops are taken from, normally after its
@@ -153,4 +155,6 @@ def parse_views(text: str) -> tuple[int, int]:
         else:
             if clips >= 1 and crops >= 1:
                 return clips, crops
-    raise ValueError(f"views must look like '<clips>x<crops>' with positive integers, e.g. '5x3'; got {text!r}")
+    raise ValueError(
+        f"views must look like '<clips>x<crops>' with positive integers, e.g. '5x3'; got {text!r}"
+    )

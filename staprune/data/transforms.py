@@ -40,13 +40,17 @@ def resize_short_side(frames: torch.Tensor, size: int) -> torch.Tensor:
         float32 (T, 3, H', W') in [0, 1]. Bilinear with antialiasing, so downscaling doesn't alias.
     """
     if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"expected uint8 frames of shape (T, H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
+        raise ValueError(
+            f"expected uint8 frames of shape (T, H, W, 3), got {frames.dtype} {tuple(frames.shape)}"
+        )
     if size < 1:
         raise ValueError(f"size must be positive, got {size}")
     x = frames.permute(0, 3, 1, 2).float().div_(255.0)
     height, width = x.shape[-2:]
     short = min(height, width)
-    new_h, new_w = (size, round(width * size / short)) if height <= width else (round(height * size / short), size)
+    new_h, new_w = (
+        (size, round(width * size / short)) if height <= width else (round(height * size / short), size)
+    )
     if (new_h, new_w) == (height, width):
         return x.contiguous()
     x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
@@ -65,7 +69,9 @@ def crop(frames: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:
 def normalize(frames: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """``(frames - mean) / std`` per channel, for float (..., 3, H, W) frames."""
     if frames.ndim < 3 or frames.shape[-3] != len(mean) or len(mean) != len(std):
-        raise ValueError(f"mean/std of length {len(mean)}/{len(std)} do not match frames {tuple(frames.shape)}")
+        raise ValueError(
+            f"mean/std of length {len(mean)}/{len(std)} do not match frames {tuple(frames.shape)}"
+        )
     m = torch.tensor(mean, dtype=frames.dtype, device=frames.device).view(-1, 1, 1)
     s = torch.tensor(std, dtype=frames.dtype, device=frames.device).view(-1, 1, 1)
     return (frames - m) / s
@@ -105,7 +111,9 @@ def _side(value: Any, key: str) -> int:
             return int(value["shortest_edge"])
         if "height" in value and "width" in value:
             if value["height"] != value["width"]:
-                raise ValueError(f"{key} {dict(value)} is not square; the multi-crop protocol needs square crops")
+                raise ValueError(
+                    f"{key} {dict(value)} is not square; the multi-crop protocol needs square crops"
+                )
             return int(value["height"])
     raise ValueError(f"unsupported {key} entry in preprocessor config: {value!r}")
 

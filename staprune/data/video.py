@@ -135,9 +135,7 @@ def _indexed_frames(
         yield index, frame
 
 
-def _collect(
-    path: Path, wanted: set[int], first: int, last: int, seek: bool
-) -> dict[int, np.ndarray]:
+def _collect(path: Path, wanted: set[int], first: int, last: int, seek: bool) -> dict[int, np.ndarray]:
     found: dict[int, np.ndarray] = {}
     with _open(path) as container:
         stream = _video_stream(container, path)
