@@ -11,6 +11,7 @@ import sys
 COMMANDS = {
     "flops": ("staprune.flops", "GFLOPs per view of a model under a pruning config (paper Tables 2, 3)"),
     "bench": ("staprune.bench", "throughput, latency and peak memory: dense vs pruned"),
+    "eval": ("staprune.evaluate", "multi-view accuracy on a video list (one machine or torchrun), resumable"),
 }
 
 
