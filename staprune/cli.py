@@ -11,6 +11,8 @@ import sys
 COMMANDS = {
     "flops": ("staprune.flops", "GFLOPs per view of a model under a pruning config (paper Tables 2, 3)"),
     "bench": ("staprune.bench", "throughput, latency and peak memory: dense vs pruned"),
+    "visualize": ("staprune.analysis.visualize_cli", "kept-token pictures per pruning stage (paper Fig. 4)"),
+    "analyze": ("staprune.analysis.cli", "trajectory sum (Eq. 6) and GradNorm (Eq. 7) analyses"),
     "eval": ("staprune.evaluate", "multi-view accuracy on a video list (one machine or torchrun), resumable"),
 }
 

@@ -1,0 +1,282 @@
+"""``staprune analyze redundancy|gradnorm``: the paper's Sec. 3.3 measurements.
+
+* ``redundancy``: trajectory sum ``S`` (Eq. 6, Table 1) of dense, random and STA models at the
+  same r over a set of clips; mean and std over clips.
+* ``gradnorm``: GradNorm (Eq. 7, Fig. 3) of one video on the dense model, drawn as a heatmap
+  over the frames next to STA's kept tokens, and the share of GradNorm on STA-kept tokens
+  versus random sets of the same size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+import staprune
+
+from ..data import VideoReadError, load_items
+from .backbones import StageGrid
+from .gradnorm import gradnorm, mass_fraction, random_mass_fraction
+from .inputs import LoadedModel, load_model, read_clip
+from .redundancy import clip_trajectory_sums
+from .visualize import (
+    default_tile_side,
+    heatmap_overlay,
+    kept_mask,
+    mask_dropped,
+    render_grid,
+    resize_tile,
+    save_png,
+)
+
+FEATURES = (
+    "final-block tokens (ViT: encoder output before the head's pooling; Swin: last stage output "
+    "before the final norm). Pruned models: only the tokens kept after the final stage; each kept "
+    "token of the last frame takes its max cosine similarity over the kept tokens of every earlier "
+    "frame, frames grouped by the token's original tubelet-frame index."
+)
+
+
+# --- redundancy -----------------------------------------------------------------------------------
+def _sums_and_length(
+    loaded: LoadedModel, x: torch.Tensor, method: str, r: int, **options
+) -> tuple[Tensor, int]:
+    model, backbone = loaded.model, loaded.backbone
+    if method != "dense":
+        staprune.patch(model, r=r, method=method, **options)
+    try:
+        with torch.no_grad():
+            tokens, source = backbone.final_features(model, x)
+    finally:
+        staprune.unpatch(model)
+    grid = backbone.final_grid
+    return clip_trajectory_sums(tokens, source, grid.frames, grid.tokens_per_frame), tokens.shape[1]
+
+
+def trajectory_sums(loaded: LoadedModel, x: torch.Tensor, method: str, r: int, **options) -> Tensor:
+    """``(B,)`` trajectory sums of a batch of model inputs; ``method="dense"`` runs unpatched."""
+    return _sums_and_length(loaded, x, method, r, **options)[0]
+
+
+def _demo_clips(loaded: LoadedModel, count: int, seed: int) -> Iterator[torch.Tensor]:
+    """The demo's synthetic clips at the model's geometry, normalised as the demo does it."""
+    from ..demo.data import generate, to_model_input  # optional component: ImportError reported by run()
+
+    backbone = loaded.backbone
+    clips, _ = generate(count, seed, frames=backbone.frames, size=backbone.size)
+    for clip in clips:
+        yield to_model_input(clip[None], "BTCHW" if backbone.family == "vit" else "BCTHW")
+
+
+def _list_clips(
+    loaded: LoadedModel, data: str, root: str | None, count: int, dataset: str
+) -> Iterator[torch.Tensor]:
+    items, _ = load_items(data, root)
+    for item in items[:count]:
+        try:
+            yield read_clip(item.path, loaded, dataset).x
+        except VideoReadError as err:  # one unreadable file should not end a long measurement
+            print(f"skipping {item.path}: {err}", file=sys.stderr)
+
+
+def _batches(clips: Iterator[torch.Tensor], size: int) -> Iterator[torch.Tensor]:
+    batch: list[torch.Tensor] = []
+    for x in clips:
+        batch.append(x)
+        if len(batch) == size:
+            yield torch.cat(batch)
+            batch = []
+    if batch:
+        yield torch.cat(batch)
+
+
+def measure_redundancy(
+    loaded: LoadedModel,
+    batches: Iterator[torch.Tensor],
+    r: int,
+    methods: tuple[str, ...] = ("dense", "random", "sta"),
+) -> dict[str, dict]:
+    """Per method: ``per_clip`` trajectory sums (NaN for clips whose last frame lost every token)
+    and ``final_tokens``, the number of tokens the final block sees (a clip's kept count)."""
+    results: dict[str, dict] = {m: {"per_clip": [], "final_tokens": 0} for m in methods}
+    for x in batches:
+        for method in methods:
+            sums, length = _sums_and_length(loaded, x, method, r)
+            results[method]["per_clip"].extend(sums.tolist())
+            results[method]["final_tokens"] = length
+    return results
+
+
+def summarize(values: list[float]) -> dict[str, float | int]:
+    arr = np.asarray(values, dtype=np.float64)
+    ok = arr[~np.isnan(arr)]
+    std = float(ok.std(ddof=1)) if ok.size > 1 else 0.0
+    return {"mean": float(ok.mean()) if ok.size else float("nan"), "std": std, "clips": int(ok.size)}
+
+
+def run_redundancy(args: argparse.Namespace) -> int:
+    loaded = load_model(args.model, args.frames, args.size)
+    if args.demo:
+        clips = _demo_clips(loaded, args.max_clips, args.seed)
+    else:
+        clips = _list_clips(loaded, args.data, args.root, args.max_clips, args.dataset)
+    measured = measure_redundancy(loaded, _batches(clips, args.batch_size), args.r, tuple(args.methods))
+    grid = loaded.backbone.final_grid
+    report = {
+        "model": args.model,
+        "r": args.r,
+        "frames": grid.frames,
+        "max": grid.frames - 1,
+        "features": FEATURES,
+        "tokens": grid.tokens,
+        "results": {m: {**summarize(v["per_clip"]), **v} for m, v in measured.items()},
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"trajectory sum S (Eq. 6), {args.model}, r={args.r}, {grid.frames} frames (max {grid.frames - 1})")
+    print(f"features: {FEATURES}")
+    for method, stats in report["results"].items():
+        print(
+            f"  {method:>7}: {stats['mean']:.3f} ± {stats['std']:.3f}  "
+            f"({stats['clips']} clips, final block sees {stats['final_tokens']}/{grid.tokens} tokens)"
+        )
+    return 0
+
+
+# --- gradnorm -------------------------------------------------------------------------------------
+def sta_kept(
+    loaded: LoadedModel, x: torch.Tensor, r: int, method: str = "sta", **options
+) -> tuple[torch.Tensor, StageGrid]:
+    """Kept mask ``(T, h, w)`` after the final pruning stage of a batch-of-one input, and its grid."""
+    model = loaded.model
+    staprune.patch(model, r=r, method=method, **options)
+    try:
+        with torch.no_grad():
+            model(x)
+        kept, grid = staprune.kept_tokens(model)[-1], loaded.backbone.kept_grids(model)[-1]
+    finally:
+        staprune.unpatch(model)
+    return kept_mask(kept[0], grid.frames, grid.height, grid.width), grid
+
+
+def gradnorm_report(loaded: LoadedModel, x: torch.Tensor, r: int, draws: int = 32, seed: int = 0) -> dict:
+    """GradNorm heat ``(T, h, w)`` on the final stage's grid, STA's kept mask and the mass shares."""
+    mask, grid = sta_kept(loaded, x, r)
+    heat = gradnorm(loaded.model, loaded.backbone, x, grid)[0]
+    count = int(mask.sum())
+    rand_mean, rand_std = random_mass_fraction(heat, count, draws, seed)
+    return {
+        "heat": heat,
+        "mask": mask,
+        "grid": grid,
+        "kept": count,
+        "tokens": grid.tokens,
+        "sta_fraction": mass_fraction(heat, mask),
+        "random_fraction_mean": rand_mean,
+        "random_fraction_std": rand_std,
+        "random_draws": draws,
+    }
+
+
+def gradnorm_figure(images: np.ndarray, frame_ids: list[int], result: dict, layers: int) -> np.ndarray:
+    """Fig. 3: RGB frames, GradNorm overlay (min-max scaled over the whole clip), STA-kept patches."""
+    heat = result["heat"]
+    scaled = ((heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-30)).numpy()
+    overlay = np.stack([heatmap_overlay(img, scaled[t]) for t, img in enumerate(images)])
+    kept = mask_dropped(images, result["mask"], result["grid"].pixels)
+    side = default_tile_side(images.shape[1], len(images))
+    rows = [[resize_tile(img, side) for img in row] for row in (images, overlay, kept)]
+    titles = [
+        "RGB frames (first frame of each tubelet)",
+        f"GradNorm (Eq. 7): sum over {layers} blocks' outputs of |dL/dX|, L = CE of the predicted label "
+        "(colour: min-max over the clip)",
+        f"STA kept after the final stage: {result['kept']}/{result['tokens']} tokens hold "
+        f"{100 * result['sta_fraction']:.1f}% of GradNorm "
+        f"(random sets: {100 * result['random_fraction_mean']:.1f} "
+        f"± {100 * result['random_fraction_std']:.1f}%)",
+    ]
+    labels = [f"t={t} · frame {i}" for t, i in enumerate(frame_ids)]
+    return render_grid(rows, titles, labels)
+
+
+def run_gradnorm(args: argparse.Namespace) -> int:
+    loaded = load_model(args.model, args.frames, args.size)
+    clip = read_clip(args.video, loaded, args.dataset)
+    result = gradnorm_report(loaded, clip.x, args.r, args.draws, args.seed)
+    tubelet = loaded.backbone.tubelet
+    layers = len(loaded.backbone.blocks(loaded.model))
+    image = gradnorm_figure(clip.tubelet_images(tubelet), clip.indices[::tubelet], result, layers)
+    path = save_png(image, args.output)
+    summary = {k: v for k, v in result.items() if k not in ("heat", "mask", "grid")}
+    summary.update(model=args.model, video=str(args.video), r=args.r, output=str(path), X="block outputs")
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"wrote {path}")
+    print(
+        f"GradNorm on STA-kept tokens: {100 * result['sta_fraction']:.1f}% "
+        f"({result['kept']}/{result['tokens']} tokens kept, r={args.r}); random sets of the same size: "
+        f"{100 * result['random_fraction_mean']:.1f} ± {100 * result['random_fraction_std']:.1f}% "
+        f"over {args.draws} draws"
+    )
+    return 0
+
+
+# --- argparse -------------------------------------------------------------------------------------
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", required=True, help="demo-vit, demo-swin, a registry name or a model directory"
+    )
+    parser.add_argument(
+        "--r", type=int, default=64, help="tokens dropped per unit at the first stage (default 64)"
+    )
+    parser.add_argument(
+        "--dataset", choices=("k400", "ssv2"), default="k400", help="test protocol for sampling"
+    )
+    parser.add_argument("--frames", type=int, help="clip length (default: the model's; Swin 32)")
+    parser.add_argument("--size", type=int, help="input side (default: the model's; Swin 224)")
+    parser.add_argument("--json", action="store_true", help="print a JSON report")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
+    red = sub.add_parser("redundancy", help="trajectory sum (Eq. 6, Table 1): dense vs random vs STA")
+    _model_arguments(red)
+    source = red.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="list file ('path label' lines) or folder-per-class directory")
+    source.add_argument("--demo", action="store_true", help="synthetic demo clips (staprune.demo.data)")
+    red.add_argument("--root", help="base directory for relative paths in --data")
+    red.add_argument("--seed", type=int, default=0, help="seed of the --demo clips")
+    red.add_argument("--max-clips", type=int, default=50)
+    red.add_argument("--batch-size", type=int, default=4)
+    red.add_argument(
+        "--methods", nargs="+", default=["dense", "random", "sta"], choices=("dense", "random", "sta", "tome")
+    )
+    red.set_defaults(_analysis=run_redundancy)
+    grad = sub.add_parser(
+        "gradnorm", help="GradNorm heatmap (Eq. 7, Fig. 3) and its share on STA-kept tokens"
+    )
+    grad.add_argument("video")
+    _model_arguments(grad)
+    grad.add_argument("-o", "--output", required=True, help="PNG to write")
+    grad.add_argument("--draws", type=int, default=32, help="random token sets for the baseline share")
+    grad.add_argument("--seed", type=int, default=0)
+    grad.set_defaults(_analysis=run_gradnorm)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return int(args._analysis(args) or 0)
+    except (ValueError, TypeError, OSError, ImportError, VideoReadError) as err:
+        print(f"staprune analyze {args.analysis}: {err}", file=sys.stderr)
+        return 2
+
+
+__all__ = ["add_arguments", "gradnorm_report", "measure_redundancy", "run", "sta_kept", "trajectory_sums"]

@@ -1,0 +1,161 @@
+"""``staprune visualize VIDEO --model M --r R -o OUT.png [--gif OUT.gif]``: kept tokens per stage.
+
+The picture (the paper's Fig. 4): the first row shows the clip's input frames (the first frame
+of every tubelet, i.e. one image per temporal token position), each further row the same frames
+after a pruning stage with the patches of dropped tokens painted white. ViT stages share the
+patch grid; Video Swin stages are drawn at their own resolution (8, 16, 32 px tokens on 224²).
+Under ToMe, tokens that are not a merged token's representative are painted white.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import staprune
+
+from ..data import VideoReadError
+from .backbones import Backbone
+from .inputs import Clip, load_model, read_clip
+from .visualize import (
+    default_tile_side,
+    kept_mask,
+    mask_dropped,
+    render_grid,
+    resize_tile,
+    save_gif,
+    save_png,
+)
+
+
+@dataclass
+class StageView:
+    """Images of one pruning stage: uint8 ``(T, S, S, 3)`` with dropped patches white."""
+
+    title: str
+    images: np.ndarray
+    kept: int
+    total: int
+
+
+def parse_options(pairs: list[str] | None) -> dict[str, object]:
+    """``["order=FFF", "seed=3"]`` -> ``{"order": "FFF", "seed": 3}`` (integers converted)."""
+    options: dict[str, object] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option expects KEY=VALUE, got {pair!r}")
+        options[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+    return options
+
+
+def stage_views(
+    model: torch.nn.Module, backbone: Backbone, clip: Clip, r: int, method: str = "sta", **options
+) -> list[StageView]:
+    """Patch ``model``, run the clip, and mask every stage's dropped tokens; unpatches afterwards."""
+    staprune.patch(model, r=r, method=method, **options)
+    try:
+        with torch.no_grad():
+            model(clip.x)
+        kept = staprune.kept_tokens(model)
+        grids = backbone.kept_grids(model)
+    finally:
+        staprune.unpatch(model)
+    images = clip.tubelet_images(backbone.tubelet)
+    views = []
+    for k, (indices, grid) in enumerate(zip(kept, grids, strict=True)):
+        mask = kept_mask(indices[0], grid.frames, grid.height, grid.width)
+        count = int(mask.sum())
+        if backbone.family == "vit":
+            title = f"after stage {k + 1}: kept {count}/{grid.tokens} tokens"
+        else:
+            title = (
+                f"after Swin {grid.name} pruning ({grid.height}x{grid.width} tokens/frame): "
+                f"kept {count}/{grid.tokens}"
+            )
+        views.append(StageView(title, mask_dropped(images, mask, grid.pixels), count, grid.tokens))
+    return views
+
+
+def _tile_side(clip: Clip, columns: int, requested: int | None) -> int:
+    if requested:
+        return requested
+    return default_tile_side(clip.display.shape[1], columns)
+
+
+def figure(clip: Clip, backbone: Backbone, views: list[StageView], tile: int | None = None) -> np.ndarray:
+    """The Fig. 4 grid: row 0 input, then one row per stage; columns are temporal positions."""
+    images = clip.tubelet_images(backbone.tubelet)
+    side = _tile_side(clip, len(images), tile)
+    rows = [images] + [v.images for v in views]
+    tiles = [[resize_tile(img, side) for img in row] for row in rows]
+    frame_ids = clip.indices[:: backbone.tubelet]
+    labels = [f"t={t} · frame {i}" for t, i in enumerate(frame_ids)]
+    titles = [f"input: {clip.path.name} (centre clip, first frame of each tubelet)"] + [
+        v.title for v in views
+    ]
+    return render_grid(tiles, titles, labels)
+
+
+def animation(
+    clip: Clip, backbone: Backbone, views: list[StageView], tile: int | None = None
+) -> list[np.ndarray]:
+    """GIF frames: one per temporal position, showing input and every stage side by side."""
+    images = clip.tubelet_images(backbone.tubelet)
+    side = _tile_side(clip, 1 + len(views), tile)
+    labels = ["input"] + [f"stage {k + 1}: {v.kept}/{v.total}" for k, v in enumerate(views)]
+    frames = []
+    for t, frame_id in enumerate(clip.indices[:: backbone.tubelet]):
+        row = [resize_tile(images[t], side)] + [resize_tile(v.images[t], side) for v in views]
+        frames.append(render_grid([row], [f"t={t} (frame {frame_id})"], labels))
+    return frames
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("video", help="any video PyAV can read")
+    parser.add_argument(
+        "--model", required=True, help="demo-vit, demo-swin, a registry name or a model directory"
+    )
+    parser.add_argument(
+        "--r", type=int, required=True, help="tokens dropped per unit at the first stage (r1 for Swin)"
+    )
+    parser.add_argument("--method", choices=("sta", "random", "tome"), default="sta")
+    parser.add_argument("-o", "--output", required=True, help="PNG to write")
+    parser.add_argument("--gif", help="also write an animated GIF, one frame per temporal position")
+    parser.add_argument(
+        "--dataset", choices=("k400", "ssv2"), default="k400", help="test protocol for sampling"
+    )
+    parser.add_argument("--frames", type=int, help="clip length (default: the model's; Swin 32)")
+    parser.add_argument("--size", type=int, help="input side (default: the model's; Swin 224)")
+    parser.add_argument(
+        "--tile-size", type=int, help="tile side in px (default: input size, 112 if > 8 columns)"
+    )
+    parser.add_argument(
+        "--option", action="append", metavar="KEY=VALUE", help="any STAConfig option, repeatable"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        loaded = load_model(args.model, args.frames, args.size)
+        clip = read_clip(args.video, loaded, args.dataset)
+        views = stage_views(
+            loaded.model, loaded.backbone, clip, args.r, args.method, **parse_options(args.option)
+        )
+    except (ValueError, TypeError, OSError, VideoReadError) as err:
+        print(f"staprune visualize: {err}", file=sys.stderr)
+        return 2
+    path = save_png(figure(clip, loaded.backbone, views, args.tile_size), args.output)
+    print(f"wrote {path}")
+    for v in views:
+        print(f"  {v.title}")
+    if args.gif:
+        print(f"wrote {save_gif(animation(clip, loaded.backbone, views, args.tile_size), args.gif)}")
+    return 0
+
+
+__all__ = ["StageView", "add_arguments", "animation", "figure", "parse_options", "run", "stage_views"]
