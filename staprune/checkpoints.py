@@ -250,7 +250,8 @@ def load_hf_videomae(name_or_path: str) -> LoadedModel:
         offline = " (HF_HUB_OFFLINE is set: only the local cache is used)" if _hub_offline() else ""
         raise FileNotFoundError(
             f"cannot load VideoMAE checkpoint {name_or_path!r}: not a local directory and not a loadable "
-            f"hub id{offline}: {e}"
+            f"hub id{offline}. Valid model names: {', '.join(_registry_names())} (random weights), "
+            f"{', '.join(SWIN_NAMES)} with --weights, or a local checkpoint path. ({e})"
         ) from e
     folder = _hf_folder(name_or_path)
     state, _ = map_qv_bias(read_hf_weights(folder))
@@ -444,10 +445,8 @@ def load_torchvision_swin(name: str | None, weights: str | Path) -> LoadedModel:
 
 # --- registry (random weights) ------------------------------------------------------------------
 def _registry_names() -> tuple[str, ...]:
-    try:
-        from .models import MODEL_NAMES
-    except ImportError:
-        return ()
+    from .models import MODEL_NAMES
+
     return tuple(MODEL_NAMES)
 
 

@@ -1,0 +1,104 @@
+"""``staprune bench``: round-robin timing, the reported fields, and a speed sanity check."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+import staprune
+from staprune import bench
+from staprune.bench import BenchRow, Variant, summarize, time_variants
+from staprune.flops import analytic_flops
+from staprune.models import example_input, spec_of_model
+
+
+def _tiny_vit():
+    from transformers import VideoMAEConfig, VideoMAEForVideoClassification
+
+    torch.manual_seed(0)
+    cfg = VideoMAEConfig(image_size=64, patch_size=16, num_frames=8, tubelet_size=2, hidden_size=64,
+                         num_hidden_layers=6, num_attention_heads=4, intermediate_size=256, num_labels=10)
+    return VideoMAEForVideoClassification(cfg).eval()
+
+
+def _run_cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    return bench.run(parser.parse_args(list(argv)))
+
+
+def test_variants_alternate_round_robin():
+    model = _tiny_vit()
+    seen: list[str] = []
+    model.register_forward_pre_hook(lambda m, a: seen.append(Variant(**_cfg(m)).label))
+    variants = [Variant(), Variant(2), Variant(4)]
+    times = time_variants(model, example_input(spec_of_model(model)), variants, warmup=1, repeats=2)
+    assert seen == ["dense", "sta r=2", "sta r=4"] * 3
+    assert all(len(t["latency"]) == 2 and len(t["selection"]) == 2 for t in times.values())
+    assert all(s == 0 for s in times[variants[0]]["selection"]) and all(s > 0 for s in times[variants[2]]["selection"])
+    assert staprune.get_config(model) is None  # left unpatched
+
+
+def _cfg(model):
+    cfg = staprune.get_config(model)
+    return {} if cfg is None else {"r": cfg.r, "method": cfg.method}
+
+
+def test_summarize_medians_and_ratios():
+    model = _tiny_vit()
+    times = {
+        Variant(): {"latency": [1.0, 3.0, 2.0], "selection": [0, 0, 0]},
+        Variant(4): {"latency": [0.5, 1.5, 1.0, 9.0], "selection": [0.01, 0.01, 0.02, 0.01]},
+    }
+    dense, pruned = summarize("tiny", model, times, batch_size=4, dtype="fp32", device="cpu")
+    assert dense.speedup == 1.0 and dense.flops_ratio == 1.0
+    assert pruned.latency_median_s == 1.25 and pruned.speedup == pytest.approx(2.0 / 1.25)
+    assert pruned.latency_min_s == 0.5 and pruned.latency_max_s == 9.0
+    assert pruned.throughput_clips_s == pytest.approx(4 / 1.25)
+    assert pruned.flops_ratio == pytest.approx(analytic_flops(model, 0).gflops / analytic_flops(model, 4).gflops)
+    assert pruned.selection_pct == pytest.approx(100 * 0.01 / 1.25)
+
+
+FIELDS = set(BenchRow.__dataclass_fields__)
+
+
+def test_cli_json_has_every_field(capsys):
+    code = _run_cli("--model", "ViT-S", "--frames", "8", "--size", "112", "--r", "8", "16",
+                    "--warmup", "0", "--repeats", "2", "--json")
+    assert code == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["config"] for r in rows] == ["dense", "sta r=8", "sta r=16"]
+    for row in rows:
+        assert set(row) == FIELDS
+        assert row["speedup"] > 0 and row["throughput_clips_s"] > 0 and row["repeats"] == 2
+        assert row["latency_min_s"] <= row["latency_median_s"] <= row["latency_max_s"]
+        assert row["peak_memory_mb"] is None  # CPU without --cpu-memory: honest n/a
+    assert rows[2]["flops_ratio"] > rows[1]["flops_ratio"] > 1
+
+
+@pytest.mark.slow
+def test_cli_table_and_cpu_memory(capsys, tmp_path):
+    _tiny_vit().save_pretrained(tmp_path)
+    assert _run_cli("--model", str(tmp_path), "--r", "4", "--warmup", "0", "--repeats", "1", "--cpu-memory") == 0
+    out = capsys.readouterr().out
+    for label in ("config", "speedup", "FLOPs ratio", "clips/s", "peak MiB", "dense", "sta r=4"):
+        assert label in out
+    dense_line = next(line for line in out.splitlines() if line.split()[:2] == [str(tmp_path), "dense"])
+    assert dense_line.split()[-1] != "n/a" and float(dense_line.split()[-1]) > 0
+
+
+def test_cli_rejects_invalid_r(capsys):
+    assert _run_cli("--model", "ViT-S", "--size", "112", "--r", "64", "--repeats", "1") == 2
+    assert "largest valid r" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_pruning_is_faster_where_flops_halve(capsys):
+    # r=64 at 16x224² halves ViT-S's FLOPs (ratio ~1.98); only there is "faster" robust to noise.
+    assert _run_cli("--model", "ViT-S", "--r", "64", "--warmup", "1", "--repeats", "5", "--json") == 0
+    dense, pruned = json.loads(capsys.readouterr().out)
+    assert pruned["flops_ratio"] > 1.8
+    assert pruned["speedup"] > 1.0

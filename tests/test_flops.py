@@ -1,0 +1,230 @@
+"""FLOP counts: the paper's tables, analytic vs FlopCounterMode, budget search, the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+import staprune
+from staprune import flops
+from staprune.config import STAConfig, resolve_plan
+from staprune.flops import PAPER_GFLOPS, analytic_flops, measure_flops, r_for_budget
+from staprune.models import MODEL_NAMES, build_model, example_input, get_spec, load_model, spec_of_model
+
+
+def _tiny_vit(frames: int = 8, size: int = 64, layers: int = 6, **overrides):
+    """A VideoMAE small enough for per-test forward passes: 4x16 tokens, 6 blocks."""
+    from transformers import VideoMAEConfig, VideoMAEForVideoClassification
+
+    cfg = dict(image_size=size, patch_size=16, num_frames=frames, tubelet_size=2, hidden_size=64,
+               num_hidden_layers=layers, num_attention_heads=4, intermediate_size=256, qkv_bias=True,
+               use_mean_pooling=True, num_labels=10)
+    cfg.update(overrides)
+    torch.manual_seed(0)
+    return VideoMAEForVideoClassification(VideoMAEConfig(**cfg)).eval()
+
+
+def _run_cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    flops.add_arguments(parser)
+    return flops.run(parser.parse_args(list(argv)))
+
+
+# --- analytic: the paper's numbers --------------------------------------------------------------
+CASES = [(model, r, paper) for model, row in PAPER_GFLOPS.items() for r, paper in row.items()]
+
+
+@pytest.mark.parametrize(("model", "r", "paper"), CASES, ids=[f"{m}-r{r}" for m, r, _ in CASES])
+def test_analytic_matches_paper_tables(model, r, paper):
+    ours = analytic_flops(model, r).gflops
+    # The paper rounds to integers: accept 1% or half a unit of rounding, whichever is larger.
+    assert abs(ours - paper) <= max(0.01 * paper, 0.5), f"{model} r={r}: ours {ours:.2f} vs paper {paper}"
+
+
+def test_vit_dense_formula_by_hand():
+    # ViT-B, 1568 tokens, 768 channels: 12 blocks of 12LC² + 2L²C, patch embedding L·C·1536, head C·400.
+    L, C = 1568, 768
+    expected = 12 * (12 * L * C * C + 2 * L * L * C) + L * C * 3 * 2 * 16 * 16 + C * 400
+    assert analytic_flops("ViT-B", 0).backbone == pytest.approx(expected, rel=1e-12)
+
+
+def test_swin_parts_follow_the_convention():
+    dense, pruned = analytic_flops("VideoSwin-T", 0), analytic_flops("VideoSwin-T", 256)
+    # Attention, patch merging and patch embedding stay dense; linear layers shrink.
+    for part in ("attention", "merge", "embed"):
+        assert pruned.parts[part] == dense.parts[part]
+    for part in ("qkv", "proj", "mlp"):
+        assert pruned.parts[part] < dense.parts[part]
+    # Stage 2 of Swin-T: 2 blocks x 12 N C² saved on 16 frames x 256 dropped tokens, C=192 (+3, +4 similar).
+    assert dense.parts["qkv"] - pruned.parts["qkv"] > 2 * 3 * 16 * 256 * 192**2
+
+
+def test_ssv2_window_only_changes_attention():
+    k400, ssv2 = analytic_flops("VideoSwin-B", 0), analytic_flops("VideoSwin-B-SSV2", 0)
+    assert ssv2.parts["attention"] == pytest.approx(2 * k400.parts["attention"])  # 16x7x7 vs 8x7x7 windows
+    assert ssv2.parts["mlp"] == k400.parts["mlp"]
+
+
+def test_flops_decrease_with_r_and_selection_is_separate():
+    counts = [analytic_flops("ViT-S", r) for r in range(0, 96, 8)]
+    assert all(a.backbone > b.backbone for a, b in zip(counts, counts[1:], strict=False))
+    assert counts[0].selection == 0 and all(c.selection > 0 for c in counts[1:])
+    assert all(c.total == c.backbone + c.selection for c in counts)
+    assert analytic_flops("ViT-S", 64, method="random").selection == 0
+
+
+def test_tome_merges_before_the_mlp():
+    sta, tome = analytic_flops("ViT-B", 32), analytic_flops("ViT-B", 32, method="tome")
+    plan = resolve_plan(STAConfig(r=32), 12, 8, 196)
+    mlp_saved = sum(8 * s.units * s.r * 768**2 for s in plan.stages)  # MLP of each stage block on fewer tokens
+    assert sta.backbone - tome.backbone == pytest.approx(mlp_saved)
+
+
+def test_geometry_overrides():
+    small = analytic_flops("ViT-S", 0, frames=8, size=112)
+    assert small.parts["embed"] == 4 * 49 * 384 * 3 * 2 * 16 * 16
+    with pytest.raises(ValueError, match="largest valid r"):
+        analytic_flops("ViT-S", 64, size=112)  # 49 tokens per frame
+
+
+# --- measured -----------------------------------------------------------------------------------
+def _agree(model, inputs, name_or_model, r, tol=0.02, **options):
+    staprune.unpatch(model)
+    if r or options.get("method") == "tome":
+        staprune.patch(model, r=r, **options)
+    measured = measure_flops(model, inputs)
+    staprune.unpatch(model)
+    analytic = analytic_flops(name_or_model, r, **options)
+    assert measured.backbone == pytest.approx(analytic.backbone, rel=tol)
+    assert measured.total == pytest.approx(analytic.total, rel=tol)
+    return measured, analytic
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"method": "random"},
+        {"method": "tome"},
+        {"method": "tome", "tome_mode": "every_block", "r": 8},
+        {"similarity": "hidden"},
+        {"first_transition": "kept", "order": "FFF"},
+        {"score": "semantic"},
+    ],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "sta",
+)
+def test_measured_matches_analytic_tiny(options):
+    model = _tiny_vit()
+    x = example_input(spec_of_model(model), 1)
+    options = dict(options)
+    r = options.pop("r", 4)
+    measured, analytic = _agree(model, x, model, r, tol=1e-6, **options)
+    assert measured.selection == pytest.approx(analytic.selection, rel=1e-6)
+
+
+def test_measured_is_per_batch_and_counts_selection():
+    model = _tiny_vit()
+    x = example_input(spec_of_model(model), 1)
+    dense = measure_flops(model, x)
+    assert dense.selection == 0
+    staprune.patch(model, r=4)
+    pruned = measure_flops(model, x)
+    twice = measure_flops(model, torch.cat([x, x]))
+    staprune.unpatch(model)
+    assert 0 < pruned.selection and pruned.backbone < dense.backbone
+    assert twice.total == pytest.approx(2 * pruned.total)
+    assert any("attention" in op for op in dense.by_operator), "CPU SDPA must be counted"
+
+
+@pytest.mark.parametrize("r", [0, 32, 64])
+def test_measured_matches_analytic_vit_s(r):
+    model = build_model("ViT-S")
+    _agree(model, example_input(get_spec("ViT-S")), "ViT-S", r)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("r", [0, 32, 64])
+def test_measured_matches_analytic_vit_b(r):
+    model = build_model("ViT-B")
+    _agree(model, example_input(get_spec("ViT-B")), "ViT-B", r)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("r", [0, 192])
+def test_measured_matches_analytic_swin_t(r):
+    pytest.importorskip("staprune.patch.swin3d")
+    model = build_model("VideoSwin-T")
+    _agree(model, example_input(get_spec("VideoSwin-T")), "VideoSwin-T", r)
+
+
+# --- budget -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("model", "fraction"), [("ViT-B", 0.6), ("ViT-L", 0.75), ("VideoSwin-B", 0.7)])
+def test_r_for_budget_is_the_smallest_r(model, fraction):
+    r = r_for_budget(model, fraction)
+    dense = analytic_flops(model, 0).gflops
+    assert analytic_flops(model, r).gflops <= fraction * dense
+    assert analytic_flops(model, r - 1).gflops > fraction * dense
+
+
+def test_r_for_budget_options_and_unreachable():
+    assert r_for_budget("ViT-B", 1.0) == 0
+    assert r_for_budget("ViT-B", 0.6, method="tome") < r_for_budget("ViT-B", 0.6)  # MLP also shrinks
+    with pytest.raises(ValueError, match=r"lowest achievable fraction is 0\.\d+"):
+        r_for_budget("ViT-B", 0.05)
+    assert staprune.r_for_budget is r_for_budget
+
+
+# --- models registry ----------------------------------------------------------------------------
+def test_registry_names_and_errors(tmp_path):
+    with pytest.raises(ValueError, match="ViT-S.*VideoSwin-B-SSV2"):
+        get_spec("ViT-XL")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_model(str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="Valid model names: ViT-S"):
+        load_model("ViT-XL")
+    spec = spec_of_model(build_model("VideoSwin-B-SSV2"))
+    assert spec.window == (16, 7, 7) and spec.num_classes == 174 and spec.depths == (2, 2, 18, 2)
+    assert set(MODEL_NAMES) == set(PAPER_GFLOPS)
+
+
+def test_load_model_from_local_directory(tmp_path):
+    _tiny_vit().save_pretrained(tmp_path)
+    model = load_model(str(tmp_path))
+    assert spec_of_model(model).hidden == 64 and not model.training
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+def test_cli_prints_both_paper_tables(capsys):
+    assert _run_cli() == 0
+    out = capsys.readouterr().out
+    for model, row in PAPER_GFLOPS.items():
+        line = next(ln for ln in out.splitlines() if ln.split() and ln.split()[0] == model)
+        cells = [float(v) for v in line.split()[1::2]]
+        papers = [float(v.strip("()")) for v in line.split()[2::2]]
+        assert papers == [float(p) for p in row.values()]
+        assert all(abs(c - p) <= max(0.01 * p, 0.5) + 0.05 for c, p in zip(cells, papers, strict=True))
+
+
+def test_cli_json_single_model_and_target(capsys, tmp_path):
+    assert _run_cli("--model", "ViT-B", "--r", "0", "64", "--json") == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["model"], r["r"]) for r in rows] == [("ViT-B", 0), ("ViT-B", 64)]
+    assert rows[1]["gflops"] == pytest.approx(analytic_flops("ViT-B", 64).gflops, abs=1e-3)
+    assert _run_cli("--model", "ViT-B", "--target", "0.6", "--json") == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["r"] == r_for_budget("ViT-B", 0.6) and row["fraction_of_dense"] <= 0.6
+    assert _run_cli("--model", "ViT-B", "--target", "0.01") == 2
+    assert "lowest achievable" in capsys.readouterr().err
+
+
+def test_cli_measured_on_local_model(capsys, tmp_path):
+    _tiny_vit().save_pretrained(tmp_path)
+    assert _run_cli("--model", str(tmp_path), "--r", "0", "4", "--measured", "--json") == 0
+    rows = json.loads(capsys.readouterr().out)
+    model = _tiny_vit()
+    assert rows[0]["model"] == str(tmp_path) and rows[1]["counted"] == "measured"
+    for row in rows:
+        assert row["gflops"] == pytest.approx(analytic_flops(model, row["r"]).gflops, abs=1e-3)
