@@ -6,11 +6,13 @@ from torch import Tensor, nn
 
 from ..config import STAConfig, as_config
 from .common import PATCH_ATTR
+from .swin3d import is_swin3d, patch_swin3d
 from .videomae import is_videomae, patch_videomae
 
 SUPPORTED = (
     "transformers VideoMAEForVideoClassification",
     "transformers VideoMAEModel",
+    "torchvision SwinTransformer3d (swin3d_t/s/b)",
 )
 
 
@@ -28,11 +30,13 @@ def patch(model: nn.Module, r: int | None = None, *, config: STAConfig | None = 
         too large / frames not divisible for the model's configured input.
     """
     cfg = as_config(config, r, **options)
-    if not isinstance(model, nn.Module) or not is_videomae(model):
+    if not isinstance(model, nn.Module) or not (is_videomae(model) or is_swin3d(model)):
         raise TypeError(
             f"staprune cannot patch {type(model).__name__}; supported models: {', '.join(SUPPORTED)}"
         )
     unpatch(model)
+    if is_swin3d(model):
+        return patch_swin3d(model, cfg)
     return patch_videomae(model, cfg)
 
 

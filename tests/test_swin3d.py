@@ -1,0 +1,306 @@
+"""Video Swin (torchvision SwinTransformer3d) support: fused window attention, nearest-kept fill,
+pruning at Swin stages 2-4, batch invariance and the paper's FLOPs (Table 3)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.models.video import swin3d_t
+from torchvision.models.video.swin_transformer import (
+    ShiftedWindowAttention3d,
+    SwinTransformer3d,
+    _compute_attention_mask_3d,
+    shifted_window_attention_3d,
+)
+
+from staprune.config import swin_stage_drops
+from staprune.patch import SUPPORTED, kept_tokens, patch, unpatch
+from staprune.patch.swin3d import (
+    FusedWindowAttention,
+    nearest_kept_fill,
+    shift_mask,
+    stage_grids,
+    window_layout,
+)
+
+# 8x100x76 input, patch (2,4,4): T=4, stage grids 25x19, 13x10, 7x5, 4x3. Window (2,7,7) needs
+# padding in stages 1-3 and shrinks to the grid in stage 4.
+TINY_INPUT = (8, 100, 76)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models are dominated by per-op overhead; one thread keeps them fast on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_swin(seed: int = 0) -> SwinTransformer3d:
+    torch.manual_seed(seed)
+    model = SwinTransformer3d(
+        patch_size=[2, 4, 4],
+        embed_dim=24,
+        depths=[1, 1, 2, 1],
+        num_heads=[1, 2, 3, 6],
+        window_size=[2, 7, 7],
+        num_classes=10,
+    )
+    return model.eval()
+
+
+def clips(batch: int, size: tuple[int, int, int] = TINY_INPUT, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, *size, generator=g)
+
+
+def run(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(x)
+
+
+# --- fused attention ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "size,window,shift",
+    [
+        ((4, 14, 14), (2, 7, 7), (0, 0, 0)),  # no padding, no shift
+        ((4, 14, 14), (2, 7, 7), (1, 3, 3)),  # shift, no padding
+        ((5, 9, 11), (2, 7, 7), (0, 0, 0)),  # padding on every axis
+        ((5, 9, 11), (2, 7, 7), (1, 3, 3)),  # padding and shift
+        ((3, 6, 20), (4, 7, 7), (2, 3, 3)),  # window shrinks on T and H (no shift there), pads W
+    ],
+)
+def test_fused_attention_matches_torchvision(size, window, shift) -> None:
+    torch.manual_seed(0)
+    attn = ShiftedWindowAttention3d(24, list(window), list(shift), num_heads=3).eval()
+    with torch.no_grad():
+        attn.relative_position_bias_table.normal_(std=0.5)  # make the bias matter
+    x = torch.randn(2, *size, 24)
+    with torch.no_grad():
+        stock = attn(x)
+        fused = FusedWindowAttention(attn)(x)
+        win, sh = list(window), list(shift)
+        for i in range(3):
+            if size[i] <= win[i]:
+                win[i], sh[i] = size[i], 0
+        direct = shifted_window_attention_3d(
+            x, attn.qkv.weight, attn.proj.weight, attn.get_relative_position_bias(win), win, 3, sh,
+            qkv_bias=attn.qkv.bias, proj_bias=attn.proj.bias, training=False,
+        )
+    torch.testing.assert_close(stock, direct)
+    torch.testing.assert_close(fused, stock, atol=1e-5, rtol=1e-5)
+
+
+def test_shift_masks_match_torchvision() -> None:
+    size, window, shift = (4, 14, 21), (2, 7, 7), (1, 3, 3)
+    padded = size
+    reference = _compute_attention_mask_3d(torch.zeros(1), padded, window, shift)  # (windows, N, N)
+    layout = window_layout(size, window, shift, torch.device("cpu"))
+    counts = [p // w for p, w in zip(padded, window, strict=True)]
+    for w_index, (a, b, c) in enumerate(itertools.product(*(range(n) for n in counts))):
+        pattern = (a == counts[0] - 1, b == counts[1] - 1, c == counts[2] - 1)
+        torch.testing.assert_close(shift_mask(window, shift, pattern), reference[w_index], rtol=0, atol=0)
+    assert len(layout.groups) == 8 and sum(n for n, _ in layout.groups) == 2 * 2 * 3
+
+
+def test_window_layout_is_a_permutation() -> None:
+    size = (5, 9, 11)
+    layout = window_layout(size, (2, 7, 7), (1, 3, 3), torch.device("cpu"))
+    length = 5 * 9 * 11
+    real = layout.src[layout.src < length]
+    assert torch.equal(real.sort().values, torch.arange(length))
+    assert torch.equal(layout.src[layout.slot], torch.arange(length))
+    assert layout.padded
+
+
+# --- nearest kept fill --------------------------------------------------------------------------
+def test_nearest_kept_fill_hand_made() -> None:
+    # Two 3x3 frames. Frame 0 keeps corners (0,0) and (2,2): the centre and the two other
+    # corners are equidistant (a tie) and take the lowest flat index (0,0). Frame 1 keeps only
+    # the centre, so everything in it copies flat position 9 + 4 = 13.
+    keep = torch.tensor([[8, 13, 0]])  # any order
+    fill = nearest_kept_fill(keep, frames=2, grid_hw=(3, 3))
+    copied = keep[0, fill[0]]
+    expected = torch.tensor([0, 0, 0, 0, 0, 8, 0, 8, 8] + [13] * 9)
+    assert torch.equal(copied, expected)
+
+
+def _brute_force_fill(kept: torch.Tensor, frames: int, h: int, w: int) -> torch.Tensor:
+    """Copied flat position per grid position, by loops: nearest (squared distance), lowest index."""
+    out = []
+    for t in range(frames):
+        cells = [(i, j) for i in range(h) for j in range(w)]
+        kept_cells = [s for s in range(h * w) if bool(kept[t * h * w + s])]
+        for r, c in cells:
+            best = min(kept_cells, key=lambda s: ((s // w - r) ** 2 + (s % w - c) ** 2, s))
+            out.append(t * h * w + best)
+    return torch.tensor(out)
+
+
+def test_nearest_kept_fill_brute_force() -> None:
+    g = torch.Generator().manual_seed(3)
+    frames, h, w = 3, 5, 7
+    for trial in range(20):
+        n_keep = 1 + trial % (h * w)
+        keeps = []
+        for _ in range(2):
+            per_frame = [torch.randperm(h * w, generator=g)[:n_keep] + t * h * w for t in range(frames)]
+            keeps.append(torch.cat(per_frame)[torch.randperm(frames * n_keep, generator=g)])
+        keep = torch.stack(keeps)
+        fill = nearest_kept_fill(keep, frames, (h, w), chunk=200)  # small chunks exercise the loop
+        for b in range(2):
+            mask = torch.zeros(frames * h * w, dtype=torch.bool)
+            mask[keep[b]] = True
+            assert torch.equal(keep[b, fill[b]], _brute_force_fill(mask, frames, h, w))
+
+
+def test_nearest_kept_fill_rejects_empty_frame() -> None:
+    with pytest.raises(ValueError, match="no kept token"):
+        nearest_kept_fill(torch.tensor([[0, 1]]), frames=2, grid_hw=(1, 2))
+
+
+# --- whole model ----------------------------------------------------------------------------------
+def test_r0_matches_stock_tiny() -> None:
+    model, x = tiny_swin(), clips(2)
+    stock = run(model, x)
+    patch(model, 0)
+    assert "torchvision SwinTransformer3d (swin3d_t/s/b)" in SUPPORTED
+    torch.testing.assert_close(run(model, x), stock, atol=1e-5, rtol=1e-5)
+    assert kept_tokens(model) == []
+    patch(model, 40, method="none")  # patched, never prunes
+    torch.testing.assert_close(run(model, x), stock, atol=1e-5, rtol=1e-5)
+
+
+def test_r0_matches_stock_swin3d_t_architecture() -> None:
+    torch.manual_seed(0)
+    model = swin3d_t().eval()
+    x = clips(1, (16, 112, 112))  # grids 28, 14, 7, 4: the window shrinks to T=8 and to 4x4
+    stock = run(model, x)
+    patch(model, 0)
+    torch.testing.assert_close(run(model, x), stock, atol=1e-5, rtol=1e-5)
+
+
+def test_unpatch_restores_stock_exactly() -> None:
+    model, x = tiny_swin(), clips(2)
+    stock = run(model, x)
+    patch(model, 40)
+    assert not torch.allclose(run(model, x), stock, atol=1e-5)
+    unpatch(model)
+    assert torch.equal(run(model, x), stock)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_pruned_token_counts_follow_plan() -> None:
+    model, x = tiny_swin(), clips(2)
+    patch(model, 40)
+    out = run(model, x)
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    frames, grids = stage_grids(model, *TINY_INPUT)
+    kept = kept_tokens(model)
+    assert len(kept) == 3
+    for k, (drop, (h, w)) in enumerate(zip(swin_stage_drops(40), grids[1:], strict=True)):
+        n = h * w
+        assert kept[k].shape == (2, frames * (n - drop))
+        per_frame = torch.stack([((kept[k] >= t * n) & (kept[k] < (t + 1) * n)).sum(1) for t in range(frames)])
+        assert (per_frame == n - drop).all()
+        assert (kept[k].diff(dim=1) > 0).all()  # sorted, unique
+
+
+def test_options_change_selection_and_repeat() -> None:
+    x, model = clips(2), tiny_swin()
+
+    def kept_with(**options) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        patch(model, 40, **options)  # re-patching replaces the previous patch
+        return run(model, x), kept_tokens(model)
+
+    out_a, kept_a = kept_with()
+    out_b, kept_b = kept_with()
+    assert torch.equal(out_a, out_b) and all(torch.equal(a, b) for a, b in zip(kept_a, kept_b, strict=True))
+    _, kept_fff = kept_with(order="FFF")
+    assert torch.equal(kept_fff[0], kept_a[0])  # stage 2 walks forward in both
+    assert not torch.equal(kept_fff[1], kept_a[1])  # stage 3: B vs F
+    out_rand, kept_rand = kept_with(method="random")
+    assert not torch.equal(kept_rand[0], kept_a[0])
+    out_rand2, kept_rand2 = kept_with(method="random")
+    assert torch.equal(out_rand, out_rand2) and torch.equal(kept_rand[0], kept_rand2[0])
+    for options in ({"similarity": "hidden"}, {"similarity": "query"}, {"first_unit": "grid"}):
+        out, kept = kept_with(**options)
+        assert torch.isfinite(out).all() and [k.shape for k in kept] == [k.shape for k in kept_a]
+
+
+@pytest.mark.parametrize("options", [{}, {"method": "random"}, {"first_unit": "grid", "order": "BFB"}])
+def test_batch_invariance(options) -> None:
+    model, x = tiny_swin(), clips(4)
+    patch(model, 40, **options)
+    batched = run(model, x)
+    kept_batched = kept_tokens(model)
+    for b in range(4):
+        single = run(model, x[b : b + 1])
+        torch.testing.assert_close(single, batched[b : b + 1], atol=1e-5, rtol=1e-5)
+        for k_single, k_batched in zip(kept_tokens(model), kept_batched, strict=True):
+            assert torch.equal(k_single[0], k_batched[b])
+
+
+def test_training_backward_after_inference() -> None:
+    model, x = tiny_swin(), clips(2)
+    patch(model, 40)
+    run(model, x)  # caches built under inference mode must still work with autograd
+    model.train()
+    model(x).sum().backward()
+    table = model.features[4][0].attn.relative_position_bias_table
+    assert table.grad is not None and table.grad.abs().sum() > 0
+
+
+def test_bf16_autocast() -> None:
+    model, x = tiny_swin(), clips(2)
+    stock = run(model, x)
+    patch(model, 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = run(model, x)
+    torch.testing.assert_close(fused.float(), stock, atol=0.02, rtol=0.05)  # bf16 rounding only
+    patch(model, 40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(run(model, x)).all()
+
+
+def test_errors() -> None:
+    largest = max(r for r in range(1, 784) if swin_stage_drops(r)[2] < 49 and swin_stage_drops(r)[1] < 196)
+    with pytest.raises(ValueError, match=f"largest valid r1 is {largest}"):
+        patch(tiny_swin(), largest + 1)
+    patch(tiny_swin(), largest)
+    with pytest.raises(ValueError, match="tome"):
+        patch(tiny_swin(), 40, method="tome")
+    model = tiny_swin()
+    patch(model, 40)
+    with pytest.raises(ValueError, match="largest valid r1"):
+        run(model, clips(1, (8, 40, 40)))  # this input's stage 2 has only 5x5 tokens per frame
+
+
+# --- FLOPs (paper Table 3) ------------------------------------------------------------------------
+@pytest.mark.slow
+def test_flops_match_paper_table3() -> None:
+    """Swin-T at 32x224², r1 = 0/192/256/320 -> 88/68/61/54 GFLOPs (1 multiply-add = 1 FLOP).
+
+    FlopCounterMode counts 2 FLOPs per multiply-add (hence /2) and does count the CPU fused
+    kernel (aten._scaled_dot_product_flash_attention_for_cpu is in its registry), so the dense
+    window attention needs no analytic term; the check below fails if that ever stops being
+    true. Stock measures 87.8 (linear layers 66.6, window attention 17.9, patch merging 2.8,
+    patch embedding 0.5). The pruned counts include STA's own scoring matmuls and the key
+    projection of dropped tokens (~1 GFLOP at r1=320), which is why r1=320 measures ~54.8.
+    """
+    torch.manual_seed(0)
+    model = swin3d_t().eval()
+    x = torch.randn(1, 3, 32, 224, 224)
+    paper = {0: 88, 192: 68, 256: 61, 320: 54}
+    for r1, expected in paper.items():
+        patch(model, r1)
+        with FlopCounterMode(display=False) as counter, torch.inference_mode():
+            model(x)
+        counts = counter.get_flop_counts()["Global"]
+        assert any("scaled_dot_product" in str(op) and n > 0 for op, n in counts.items())
+        gflops = counter.get_total_flops() / 2e9
+        assert abs(gflops - expected) / expected < 0.02, (r1, gflops, expected)
