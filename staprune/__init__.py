@@ -6,7 +6,7 @@ staprune.patch(model, r=64)      # VideoMAE ViT (transformers) or Video Swin (to
 
 from .config import STAConfig, resolve_plan
 from .flops import r_for_budget
-from .patch import get_config, kept_tokens, patch, unpatch
+from .patch import get_config, kept_stages, kept_tokens, patch, unpatch
 
-__all__ = ["STAConfig", "get_config", "kept_tokens", "patch", "r_for_budget", "resolve_plan", "unpatch"]
+__all__ = ["STAConfig", "get_config", "kept_stages", "kept_tokens", "patch", "r_for_budget", "resolve_plan", "unpatch"]
 __version__ = "0.1.0"

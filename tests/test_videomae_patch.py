@@ -227,3 +227,13 @@ def test_tome_head_pools_by_size():
         staprune.patch(model, r=2, method="tome", locations=(5,), schedule=((8, 2),))
         merged = model(x).logits
     torch.testing.assert_close(merged, dense, atol=1e-4, rtol=1e-4)
+
+
+def test_kept_stages_align_with_kept_tokens():
+    model = tiny_videomae()
+    staprune.patch(model, r=16)
+    with torch.no_grad():
+        model(clips(batch=1))
+    stages = staprune.kept_stages(model)
+    assert [s.layer for s in stages] == [0, 2, 4]
+    assert [s.units * s.tokens_out for s in stages] == [k.shape[1] for k in staprune.kept_tokens(model)]

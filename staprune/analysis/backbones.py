@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..patch.common import PATCH_ATTR
+from ..patch import get_config, kept_stages, kept_tokens
 
 
 @dataclass(frozen=True)
@@ -77,8 +77,7 @@ class Backbone:
 
     def kept_grids(self, model: nn.Module) -> list[StageGrid]:
         """The grid each entry of ``staprune.kept_tokens(model)`` refers to (after a forward)."""
-        state = model.__dict__[PATCH_ATTR].state
-        stages = [s for s in state.plan.stages if s.r]  # adapters record only stages that drop
+        stages = kept_stages(model)
         if self.family == "vit":
             return [self.grids[0]] * len(stages)
         return [self.grids[s.layer] for s in stages]  # Swin stage plans use the stage index as layer
@@ -91,12 +90,10 @@ class Backbone:
         norm there). Swin: the last stage's output before the final norm; when that stage was
         pruned only its kept positions (the refilled ones are copies).
         """
-        patched = model.__dict__.get(PATCH_ATTR)
         if self.family == "vit":
             tokens = _vit_backbone(model)(x).last_hidden_state
-            if patched is None or not patched.state.kept:
-                return tokens, None
-            return tokens, patched.state.kept[-1]
+            kept = _final_kept(model)
+            return tokens, kept
         captured: list[Tensor] = []
         handle = model.features[-1].register_forward_hook(lambda m, i, o: captured.append(o))
         try:
@@ -104,10 +101,18 @@ class Backbone:
         finally:
             handle.remove()
         tokens = captured[0].flatten(1, 3)  # (B, T, h, w, C) -> (B, L, C)
-        if patched is None or not patched.state.kept or self.kept_grids(model)[-1] != self.final_grid:
+        source = _final_kept(model)
+        if source is None or self.kept_grids(model)[-1] != self.final_grid:
             return tokens, None
-        source = patched.state.kept[-1]
         return tokens.gather(1, source.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])), source
+
+
+def _final_kept(model: nn.Module) -> Tensor | None:
+    """Original indices kept after the last stage of the last forward; None if nothing was pruned."""
+    if get_config(model) is None:
+        return None
+    kept = kept_tokens(model)
+    return kept[-1] if kept else None
 
 
 def _vit_backbone(model: nn.Module) -> nn.Module:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..config import STAConfig, as_config
+from ..config import STAConfig, Stage, as_config
 from .common import PATCH_ATTR
 from .swin3d import is_swin3d, patch_swin3d
 from .videomae import is_videomae, patch_videomae
@@ -60,6 +60,14 @@ def kept_tokens(model: nn.Module) -> list[Tensor]:
     if p.state is None:
         raise ValueError("no forward pass has run since the model was patched")
     return list(p.state.kept)
+
+
+def kept_stages(model: nn.Module) -> list[Stage]:
+    """The :class:`~staprune.config.Stage` of each entry of :func:`kept_tokens` (same order):
+    ``layer`` is the block index (ViT) or the Swin stage index (1, 2, 3); stages that drop
+    nothing record nothing."""
+    kept_tokens(model)  # same errors when unpatched or before a forward
+    return list(model.__dict__[PATCH_ATTR].state.kept_stages)
 
 
 def get_config(model: nn.Module) -> STAConfig | None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..config import PruningPlan, STAConfig
+from ..config import PruningPlan, STAConfig, Stage
 from ..score import PerSampleRandom, sample_seeds
 
 PATCH_ATTR = "_staprune"
@@ -24,6 +24,7 @@ class ForwardState:
         rng: per-clip random streams (only for methods that draw noise).
         size: ``(B, L)`` tokens each current token stands for (ToMe only).
         kept: ``source`` after each stage, for :func:`staprune.kept_tokens`.
+        kept_stages: the :class:`Stage` each entry of ``kept`` belongs to.
         metric: the pruning block's similarity tensor, recorded by its attention.
     """
 
@@ -33,7 +34,13 @@ class ForwardState:
     rng: PerSampleRandom | None = None
     size: Tensor | None = None
     kept: list[Tensor] = field(default_factory=list)
+    kept_stages: list[Stage] = field(default_factory=list)
     metric: Tensor | None = None
+
+    def record(self, stage: Stage, kept: Tensor) -> None:
+        """Remember the tokens a stage kept (``(B, K)`` original indices) for kept_tokens()."""
+        self.kept.append(kept)
+        self.kept_stages.append(stage)
 
 
 class Patch:

@@ -472,7 +472,7 @@ def _make_stage(p: Patch, index: int, helpers: dict[nn.Module, FusedWindowAttent
         out = gather_tokens(tokens, keep)
         for i, block in enumerate(blocks):
             out = _pruned_block(block, helpers[block.attn], out, grid, first_qkv if i == 0 else None)
-        state.kept.append(keep)
+        state.record(stage, keep)
         return gather_tokens(out, grid.fill).view(bsz, t, h, w, c)
 
     return forward

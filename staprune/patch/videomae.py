@@ -150,7 +150,7 @@ def _make_layer(p: Patch, index: int):
             hidden_states, state.size, state.source = tome_merge(
                 hidden_states, head_mean(state.metric), state.size, state.source, stage.units * stage.r
             )
-            state.kept.append(state.source)
+            state.record(stage, state.source)
         out = self.output(self.intermediate(self.layernorm_after(hidden_states)), hidden_states)
         if p.config.method in ("sta", "random") and stage.r:
             if p.config.method == "random":
@@ -172,7 +172,7 @@ def _make_layer(p: Patch, index: int):
                 )
             out = gather_tokens(out, keep)
             state.source = state.source.gather(1, keep)
-            state.kept.append(state.source)
+            state.record(stage, state.source)
         state.metric = None  # do not keep the block's keys alive
         return out
 
