@@ -1,0 +1,128 @@
+"""The two bundled demo models: their architectures and loading their trained weights.
+
+``demo-vit``: a small VideoMAE-architecture ViT (Hugging Face ``VideoMAEForVideoClassification``),
+16x112² input, tubelet 2, patch 16 -> 8 tubelet-frames x 49 tokens, mean pooling.
+``demo-swin``: a small torchvision ``SwinTransformer3d`` on 16x112² input.
+Both classify the 12 motion classes of :mod:`staprune.demo.data`. Weights live next to this
+file in ``weights/<name>.safetensors`` (fp16), the recipe and held-out accuracy in
+``weights/<name>.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .data import NUM_CLASSES
+
+FRAMES = 16
+SIZE = 112
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+DEMO_MODELS = ("demo-vit", "demo-swin")
+# Input layout each model's forward expects, for :func:`staprune.demo.data.to_model_input`.
+LAYOUTS = {"demo-vit": "BTCHW", "demo-swin": "BCTHW"}
+
+
+def build_demo_vit(num_classes: int = NUM_CLASSES) -> nn.Module:
+    """Untrained demo ViT: hidden 128, 6 layers, 4 heads; input (B, 16, 3, 112, 112)."""
+    from transformers import VideoMAEConfig, VideoMAEForVideoClassification
+
+    config = VideoMAEConfig(
+        image_size=SIZE,
+        patch_size=16,
+        num_channels=3,
+        num_frames=FRAMES,
+        tubelet_size=2,
+        hidden_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        intermediate_size=512,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        use_mean_pooling=True,
+        num_labels=num_classes,
+    )
+    return VideoMAEForVideoClassification(config)
+
+
+def build_demo_swin(num_classes: int = NUM_CLASSES) -> nn.Module:
+    """Untrained demo Video Swin: embed 32, depths 1-1-2-1; input (B, 3, 16, 112, 112)."""
+    from torchvision.models.video.swin_transformer import SwinTransformer3d
+
+    return SwinTransformer3d(
+        patch_size=[2, 4, 4],
+        embed_dim=32,
+        depths=[1, 1, 2, 1],
+        num_heads=[1, 2, 4, 8],
+        window_size=[8, 7, 7],
+        stochastic_depth_prob=0.1,
+        num_classes=num_classes,
+    )
+
+
+BUILDERS = {"demo-vit": build_demo_vit, "demo-swin": build_demo_swin}
+
+
+def _check_name(name: str) -> None:
+    if name not in BUILDERS:
+        raise ValueError(f"unknown demo model {name!r}; choose from {', '.join(DEMO_MODELS)}")
+
+
+def weights_path(name: str) -> Path:
+    _check_name(name)
+    return WEIGHTS_DIR / f"{name}.safetensors"
+
+
+def model_card(name: str) -> dict:
+    """The training recipe and held-out accuracy recorded next to the weights."""
+    _check_name(name)
+    path = WEIGHTS_DIR / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def load_demo_model(name: str) -> tuple[nn.Module, str]:
+    """A bundled, trained demo model in eval mode (fp32), and its input layout.
+
+    Returns:
+        ``(model, layout)``: layout ``"BTCHW"`` (ViT, input (B, T, 3, H, W)) or ``"BCTHW"``
+        (Swin, input (B, 3, T, H, W)).
+
+    Raises:
+        ValueError: unknown name. FileNotFoundError: the weights are not bundled.
+    """
+    from safetensors.torch import load_file
+
+    _check_name(name)
+    model = BUILDERS[name]()
+    path = weights_path(name)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; train it with `python -m staprune.demo.train --model {name}`")
+    state = {k: v.float() for k, v in load_file(str(path)).items()}
+    model.load_state_dict(state, strict=True)
+    return model.eval(), LAYOUTS[name]
+
+
+def save_demo_weights(model: nn.Module, name: str, path: Path | None = None) -> Path:
+    """Store ``model``'s weights as fp16 safetensors (floating tensors halved; others as they are)."""
+    from safetensors.torch import save_file
+
+    path = path or weights_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        k: (v.detach().half() if v.is_floating_point() else v.detach()).contiguous()
+        for k, v in model.state_dict().items()
+    }
+    save_file(state, str(path))
+    return path
+
+
+def roundtrip_fp16(model: nn.Module) -> nn.Module:
+    """Round ``model``'s floating parameters/buffers through fp16 in place (what loading gives)."""
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.is_floating_point():
+                t.copy_(t.half().float())
+    return model

@@ -1,0 +1,209 @@
+"""``staprune demo``: accuracy vs FLOPs vs measured speed of STA and its baselines, on the bundled models.
+
+For ``demo-vit`` and ``demo-swin`` it evaluates dense, STA, random drop (and ToMe for the ViT) at
+three pruning levels on held-out synthetic clips (:mod:`staprune.demo.data`, ``--seed``). Every
+batch goes through every configuration in turn (same inputs, alternating), so the clips/s
+figures are measured side by side under the same machine load. FLOPs: ``FlopCounterMode`` on one
+clip, one multiply-add = one FLOP, STA's own selection work excluded as in the paper (reported
+apart in ``results.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import staprune
+
+from ..flops import measure_flops
+from .data import generate, to_model_input
+from .models import DEMO_MODELS, load_demo_model, model_card, weights_path
+
+# Pruning levels per model: ViT r per tubelet-frame of 49 tokens; Swin r1 per frame of the
+# 14x14 stage-2 grid (then 1.5*r1/4 of 49 and 2*r1/16 of 16 at stages 3 and 4).
+LEVELS = {"demo-vit": (8, 12, 16), "demo-swin": (48, 64, 96)}
+METHODS = {"demo-vit": ("sta", "random", "tome"), "demo-swin": ("sta", "random")}
+DEFAULT_SEED = 7  # neither the training seed (0) nor the model cards' held-out seed
+
+
+@dataclass(frozen=True)
+class Setting:
+    model: str
+    method: str  # "dense" or a staprune method
+    r: int
+
+    def apply(self, net: nn.Module) -> None:
+        staprune.unpatch(net)
+        if self.method != "dense":
+            staprune.patch(net, r=self.r, method=self.method)
+        elif self.model == "demo-swin":
+            # Dense Swin through the same fused window attention as the pruned runs, so the speed
+            # ratio measures pruning, not the attention kernel.
+            staprune.patch(net, r=0, method="none")
+
+
+@dataclass
+class Row:
+    model: str
+    method: str
+    r: int
+    top1: float
+    gflops: float
+    clips_per_s: float
+    selection_gflops: float = 0.0
+
+
+def settings_for(model: str) -> list[Setting]:
+    out = [Setting(model, "dense", 0)]
+    for method in METHODS[model]:
+        out += [Setting(model, method, r) for r in LEVELS[model]]
+    return out
+
+
+def _logits(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = net(x)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def evaluate_model(name: str, clips: torch.Tensor, labels: torch.Tensor, batch: int, log) -> list[Row]:
+    """Run every setting of ``name`` over the clips (N, T, 3, H, W) uint8; one Row per setting."""
+    net, layout = load_demo_model(name)
+    settings = settings_for(name)
+    flops = {}
+    for s in settings:
+        s.apply(net)
+        m = measure_flops(net, to_model_input(clips[:1], layout))
+        flops[s] = (m.backbone / 1e9, m.selection / 1e9)
+    correct = dict.fromkeys(settings, 0)
+    seconds = dict.fromkeys(settings, 0.0)
+    with torch.inference_mode():
+        s0 = settings[0]  # warm-up: first calls allocate and pick kernels
+        s0.apply(net)
+        _logits(net, to_model_input(clips[:batch], layout))
+        for i in range(0, len(labels), batch):
+            x = to_model_input(clips[i:i + batch], layout)
+            y = labels[i:i + batch]
+            for s in settings:  # same batch through every setting, back to back
+                s.apply(net)
+                start = time.perf_counter()
+                pred = _logits(net, x).argmax(-1)
+                seconds[s] += time.perf_counter() - start
+                correct[s] += int((pred == y).sum())
+            log(f"  {name}: {min(i + batch, len(labels))}/{len(labels)} clips")
+    staprune.unpatch(net)
+    n = len(labels)
+    return [
+        Row(name, s.method, s.r, correct[s] / n, flops[s][0], n / seconds[s], flops[s][1]) for s in settings
+    ]
+
+
+def format_table(rows: list[Row]) -> str:
+    lines = [f"{'model':<10} {'method':<7} {'r':>3} {'top-1':>6} {'GFLOPs':>7} {'rel':>5} {'clips/s':>8} {'speed-up':>8}"]
+    dense = {r.model: r for r in rows if r.method == "dense"}
+    for r in rows:
+        d = dense[r.model]
+        lines.append(
+            f"{r.model:<10} {r.method:<7} {r.r:>3} {100 * r.top1:>6.1f} {r.gflops:>7.3f} "
+            f"{r.gflops / d.gflops:>5.2f} {r.clips_per_s:>8.1f} {r.clips_per_s / d.clips_per_s:>7.2f}x"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    """Top-1 vs GFLOPs, one panel per model, one line per method (each starting at dense)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r.model for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        mine = [r for r in rows if r.model == model]
+        dense = next(r for r in mine if r.method == "dense")
+        for method in dict.fromkeys(r.method for r in mine if r.method != "dense"):
+            pts = [dense] + sorted((r for r in mine if r.method == method), key=lambda r: r.r)
+            ax.plot([p.gflops for p in pts], [100 * p.top1 for p in pts], marker="o", label=method)
+        ax.plot([dense.gflops], [100 * dense.top1], marker="*", markersize=14, color="k", ls="", label="dense")
+        ax.set_title(model)
+        ax.set_xlabel("GFLOPs per clip (1 multiply-add = 1 FLOP)")
+        ax.set_ylabel("top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="staprune-demo", help="output directory (default: ./staprune-demo)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the generated evaluation clips")
+    parser.add_argument("--clips", type=int, default=240, help="number of evaluation clips (default 240)")
+    parser.add_argument("--batch", type=int, default=16, help="batch size of the timed forward passes")
+    parser.add_argument("--models", nargs="+", choices=DEMO_MODELS, default=list(DEMO_MODELS))
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON on stdout (the rest to stderr)")
+
+
+def run(args: argparse.Namespace) -> int:
+    report = sys.stderr if args.json else sys.stdout
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    if args.clips < 1:
+        raise SystemExit("--clips must be >= 1")
+    missing = [name for name in args.models if not weights_path(name).exists()]
+    if missing:
+        log(f"bundled weights missing for {', '.join(missing)}: train them with `python -m staprune.demo.train`")
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.time()
+    log(f"generating {args.clips} held-out clips (seed {args.seed}) ...")
+    clips, labels = generate(args.clips, args.seed)
+    rows: list[Row] = []
+    for name in args.models:
+        log(f"evaluating {name} ...")
+        rows += evaluate_model(name, clips, labels, args.batch, log)
+    runtime = time.time() - start
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {
+        "seed": args.seed,
+        "clips": args.clips,
+        "batch": args.batch,
+        "threads": torch.get_num_threads(),
+        "runtime_s": round(runtime, 1),
+        "flops_convention": "FlopCounterMode / 2 (1 multiply-add = 1 FLOP), one clip; selection excluded",
+        "models": {name: model_card(name) for name in args.models},
+        "rows": [asdict(r) for r in rows],
+    }
+    json_path, png_path = out / "results.json", out / "accuracy_vs_gflops.png"
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    plot(rows, png_path)
+    print(format_table(rows), file=report)
+    print(f"{args.clips} clips, seed {args.seed}, {torch.get_num_threads()} threads, {runtime:.0f} s", file=report)
+    print(f"wrote {json_path}\nwrote {png_path}", file=report)
+    if args.json:
+        keys = ("model", "method", "r", "top1", "gflops", "clips_per_s")
+        print(json.dumps([{k: asdict(r)[k] for k in keys} for r in rows], indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="staprune demo", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
