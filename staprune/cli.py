@@ -15,6 +15,7 @@ COMMANDS = {
     "visualize": ("staprune.analysis.visualize_cli", "kept-token pictures per pruning stage (paper Fig. 4)"),
     "analyze": ("staprune.analysis.cli", "trajectory sum (Eq. 6) and GradNorm (Eq. 7) analyses"),
     "demo": ("staprune.demo.runner", "dense vs STA vs baselines on the bundled demo models (needs their weights)"),
+    "finetune": ("staprune.finetune", "fine-tune dense or pruned (STA/random) models; resumable; torchrun"),
     "eval": ("staprune.evaluate", "multi-view accuracy on a video list (one machine or torchrun), resumable"),
 }
 
