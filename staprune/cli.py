@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Errors that mean "the user asked for something impossible": print the message, not a traceback.
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError)
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,9 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from .checkpoints import CheckpointError  # a checkpoint that does not fit its model
+
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
-    except USER_ERRORS as error:
+    except (*USER_ERRORS, CheckpointError) as error:
         if os.environ.get("STAPRUNE_TRACEBACK"):
             raise
         print(f"staprune {args.command}: error: {error}", file=sys.stderr)

@@ -63,6 +63,12 @@ def assets(tmp_path_factory) -> dict[str, Path]:
             "short": root / "short.txt"}
 
 
+@pytest.fixture(autouse=True)
+def _raise_from_cli(monkeypatch):
+    """These tests check the exceptions themselves; the CLI would print them as one line."""
+    monkeypatch.setenv("STAPRUNE_TRACEBACK", "1")
+
+
 def _eval(assets, out: Path, *extra: str, data: str = "list") -> list[dict]:
     """Run the CLI in this process, return its --json rows."""
     import contextlib
