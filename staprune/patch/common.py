@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..baselines import random_keep_indices
 from ..config import PruningPlan, STAConfig, Stage
-from ..score import PerSampleRandom, sample_seeds
+from ..score import PerSampleRandom, normalize_metric, sample_seeds, sta_keep_indices
 
 PATCH_ATTR = "_staprune"
 
@@ -80,6 +81,34 @@ class Patch:
         source = torch.arange(length, device=device).expand(bsz, -1)
         size = torch.ones(bsz, length, device=device) if cfg.method == "tome" else None
         self.state = ForwardState(plan, source, grid_hw, rng, size)
+
+    def keep_indices(
+        self, stage: Stage, tokens: Tensor, metric: Tensor | None, positions: Tensor, grid_hw: tuple[int, int]
+    ) -> Tensor:
+        """Indices ``(B, K)`` of the tokens one stage keeps, for STA or the random baseline.
+
+        Args:
+            tokens: the stage's hidden states ``(B, L, C)`` (semantic score; the metric when
+                ``metric`` is None, i.e. ``similarity="hidden"``).
+            metric: normalised similarity features ``(B, L, c)`` or None.
+            positions: original flat index of each token ``(B, L)`` (grid first unit).
+        """
+        cfg = self.config
+        if cfg.method == "random":
+            return random_keep_indices(self.state.rng, tokens.shape[0], stage.units, stage.tokens_in, stage.r)
+        return sta_keep_indices(
+            tokens,
+            normalize_metric(tokens) if metric is None else metric,
+            stage.units,
+            stage.r,
+            forward=stage.forward,
+            first_unit=cfg.first_unit,
+            score=cfg.score,
+            first_transition=cfg.first_transition,
+            rng=self.state.rng,
+            positions=positions,
+            grid_hw=grid_hw,
+        )
 
     def undo(self) -> None:
         for module in self._forwards:

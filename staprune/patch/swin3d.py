@@ -51,9 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..baselines import random_keep_indices
 from ..config import PruningPlan, STAConfig, Stage, resolve_swin_plan
-from ..score import gather_tokens, head_mean, normalize_metric, sta_keep_indices
+from ..score import gather_tokens, head_mean
 from .common import Patch
 
 MASK_VALUE = -100.0  # torchvision's shift-mask value (not -inf): kept for exact equality
@@ -424,24 +423,9 @@ def _kept_qkv(block: nn.Module, y: Tensor, sliced: Tensor, part: int, keep: Tens
 
 def _select(p: Patch, stage: Stage, tokens: Tensor, metric: Tensor | None, grid_hw: tuple[int, int]) -> Tensor:
     """Kept positions ``(B, K)`` of one stage, sorted ascending."""
-    state = p.state
     bsz, length, _ = tokens.shape
-    if p.config.method == "random":
-        keep = random_keep_indices(state.rng, bsz, stage.units, stage.tokens_in, stage.r)
-    else:
-        keep = sta_keep_indices(
-            tokens,
-            normalize_metric(tokens) if metric is None else metric,
-            stage.units,
-            stage.r,
-            forward=stage.forward,
-            first_unit=p.config.first_unit,
-            score=p.config.score,
-            first_transition=p.config.first_transition,
-            rng=state.rng,
-            positions=torch.arange(length, device=tokens.device).expand(bsz, -1),
-            grid_hw=grid_hw,
-        )
+    positions = torch.arange(length, device=tokens.device).expand(bsz, -1)
+    keep = p.keep_indices(stage, tokens, metric, positions, grid_hw)
     return keep.sort(dim=1).values
 
 

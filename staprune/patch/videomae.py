@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..baselines import random_keep_indices, tome_merge
+from ..baselines import tome_merge
 from ..config import STAConfig, resolve_plan
-from ..score import gather_tokens, head_mean, normalize_metric, sta_keep_indices
+from ..score import gather_tokens, head_mean
 from .common import Patch
 
 
@@ -153,23 +153,9 @@ def _make_layer(p: Patch, index: int):
             state.record(stage, state.source)
         out = self.output(self.intermediate(self.layernorm_after(hidden_states)), hidden_states)
         if p.config.method in ("sta", "random") and stage.r:
-            if p.config.method == "random":
-                keep = random_keep_indices(state.rng, out.shape[0], stage.units, stage.tokens_in, stage.r)
-            else:
-                metric = normalize_metric(out) if p.config.similarity == "hidden" else head_mean(state.metric)
-                keep = sta_keep_indices(
-                    out,
-                    metric,
-                    stage.units,
-                    stage.r,
-                    forward=stage.forward,
-                    first_unit=p.config.first_unit,
-                    score=p.config.score,
-                    first_transition=p.config.first_transition,
-                    rng=state.rng,
-                    positions=state.source,
-                    grid_hw=state.grid_hw,
-                )
+            tapped = p.config.method == "sta" and p.config.similarity != "hidden"
+            metric = head_mean(state.metric) if tapped else None
+            keep = p.keep_indices(stage, out, metric, state.source, state.grid_hw)
             out = gather_tokens(out, keep)
             state.source = state.source.gather(1, keep)
             state.record(stage, state.source)
