@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random-weight VideoMAE models built from configs (no downloads)."""
+"""Shared fixtures: tiny random-weight VideoMAE and Swin models built from configs (no downloads)."""
 
 from __future__ import annotations
 
@@ -37,6 +37,22 @@ def tiny_videomae(
     with torch.no_grad():
         model.base_model.embeddings.patch_embeddings.projection.weight.mul_(4.0)
     return model.eval()
+
+
+def tiny_swin(seed: int = 0, num_classes: int = 10, **overrides):
+    """A torchvision SwinTransformer3d with the paper's patch (2,4,4) but tiny width and depth."""
+    from torchvision.models.video.swin_transformer import SwinTransformer3d
+
+    torch.manual_seed(seed)
+    kwargs = dict(
+        patch_size=[2, 4, 4],
+        embed_dim=24,
+        depths=[1, 1, 2, 1],
+        num_heads=[1, 2, 3, 6],
+        window_size=[2, 7, 7],
+        num_classes=num_classes,
+    )
+    return SwinTransformer3d(**{**kwargs, **overrides}).eval()
 
 
 def clips(batch: int = 2, frames: int = 16, size: int = 112, seed: int = 1) -> torch.Tensor:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_swin
 
 import staprune
 from staprune import finetune as ft
@@ -152,18 +153,7 @@ def test_gradients_reach_every_block_under_pruning():
 
 def test_swin_trains_pruned_with_stochastic_depth():
     """torchvision Video Swin in train mode: stochastic depth on, STA at stages 2-4, gradients everywhere."""
-    from torchvision.models.video.swin_transformer import SwinTransformer3d
-
-    torch.manual_seed(0)
-    model = SwinTransformer3d(
-        patch_size=[2, 4, 4],
-        embed_dim=24,
-        depths=[1, 1, 2, 1],
-        num_heads=[1, 2, 3, 6],
-        window_size=[2, 7, 7],
-        stochastic_depth_prob=0.5,
-        num_classes=4,
-    ).train()
+    model = tiny_swin(num_classes=4, stochastic_depth_prob=0.5).train()
     staprune.patch(model, r=12)
     opt = ft.build_optimizer(model, 1e-3, 0.05)
     x, y = batch(2)  # (2, 8, 3, 64, 64); train_step hands Swin (2, 3, 8, 64, 64)

@@ -7,11 +7,11 @@ import itertools
 
 import pytest
 import torch
+from conftest import tiny_swin
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.video import swin3d_t
 from torchvision.models.video.swin_transformer import (
     ShiftedWindowAttention3d,
-    SwinTransformer3d,
     _compute_attention_mask_3d,
     shifted_window_attention_3d,
 )
@@ -38,19 +38,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def tiny_swin(seed: int = 0) -> SwinTransformer3d:
-    torch.manual_seed(seed)
-    model = SwinTransformer3d(
-        patch_size=[2, 4, 4],
-        embed_dim=24,
-        depths=[1, 1, 2, 1],
-        num_heads=[1, 2, 3, 6],
-        window_size=[2, 7, 7],
-        num_classes=10,
-    )
-    return model.eval()
 
 
 def clips(batch: int, size: tuple[int, int, int] = TINY_INPUT, seed: int = 1) -> torch.Tensor:
