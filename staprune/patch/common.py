@@ -47,9 +47,8 @@ class ForwardState:
 class Patch:
     """Undo log and runtime state of one patched model (stored on the model as ``_staprune``)."""
 
-    def __init__(self, config: STAConfig, backbone: str) -> None:
+    def __init__(self, config: STAConfig) -> None:
         self.config = config
-        self.backbone = backbone
         self.state: ForwardState | None = None
         self._forwards: list[nn.Module] = []
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []

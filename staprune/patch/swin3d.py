@@ -490,7 +490,7 @@ def patch_swin3d(model: nn.Module, config: STAConfig) -> nn.Module:
     geometry seen at run time (``ValueError`` naming the largest valid r1).
     """
     _check_structure(model)
-    p = Patch(config, "swin3d")
+    p = Patch(config)
     plans: dict[tuple[int, int, int], PruningPlan] = {}
 
     def plan_for(frames: int, height: int, width: int) -> PruningPlan:

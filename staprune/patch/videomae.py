@@ -53,7 +53,7 @@ def patch_videomae(model: nn.Module, config: STAConfig) -> nn.Module:
     def build(frames: int, tokens: int):
         return resolve_plan(config, len(layers), frames, tokens)
 
-    p = Patch(config, "videomae")
+    p = Patch(config)
     frames, tokens, _ = _geometry(hf, hf.num_frames, *_pair(hf.image_size))
     plan = p.plan_for(frames, tokens, build)  # validate now, before any forward pass
 
