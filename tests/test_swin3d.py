@@ -18,9 +18,13 @@ from torchvision.models.video.swin_transformer import (
 
 from staprune.config import swin_stage_drops
 from staprune.patch import SUPPORTED, kept_tokens, patch, unpatch
+from staprune.patch import swin3d
 from staprune.patch.swin3d import (
     FusedWindowAttention,
+    _pruned_attention,
+    _PrunedGrid,
     nearest_kept_fill,
+    query_subsets,
     shift_mask,
     stage_grids,
     window_layout,
@@ -80,6 +84,53 @@ def test_fused_attention_matches_torchvision(size, window, shift) -> None:
         )
     torch.testing.assert_close(stock, direct)
     torch.testing.assert_close(fused, stock, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("subset", [True, False], ids=["kept-queries", "all-queries"])
+@pytest.mark.parametrize(
+    "size,window,shift,per_frame",
+    [
+        ((4, 14, 14), (2, 7, 7), (1, 3, 3), 20),  # shift, no padding
+        ((5, 9, 11), (2, 7, 7), (1, 3, 3), 30),  # padding and shift
+        ((3, 6, 20), (4, 7, 7), (2, 3, 3), 100),  # shrunk window, light pruning
+    ],
+)
+def test_pruned_attention_equals_stock_on_filled_grid(monkeypatch, size, window, shift, per_frame, subset) -> None:
+    """Kept tokens' attention outputs equal stock attention run on the grid where every dropped
+    position holds a copy of its nearest kept token, read back at the kept positions."""
+    monkeypatch.setattr(swin3d, "QUERY_SUBSET_MAX_FILL", 1.0 if subset else -1.0)
+    torch.manual_seed(0)
+    attn = ShiftedWindowAttention3d(24, list(window), list(shift), num_heads=3).eval()
+    with torch.no_grad():
+        attn.relative_position_bias_table.normal_(std=0.5)
+    bsz, (t, h, w) = 2, size
+    n = h * w
+    keep = torch.stack([
+        torch.cat([torch.randperm(n)[:per_frame] + f * n for f in range(t)]).sort().values for _ in range(bsz)
+    ])
+    grid = _PrunedGrid(keep, nearest_kept_fill(keep, t, (h, w)), size)
+    x_kept = torch.randn(bsz, keep.shape[1], 24)
+    with torch.no_grad():
+        ours = _pruned_attention(FusedWindowAttention(attn), attn.qkv(x_kept), grid)
+        filled = torch.stack([x_kept[b, grid.fill[b]] for b in range(bsz)]).view(bsz, t, h, w, 24)
+        stock = attn(filled).reshape(bsz, t * n, 24)
+    reference = torch.stack([stock[b, keep[b]] for b in range(bsz)])
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+    layout = FusedWindowAttention(attn).layout_for(size, torch.device("cpu"))
+    used = [s is not None for s in grid.window_index(layout)[2]]
+    assert all(used) if subset else not any(used)
+
+
+def test_query_subsets_hand_made() -> None:
+    """One 2x1x2 grid, one window of 4 slots: kept slots come first in slot order, padding goes to the sink."""
+    layout = window_layout((2, 1, 2), (2, 1, 2), (0, 0, 0), torch.device("cpu"))
+    sink = 9
+    dest = torch.tensor([[sink, 0, sink, 1], [2, sink, sink, sink]])  # clip 0 keeps slots 1, 3; clip 1 slot 0
+    (subset,) = query_subsets(dest, sink, layout)
+    assert torch.equal(subset.slots, torch.tensor([[1, 3], [0, 1]]))
+    assert torch.equal(subset.dest, torch.tensor([[0, 1], [2, sink]]))
+    full = torch.tensor([[0, 1, 2, 3]])
+    assert query_subsets(full, sink, layout) == [None]  # every slot kept: all queries are cheaper
 
 
 def test_shift_masks_match_torchvision() -> None:
@@ -269,7 +320,7 @@ def test_errors() -> None:
 
 # --- FLOPs (paper Table 3) ------------------------------------------------------------------------
 @pytest.mark.slow
-def test_flops_match_paper_table3() -> None:
+def test_flops_match_paper_table3(monkeypatch) -> None:
     """Swin-T at 32x224², r1 = 0/192/256/320 -> 88/68/61/54 GFLOPs (1 multiply-add = 1 FLOP).
 
     FlopCounterMode counts 2 FLOPs per multiply-add (hence /2) and does count the CPU fused
@@ -278,16 +329,29 @@ def test_flops_match_paper_table3() -> None:
     true. Stock measures 87.8 (linear layers 66.6, window attention 17.9, patch merging 2.8,
     patch embedding 0.5). The pruned counts include STA's own scoring matmuls and the key
     projection of dropped tokens (~1 GFLOP at r1=320), which is why r1=320 measures ~54.8.
+    The paper counts window attention dense, so the check runs with kept-query attention off;
+    with it on (the default) the same forwards must cost less (attention of dropped queries).
     """
     torch.manual_seed(0)
     model = swin3d_t().eval()
     x = torch.randn(1, 3, 32, 224, 224)
     paper = {0: 88, 192: 68, 256: 61, 320: 54}
-    for r1, expected in paper.items():
+    default_fill = swin3d.QUERY_SUBSET_MAX_FILL
+
+    def measured(r1: int, subset_fill: float) -> float:
+        monkeypatch.setattr(swin3d, "QUERY_SUBSET_MAX_FILL", subset_fill)
         patch(model, r1)
         with FlopCounterMode(display=False) as counter, torch.inference_mode():
             model(x)
         counts = counter.get_flop_counts()["Global"]
         assert any("scaled_dot_product" in str(op) and n > 0 for op, n in counts.items())
-        gflops = counter.get_total_flops() / 2e9
+        return counter.get_total_flops() / 2e9
+
+    for r1, expected in paper.items():
+        gflops = measured(r1, -1.0)
         assert abs(gflops - expected) / expected < 0.02, (r1, gflops, expected)
+        if r1:
+            with_subset = measured(r1, default_fill)
+            assert with_subset <= gflops + 1e-6
+            if r1 == 320:  # stages 3-4 are sparse enough for kept-query attention at r1=320
+                assert with_subset < gflops - 0.5
