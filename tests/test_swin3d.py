@@ -17,8 +17,7 @@ from torchvision.models.video.swin_transformer import (
 )
 
 from staprune.config import swin_stage_drops
-from staprune.patch import SUPPORTED, kept_tokens, patch, unpatch
-from staprune.patch import swin3d
+from staprune.patch import SUPPORTED, kept_tokens, patch, swin3d, unpatch
 from staprune.patch.swin3d import (
     FusedWindowAttention,
     _pruned_attention,
