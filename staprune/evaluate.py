@@ -61,11 +61,12 @@ _FSYNC_EVERY_N = 32
 # --- CLI ----------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``staprune eval`` (see the module docstring for the protocol)."""
-    parser.add_argument("--model", required=True,
+    parser.add_argument("--model",
                         help="HF VideoMAE directory or hub id; VideoMAE release .pth; swin3d_t|s|b[:WEIGHTS]; "
-                        "or a registry name (ViT-B, VideoSwin-T, ...: random weights)")
+                        "demo-vit|demo-swin; or a registry name (ViT-B, VideoSwin-T, ...: random weights). "
+                        "Without --model and --data: runs `staprune demo`")
     parser.add_argument("--weights", help="weights file for a torchvision Swin3D name")
-    parser.add_argument("--data", required=True, help="list file ('path label' lines) or folder per class")
+    parser.add_argument("--data", help="list file ('path label' lines) or folder per class")
     parser.add_argument("--root", help="base directory of relative paths in the list (default: its folder)")
     parser.add_argument("--dataset", default="k400", choices=("k400", "ssv2"), help="selects the view protocol")
     parser.add_argument("--method", default="sta", choices=METHODS, help="pruning method (none = dense)")
@@ -672,6 +673,15 @@ def _setup(args: argparse.Namespace, info: dist_utils.DistInfo) -> Context:
 
 def run(args: argparse.Namespace) -> int:
     """``staprune eval``: returns 0, or 1 if any (method, r) could not be evaluated."""
+    if args.model is None and args.data is None:  # nothing to evaluate given: the bundled demo
+        from .demo import runner
+
+        demo_args = ["--json"] if args.json else []
+        if args.out != "eval-results":
+            demo_args += ["--out", args.out]
+        return runner.main(demo_args)
+    if args.model is None or args.data is None:
+        raise ValueError("give both --model and --data (or neither, to run the bundled demo)")
     entries = entries_from_args(args.method, args.r)
     info = dist_utils.init(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:

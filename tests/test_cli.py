@@ -29,3 +29,15 @@ def test_traceback_on_request(monkeypatch, tmp_path):
     monkeypatch.setenv("STAPRUNE_TRACEBACK", "1")
     with pytest.raises((FileNotFoundError, ValueError)):
         main(["eval", "--model", "ViT-S", "--data", str(tmp_path / "nothing.txt"), "--out", str(tmp_path / "o")])
+
+
+def test_eval_without_model_and_data_runs_the_demo(monkeypatch, tmp_path, capsys):
+    from staprune.demo import runner
+
+    calls = []
+    monkeypatch.setattr(runner, "main", lambda argv: calls.append(argv) or 0)
+    assert main(["eval", "--out", str(tmp_path / "d"), "--json"]) == 0
+    assert calls == [["--json", "--out", str(tmp_path / "d")]]
+    monkeypatch.delenv("STAPRUNE_TRACEBACK", raising=False)
+    assert main(["eval", "--model", "ViT-S"]) == 2  # one without the other is a user error
+    assert "give both --model and --data" in capsys.readouterr().err

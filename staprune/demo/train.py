@@ -36,7 +36,7 @@ VFLIP = torch.tensor([0, 1, 3, 2, 5, 4, 6, 7, 8, 9, 10, 11])
 REVERSE = torch.tensor([1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 10, 11])
 
 DEFAULTS = {  # per model: steps, batch size, peak learning rate
-    "demo-vit": {"steps": 2000, "batch": 16, "lr": 5e-4},
+    "demo-vit": {"steps": 7000, "batch": 16, "lr": 5e-4},
     "demo-swin": {"steps": 1500, "batch": 16, "lr": 5e-4},
 }
 HELD_OUT_SEED = 1_000_000  # disjoint from the training seed; the demo uses other seeds again
@@ -93,6 +93,8 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
 
 
 def train_one(name: str, clips: Tensor, labels: Tensor, held: tuple[Tensor, Tensor], args) -> dict:
+    """Train demo model ``name`` on uint8 ``clips`` (N, T, 3, H, W), evaluate on ``held``, write
+    weights and model card."""
     hp = DEFAULTS[name]
     steps = args.steps or hp["steps"]
     batch, peak = hp["batch"], args.lr or hp["lr"]
@@ -116,9 +118,9 @@ def train_one(name: str, clips: Tensor, labels: Tensor, held: tuple[Tensor, Tens
         x, y = augment(clips[idx], labels[idx], g)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, peak, warmup)
-        # fp32: bf16 autocast was ~1.5x faster per step but gave the same loss curve in a trial
-        # run; fp32 keeps the recipe simple to reproduce exactly.
-        logits = logits_of(model, to_model_input(x, layout))
+        # bf16 autocast: ~1.5x (ViT) to 2x (Swin) faster steps on CPUs with bf16 instructions.
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            logits = logits_of(model, to_model_input(x, layout))
         loss = F.cross_entropy(logits.float(), y, label_smoothing=0.1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -150,7 +152,7 @@ def train_one(name: str, clips: Tensor, labels: Tensor, held: tuple[Tensor, Tens
             "train_clips": len(labels), "data_seed": args.data_seed, "seed": args.seed, "steps": steps,
             "batch": batch, "optimizer": "AdamW(betas=(0.9, 0.999), weight_decay=0.05; none on norms/biases)",
             "lr": peak, "schedule": f"linear warm-up {warmup} steps, cosine to 0", "label_smoothing": 0.1,
-            "grad_clip": 1.0, "init": "half the tubelet-embedding filters temporal differences", "precision": "fp32", "augment": "hflip, vflip, time reversal (labels mapped)",
+            "grad_clip": 1.0, "init": "half the tubelet-embedding filters temporal differences", "precision": "bf16 autocast" if args.bf16 else "fp32", "augment": "hflip, vflip, time reversal (labels mapped)",
             "threads": torch.get_num_threads(), "train_minutes": round(minutes, 1),
         },
     }
@@ -177,12 +179,14 @@ def load_or_generate(n: int, seed: int, cache: str | None) -> tuple[Tensor, Tens
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m staprune.demo.train", description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=[*DEMO_MODELS, "all"], default="all")
-    parser.add_argument("--train-clips", type=int, default=1536)
+    parser.add_argument("--train-clips", type=int, default=6144)
     parser.add_argument("--held-out-clips", type=int, default=600)
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0, help="model init / batch order / augmentation seed")
     parser.add_argument("--steps", type=int, default=0, help="override the per-model default")
     parser.add_argument("--lr", type=float, default=0.0, help="override the per-model default")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                        help="train under CPU bf16 autocast (default on)")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", default=None, help="directory to cache the generated training set in")
