@@ -215,27 +215,34 @@ class FusedWindowAttention:
         self.attn = attn
         self._masks: dict[tuple, Tensor] = {}
 
-    def masks(self, layout: WindowLayout, device: torch.device, dtype: torch.dtype) -> list[Tensor]:
+    def masks(
+        self, layout: WindowLayout, device: torch.device, dtype: torch.dtype, query_major: bool = False
+    ) -> list[Tensor]:
+        """One additive mask per shift-pattern group: ``(1, heads, N, N)``, or with ``query_major``
+        ``(N, heads, N)`` (rows first: kept queries' rows are then gathered without a transpose)."""
         table = self.attn.relative_position_bias_table
         if torch.is_grad_enabled() and table.requires_grad:
-            return self._build_masks(layout, device, dtype)
-        key = (layout.window, layout.shift, device, dtype, table._version, table.data_ptr())
+            return self._build_masks(layout, device, dtype, query_major)
+        key = (layout.window, layout.shift, query_major, device, dtype, table._version, table.data_ptr())
         if key not in self._masks:
-            if any(k[4:] != key[4:] for k in self._masks):
+            if any(k[5:] != key[5:] for k in self._masks):
                 self._masks.clear()  # the table changed: every cached mask is stale
             with torch.inference_mode(False), torch.no_grad():
-                self._masks[key] = self._build_masks(layout, device, dtype)
+                self._masks[key] = self._build_masks(layout, device, dtype, query_major)
         return self._masks[key]
 
-    def _build_masks(self, layout: WindowLayout, device: torch.device, dtype: torch.dtype) -> list[Tensor]:
+    def _build_masks(
+        self, layout: WindowLayout, device: torch.device, dtype: torch.dtype, query_major: bool
+    ) -> list[Tensor]:
         bias = relative_position_bias(self.attn, layout.window)
         out = []
         for _, pattern in layout.groups:
             mask = bias
             if any(pattern):
                 mask = bias + shift_mask(layout.window, layout.shift, pattern).to(bias.device, bias.dtype)
+            mask = mask.transpose(0, 1) if query_major else mask.unsqueeze(0)
             # contiguous: SDPA would copy the permuted bias view on every call
-            out.append(mask.unsqueeze(0).to(device=device, dtype=dtype).contiguous())
+            out.append(mask.to(device=device, dtype=dtype).contiguous())
         return out
 
     def pad_row(self, rows: Tensor) -> Tensor:
@@ -269,21 +276,22 @@ class FusedWindowAttention:
         dropout = self.attn.attention_dropout if self.attn.training else 0.0
         out = rows.new_empty(n_out + 1, channels)
         start = 0
-        masks = self.masks(layout, rows.device, rows.dtype)
         subsets = queries or [None] * len(layout.groups)
-        for (count, _), mask, subset in zip(layout.groups, masks, subsets, strict=True):
+        masks = self.masks(layout, rows.device, rows.dtype)
+        if any(subset is not None for subset in subsets):
+            query_major = self.masks(layout, rows.device, rows.dtype, query_major=True)
+        for g, ((count, _), mask, subset) in enumerate(zip(layout.groups, masks, subsets, strict=True)):
             span = slice(start, start + count * n)
             qkv = flat_rows.index_select(0, flat_index[:, span].reshape(-1))
             q, k, v = qkv.view(bsz * count, n, 3, heads, channels // heads).permute(2, 0, 3, 1, 4)
             targets = dest[:, span].reshape(-1)
             if subset is not None:
                 # Only the kept queries of each window (padded to the group's largest count):
-                # their rows of q and of the (bias + shift) mask, keys and values unchanged.
-                pick = subset.slots.view(bsz * count, 1, -1, 1)
-                q = q.gather(2, pick.expand(-1, heads, -1, q.shape[-1]))
-                # Query-major copy of the mask, so the gathered rows need no further transpose copy.
-                rows_first = mask[0].transpose(0, 1).contiguous()  # (N, heads, N)
-                mask = rows_first.index_select(0, subset.slots.reshape(-1)).view(bsz * count, -1, heads, n)
+                # their q rows and their rows of the (bias + shift) mask; keys and values unchanged.
+                width = subset.slots.shape[1]
+                q_rows = flat_index[:, span].reshape(bsz * count, n).gather(1, subset.slots).reshape(-1)
+                q = flat_rows[:, :channels].index_select(0, q_rows).view(bsz * count, width, heads, -1).transpose(1, 2)
+                mask = query_major[g].index_select(0, subset.slots.reshape(-1)).view(bsz * count, width, heads, n)
                 mask = mask.transpose(1, 2)
                 targets = subset.dest.reshape(-1)
             o = F.scaled_dot_product_attention(
