@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import staprune
+
 from .data import NUM_CLASSES, generate, to_model_input
 from .models import BUILDERS, DEMO_MODELS, LAYOUTS, WEIGHTS_DIR, roundtrip_fp16, save_demo_weights
 
@@ -101,6 +103,10 @@ def train_one(name: str, clips: Tensor, labels: Tensor, held: tuple[Tensor, Tens
     torch.manual_seed(args.seed)
     model = BUILDERS[name]()
     temporal_difference_init(model)
+    if name == "demo-swin":
+        # Train through staprune's fused window attention (r=0: no pruning, same function as
+        # stock to float rounding, gradients included); the weights are unaffected by patching.
+        staprune.patch(model, r=0, method="none")
     layout = LAYOUTS[name]
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "relative_position" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "relative_position" not in n)]
@@ -135,6 +141,7 @@ def train_one(name: str, clips: Tensor, labels: Tensor, held: tuple[Tensor, Tens
             print(f"[{name}] step {step} held-out(96) top-1 {acc:.3f}", file=sys.stderr, flush=True)
             model.train()
     minutes = (time.time() - start) / 60
+    staprune.unpatch(model)
     roundtrip_fp16(model)  # measure what ships
     top1 = evaluate(model, layout, *held)
     out_dir = Path(args.out) if args.out else WEIGHTS_DIR
