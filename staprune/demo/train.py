@@ -2,12 +2,14 @@
 
 Recipe (reproducible: seeded model init, seeded data, seeded batch order and augmentation):
 a fixed training set of generated clips (``--train-clips``, seed ``--data-seed``), AdamW,
-linear warm-up then cosine decay, label smoothing, gradient clipping, fp32. Augmentation uses
+linear warm-up then cosine decay, label smoothing, gradient clipping, CPU bf16 autocast
+(``--no-bf16``: fp32). Augmentation uses
 the symmetries of the generator, with the labels mapped accordingly: a horizontal flip swaps
 left/right and the two rotations, a vertical flip swaps up/down and the two rotations, playing
 the clip backwards swaps every class with its reverse (left/right, up/down, cw/ccw,
 grow/shrink, appear/disappear); eight times the distinct clips at no generation cost. Half of
 the tubelet-embedding filters start as temporal differences (:func:`temporal_difference_init`).
+The Swin trains through staprune's fused window attention (``patch(r=0)``: same function).
 After training, the weights are rounded to fp16 (as shipped), evaluated on held-out clips of
 another seed, and written with a JSON model card (recipe, minutes, held-out top-1).
 """
