@@ -117,9 +117,20 @@ def train_one(name: str, clips: Tensor, labels: Tensor, held: tuple[Tensor, Tens
     g = torch.Generator().manual_seed(args.seed + 1)
     warmup = max(1, steps // 20)
     order = torch.empty(0, dtype=torch.long)
-    start = time.time()
+    out_dir = Path(args.out) if args.out else WEIGHTS_DIR
+    ckpt_path = out_dir / f"{name}.ckpt.pt"
+    first, elapsed = 0, 0.0
+    if args.resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        g.set_state(ckpt["batch_rng"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        order, first, elapsed = ckpt["order"], ckpt["step"], ckpt["elapsed"]
+        print(f"[{name}] resumed from {ckpt_path} at step {first}", file=sys.stderr, flush=True)
+    start = time.time() - elapsed
     model.train()
-    for step in range(steps):
+    for step in range(first, steps):
         if order.numel() < batch:  # reshuffle each epoch
             order = torch.cat([order, torch.randperm(len(labels), generator=g)])
         idx, order = order[:batch], order[batch:]
@@ -142,11 +153,19 @@ def train_one(name: str, clips: Tensor, labels: Tensor, held: tuple[Tensor, Tens
             acc = evaluate(model, layout, held[0][:96], held[1][:96])
             print(f"[{name}] step {step} held-out(96) top-1 {acc:.3f}", file=sys.stderr, flush=True)
             model.train()
+        if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and step + 1 < steps:
+            # Everything the next step depends on, so a resumed run continues bit-identically.
+            out_dir.mkdir(parents=True, exist_ok=True)
+            state = {"model": model.state_dict(), "opt": opt.state_dict(), "batch_rng": g.get_state(),
+                     "torch_rng": torch.get_rng_state(), "order": order, "step": step + 1,
+                     "elapsed": time.time() - start}
+            torch.save(state, ckpt_path.with_suffix(".tmp"))
+            ckpt_path.with_suffix(".tmp").replace(ckpt_path)
     minutes = (time.time() - start) / 60
     staprune.unpatch(model)
     roundtrip_fp16(model)  # measure what ships
     top1 = evaluate(model, layout, *held)
-    out_dir = Path(args.out) if args.out else WEIGHTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
     save_demo_weights(model, name, out_dir / f"{name}.safetensors")
     card = {
         "model": name,
@@ -166,6 +185,7 @@ def train_one(name: str, clips: Tensor, labels: Tensor, held: tuple[Tensor, Tens
         },
     }
     (out_dir / f"{name}.json").write_text(json.dumps(card, indent=2) + "\n")
+    ckpt_path.unlink(missing_ok=True)  # the finished weights supersede it
     print(f"[{name}] held-out top-1 {top1:.4f} on {len(held[1])} clips; {minutes:.1f} min", file=sys.stderr)
     return card
 
@@ -199,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", default=None, help="directory to cache the generated training set in")
+    parser.add_argument("--checkpoint-every", type=int, default=250,
+                        help="write a resumable training checkpoint every N steps (0: never)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the checkpoint in --out if there is one")
     parser.add_argument("--out", default=None, help="where to write weights (default: the package's weights/)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
