@@ -3,8 +3,8 @@
 One process, one input, every config timed in alternating rounds (stock, r1=0, r1=192, ...)
 after a warm-up, reporting the median (speedups are ratios of medians), so slow drifts of a
 shared machine hit all configs alike; the minimum is printed too, as the least disturbed sample.
-FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` (which counts the CPU fused SDPA
-kernel) with the paper's convention: one multiply-add = one FLOP.
+FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` (``staprune.flops.flop_counter``:
+with the CPU fused SDPA kernel counted) with the paper's convention: one multiply-add = one FLOP.
 
     python benchmarks/bench_swin.py                      # 32x224², r1 in {0, 192, 256, 320}
     python benchmarks/bench_swin.py --frames 8 --size 112 --repeats 2 --r1 0 64
@@ -21,8 +21,8 @@ from collections.abc import Callable
 
 import torch
 import torchvision
-from torch.utils.flop_counter import FlopCounterMode
 
+from staprune.flops import flop_counter
 from staprune.patch import patch
 
 
@@ -50,7 +50,7 @@ def build_configs(r1_values: list[int], seed: int) -> dict[str, torch.nn.Module]
 
 def gflops(model: torch.nn.Module, x: torch.Tensor) -> float:
     """Multiply-adds of one forward, in billions (FlopCounterMode counts 2 per multiply-add)."""
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+    with flop_counter(display=False) as counter, torch.inference_mode():
         model(x)
     return counter.get_total_flops() / 2e9
 

@@ -404,11 +404,11 @@ def gflops_per_view(loaded: LoadedModel, entry: Entry, proto: ViewProtocol) -> f
         return float(analytic_flops(loaded.model, r, frames=proto.frames, size=size, method=method).gflops)
     except Exception as e:  # noqa: BLE001 - analytic counting is best-effort; measure instead
         print(f"staprune: analytic FLOPs unavailable ({type(e).__name__}: {e}); measuring", file=sys.stderr)
-    from torch.utils.flop_counter import FlopCounterMode
+    from .flops import flop_counter
 
     param = next(loaded.model.parameters())
     x = torch.randn(1, proto.frames, 3, size, size, device=param.device, dtype=param.dtype)
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter(display=False)
     try:
         with torch.inference_mode(), counter:
             loaded.logits(x)

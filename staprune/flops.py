@@ -277,6 +277,27 @@ def r_for_budget(
 
 
 # --- measured -----------------------------------------------------------------------------------
+def flop_counter(**kwargs) -> torch.utils.flop_counter.FlopCounterMode:
+    """A ``FlopCounterMode(**kwargs)`` that also counts CPU fused attention.
+
+    torch's counter has formulas for the CUDA SDPA kernels; some releases (2.14 among them) have
+    none for the CPU kernel ``aten._scaled_dot_product_flash_attention_for_cpu``, so attention,
+    17.9 of Swin-T's 88 GFLOPs, would silently count as zero. Where it is missing, the CUDA flash
+    kernel's formulas (same argument order, same arithmetic) are registered for it.
+    """
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    for cpu_op, twin in (
+        ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention"),
+        ("_scaled_dot_product_flash_attention_for_cpu_backward", "_scaled_dot_product_flash_attention_backward"),
+    ):
+        op, reference = getattr(aten, cpu_op, None), getattr(aten, twin, None)
+        if op is not None and reference in fc.flop_registry and op not in fc.flop_registry:
+            fc.flop_registry[op] = fc.flop_registry[reference]
+    return fc.FlopCounterMode(**kwargs)
+
+
 @dataclass(frozen=True)
 class MeasuredFlops:
     """FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode``, in multiply-adds.
@@ -357,16 +378,14 @@ def measure_flops(model: nn.Module, inputs: torch.Tensor | tuple | dict) -> Meas
     """Count the FLOPs of ``model(inputs)`` with ``FlopCounterMode``, in the paper's convention.
 
     ``FlopCounterMode`` counts 2 FLOPs per multiply-add; the result is halved. It has formulas for
-    matmuls, convolutions and the fused attention kernels (CPU flash attention included), and counts
+    matmuls, convolutions and the fused attention kernels (CPU flash attention via :func:`flop_counter`), and counts
     nothing for norms and elementwise operations, like fvcore. FLOPs spent inside the selection
     functions (``sta_keep_indices``, ``tome_merge``) are reported as ``selection``.
 
     Args:
         model: any module; inputs: a tensor (positional), a tuple of positional args, or kwargs.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False, depth=1)
+    counter = flop_counter(display=False, depth=1)
     spent: list[float] = []
     args, kwargs = ((inputs,), {}) if isinstance(inputs, torch.Tensor) else (
         (tuple(inputs), {}) if isinstance(inputs, tuple | list) else ((), dict(inputs))

@@ -11,7 +11,7 @@ import torch
 import staprune
 from staprune import flops
 from staprune.config import STAConfig, resolve_plan
-from staprune.flops import PAPER_GFLOPS, analytic_flops, measure_flops, r_for_budget
+from staprune.flops import PAPER_GFLOPS, analytic_flops, flop_counter, measure_flops, r_for_budget
 from staprune.models import MODEL_NAMES, build_model, example_input, get_spec, load_model, spec_of_model
 
 
@@ -228,3 +228,19 @@ def test_cli_measured_on_local_model(capsys, tmp_path):
     assert rows[0]["model"] == str(tmp_path) and rows[1]["counted"] == "measured"
     for row in rows:
         assert row["gflops"] == pytest.approx(analytic_flops(model, row["r"]).gflops, abs=1e-3)
+
+
+def test_flop_counter_counts_cpu_fused_attention() -> None:
+    """CPU SDPA (with an additive mask, as the Swin adapter calls it) is counted forward and
+    backward: q·kᵀ and attn·v are 2·b·h·s·s·d multiply-adds, 4 FLOPs each in torch's convention
+    of 2 FLOPs per multiply-add; backward is torch's five such matmuls (scores recomputed, dV, dP,
+    dQ, dK), 2.5x the forward."""
+    b, h, s, d = 2, 3, 8, 16
+    q, k, v = (torch.randn(b, h, s, d, requires_grad=True) for _ in range(3))
+    mask = torch.randn(s, s)
+    with flop_counter(display=False) as counter:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert counter.get_total_flops() == 2 * 2 * b * h * s * s * d
+    with flop_counter(display=False) as counter:
+        out.sum().backward()
+    assert counter.get_total_flops() == 5 * 2 * b * h * s * s * d

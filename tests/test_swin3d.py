@@ -8,7 +8,6 @@ import itertools
 import pytest
 import torch
 from conftest import tiny_swin
-from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.video import swin3d_t
 from torchvision.models.video.swin_transformer import (
     ShiftedWindowAttention3d,
@@ -17,6 +16,7 @@ from torchvision.models.video.swin_transformer import (
 )
 
 from staprune.config import swin_stage_drops
+from staprune.flops import flop_counter
 from staprune.patch import SUPPORTED, kept_tokens, patch, swin3d, unpatch
 from staprune.patch.swin3d import (
     FusedWindowAttention,
@@ -322,10 +322,10 @@ def test_errors() -> None:
 def test_flops_match_paper_table3(monkeypatch) -> None:
     """Swin-T at 32x224², r1 = 0/192/256/320 -> 88/68/61/54 GFLOPs (1 multiply-add = 1 FLOP).
 
-    FlopCounterMode counts 2 FLOPs per multiply-add (hence /2) and does count the CPU fused
-    kernel (aten._scaled_dot_product_flash_attention_for_cpu is in its registry), so the dense
-    window attention needs no analytic term; the check below fails if that ever stops being
-    true. Stock measures 87.8 (linear layers 66.6, window attention 17.9, patch merging 2.8,
+    FlopCounterMode counts 2 FLOPs per multiply-add (hence /2); ``staprune.flops.flop_counter``
+    makes it count the CPU fused kernel (aten._scaled_dot_product_flash_attention_for_cpu, which
+    some torch releases leave out of its registry), so the dense window attention needs no
+    analytic term; the check below fails if attention stops being counted. Stock measures 87.8 (linear layers 66.6, window attention 17.9, patch merging 2.8,
     patch embedding 0.5). The pruned counts include STA's own scoring matmuls and the key
     projection of dropped tokens (~1 GFLOP at r1=320), which is why r1=320 measures ~54.8.
     The paper counts window attention dense, so the check runs with kept-query attention off;
@@ -340,7 +340,7 @@ def test_flops_match_paper_table3(monkeypatch) -> None:
     def measured(r1: int, subset_fill: float) -> float:
         monkeypatch.setattr(swin3d, "QUERY_SUBSET_MAX_FILL", subset_fill)
         patch(model, r1)
-        with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        with flop_counter(display=False) as counter, torch.inference_mode():
             model(x)
         counts = counter.get_flop_counts()["Global"]
         assert any("scaled_dot_product" in str(op) and n > 0 for op, n in counts.items())
