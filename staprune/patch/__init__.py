@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+from types import MethodType
+
 from torch import Tensor, nn
 
 from ..config import STAConfig, Stage, as_config
@@ -35,14 +38,34 @@ def patch(model: nn.Module, r: int | None = None, *, config: STAConfig | None = 
             f"staprune cannot patch {type(model).__name__}; supported models: {', '.join(SUPPORTED)}"
         )
     unpatch(model)
-    if is_swin3d(model):
-        return patch_swin3d(model, cfg)
-    return patch_videomae(model, cfg)
+    patched = patch_swin3d(model, cfg) if is_swin3d(model) else patch_videomae(model, cfg)
+    # An instance attribute is what copy.deepcopy looks up first (EMA copies, benchmark copies).
+    model.__dict__["__deepcopy__"] = MethodType(_deepcopy_patched, model)
+    return patched
+
+
+def _deepcopy_patched(model: nn.Module, memo: dict) -> nn.Module:
+    """``copy.deepcopy`` of a patched model: a copy patched with the same config.
+
+    Copying the patched model itself would share the patch's forwards, hooks and per-forward
+    state with the original (they are closures over the original's modules), so the copy is made
+    of the unpatched model and both are patched again (the original keeps its last forward's
+    kept tokens; the copy has none until it runs).
+    """
+    config, state = get_config(model), model.__dict__[PATCH_ATTR].state
+    unpatch(model)
+    try:
+        clone = copy.deepcopy(model, memo)
+    finally:
+        patch(model, config=config)
+        model.__dict__[PATCH_ATTR].state = state  # kept_tokens() of the last forward survives
+    return patch(clone, config=config)
 
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Restore the stock forward of a patched model (no-op on an unpatched one)."""
     p = model.__dict__.pop(PATCH_ATTR, None)
+    model.__dict__.pop("__deepcopy__", None)
     if p is not None:
         p.undo()
     return model
