@@ -378,8 +378,8 @@ def measure_flops(model: nn.Module, inputs: torch.Tensor | tuple | dict) -> Meas
     """Count the FLOPs of ``model(inputs)`` with ``FlopCounterMode``, in the paper's convention.
 
     ``FlopCounterMode`` counts 2 FLOPs per multiply-add; the result is halved. It has formulas for
-    matmuls, convolutions and the fused attention kernels (CPU flash attention via :func:`flop_counter`), and counts
-    nothing for norms and elementwise operations, like fvcore. FLOPs spent inside the selection
+    matmuls, convolutions and the fused attention kernels (the CPU one via :func:`flop_counter`),
+    and counts nothing for norms and elementwise operations, like fvcore. FLOPs spent inside the selection
     functions (``sta_keep_indices``, ``tome_merge``) are reported as ``selection``.
 
     Args:
