@@ -181,3 +181,27 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch)
     whole, cut = (load_file(str(tmp_path / run / "demo-vit.safetensors")) for run in ("whole", "cut"))
     assert whole.keys() == cut.keys() and all(torch.equal(whole[k], cut[k]) for k in whole)
     assert not (tmp_path / "cut" / "demo-vit.ckpt.pt").exists()  # removed once the weights are written
+
+
+def test_training_can_continue_from_earlier_weights(tmp_path):
+    """--init-from starts from given weights (not a fresh init) and nests the earlier model card."""
+    from safetensors.torch import load_file
+
+    from staprune.demo import train
+
+    args = ["--model", "demo-vit", "--train-clips", "12", "--held-out-clips", "12", "--eval-every", "0"]
+    assert train.main([*args, "--steps", "2", "--out", str(tmp_path / "first")]) == 0
+    first = tmp_path / "first" / "demo-vit.safetensors"
+    # Another seed (a fresh init would differ) and lr 1e-12 (training barely moves the weights):
+    # the result must still be the first run's weights.
+    assert train.main([*args, "--steps", "1", "--lr", "1e-12", "--seed", "5", "--init-from", str(first),
+                       "--out", str(tmp_path / "second")]) == 0
+    a, b = load_file(str(first)), load_file(str(tmp_path / "second" / "demo-vit.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-3) for k in a)
+    card = json.loads((tmp_path / "second" / "demo-vit.json").read_text())
+    assert card["recipe"]["init"] == json.loads((tmp_path / "first" / "demo-vit.json").read_text())
+
+    with pytest.raises(FileNotFoundError, match="--init-from"):
+        train.main([*args, "--steps", "1", "--init-from", str(tmp_path / "none.safetensors")])
+    with pytest.raises(ValueError, match="does not fit"):
+        train.main(["--model", "demo-swin", *args[2:], "--steps", "1", "--init-from", str(first)])

@@ -12,6 +12,8 @@ the tubelet-embedding filters start as temporal differences (:func:`temporal_dif
 The Swin trains through staprune's fused window attention (``patch(r=0)``: same function).
 After training, the weights are rounded to fp16 (as shipped), evaluated on held-out clips of
 another seed, and written with a JSON model card (recipe, minutes, held-out top-1).
+``--init-from W.safetensors`` runs a further cosine cycle from earlier weights (a warm
+restart); the earlier card is nested in the new one's recipe, so the chain stays reproducible.
 """
 
 from __future__ import annotations
@@ -89,6 +91,25 @@ def temporal_difference_init(model: nn.Module, fraction: float = 0.5) -> None:
         conv.weight[:k, :, 1] = -conv.weight[:k, :, 0]
 
 
+def load_init_weights(model: nn.Module, path: Path) -> str | dict:
+    """Load ``path`` (a ``.safetensors`` written by this trainer) into ``model``; return its card.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: the weights do not fit ``model``.
+    """
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        raise FileNotFoundError(f"--init-from {path}: no such file (a .safetensors written by this trainer)")
+    state = {k: v.float() for k, v in load_file(str(path)).items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"--init-from {path} does not fit this model's architecture: {err}") from err
+    card = path.with_suffix(".json")
+    return json.loads(card.read_text()) if card.exists() else f"weights from {path.name}"
+
+
 def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -104,7 +125,13 @@ def train_one(name: str, clips: Tensor, labels: Tensor, held: tuple[Tensor, Tens
     batch, peak = hp["batch"], args.lr or hp["lr"]
     torch.manual_seed(args.seed)
     model = BUILDERS[name]()
-    temporal_difference_init(model)
+    init = "half the tubelet-embedding filters temporal differences"
+    if args.init_from:
+        # A further cosine cycle from earlier weights (warm restart): the earlier run's card
+        # goes into this one's, so the whole chain stays reproducible from scratch.
+        init = load_init_weights(model, Path(args.init_from))
+    else:
+        temporal_difference_init(model)
     if name == "demo-swin":
         # Train through staprune's fused window attention (r=0: no pruning, same function as
         # stock to float rounding, gradients included); the weights are unaffected by patching.
@@ -180,7 +207,8 @@ def train_one(name: str, clips: Tensor, labels: Tensor, held: tuple[Tensor, Tens
             "train_clips": len(labels), "data_seed": args.data_seed, "seed": args.seed, "steps": steps,
             "batch": batch, "optimizer": "AdamW(betas=(0.9, 0.999), weight_decay=0.05; none on norms/biases)",
             "lr": peak, "schedule": f"linear warm-up {warmup} steps, cosine to 0", "label_smoothing": 0.1,
-            "grad_clip": 1.0, "init": "half the tubelet-embedding filters temporal differences", "precision": "bf16 autocast" if args.bf16 else "fp32", "augment": "hflip, vflip, time reversal (labels mapped)",
+            "grad_clip": 1.0, "init": init, "precision": "bf16 autocast" if args.bf16 else "fp32",
+            "augment": "hflip, vflip, time reversal (labels mapped)",
             "threads": torch.get_num_threads(), "train_minutes": round(minutes, 1),
         },
     }
@@ -221,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", default=None, help="directory to cache the generated training set in")
     parser.add_argument("--checkpoint-every", type=int, default=250,
                         help="write a resumable training checkpoint every N steps (0: never)")
+    parser.add_argument("--init-from", default=None,
+                        help="start from these weights (.safetensors) instead of a fresh init: another "
+                             "cosine cycle; the earlier model card is recorded in the new one")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the checkpoint in --out if there is one")
     parser.add_argument("--out", default=None, help="where to write weights (default: the package's weights/)")
