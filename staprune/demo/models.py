@@ -93,16 +93,19 @@ def load_demo_model(name: str) -> tuple[nn.Module, str]:
     Raises:
         ValueError: unknown name. FileNotFoundError: the weights are not bundled.
     """
-    from safetensors.torch import load_file
-
     _check_name(name)
-    model = BUILDERS[name]()
     path = weights_path(name)
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; train it with `python -m staprune.demo.train --model {name}`")
-    state = {k: v.float() for k, v in load_file(str(path)).items()}
-    model.load_state_dict(state, strict=True)
-    return model.eval(), LAYOUTS[name]
+    return load_weights(BUILDERS[name](), path).eval(), LAYOUTS[name]
+
+
+def load_weights(model: nn.Module, path: Path) -> nn.Module:
+    """Load weights written by :func:`save_demo_weights` into ``model`` as fp32, every key required."""
+    from safetensors.torch import load_file
+
+    model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()}, strict=True)
+    return model
 
 
 def save_demo_weights(model: nn.Module, name: str, path: Path | None = None) -> Path:

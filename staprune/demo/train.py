@@ -32,7 +32,15 @@ from torch import Tensor, nn
 import staprune
 
 from .data import NUM_CLASSES, generate, to_model_input
-from .models import BUILDERS, DEMO_MODELS, LAYOUTS, WEIGHTS_DIR, roundtrip_fp16, save_demo_weights
+from .models import (
+    BUILDERS,
+    DEMO_MODELS,
+    LAYOUTS,
+    WEIGHTS_DIR,
+    load_weights,
+    roundtrip_fp16,
+    save_demo_weights,
+)
 
 # Label permutations under the generator's symmetries (index = old label, value = new label).
 # Classes: 0 left, 1 right, 2 up, 3 down, 4 cw, 5 ccw, 6 grow, 7 shrink, 8 appear, 9 disappear,
@@ -97,13 +105,10 @@ def load_init_weights(model: nn.Module, path: Path) -> str | dict:
     Raises:
         FileNotFoundError: no such file. ValueError: the weights do not fit ``model``.
     """
-    from safetensors.torch import load_file
-
     if not path.exists():
         raise FileNotFoundError(f"--init-from {path}: no such file (a .safetensors written by this trainer)")
-    state = {k: v.float() for k, v in load_file(str(path)).items()}
     try:
-        model.load_state_dict(state, strict=True)
+        load_weights(model, path)
     except RuntimeError as err:
         raise ValueError(f"--init-from {path} does not fit this model's architecture: {err}") from err
     card = path.with_suffix(".json")
