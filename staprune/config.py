@@ -299,7 +299,14 @@ def swin_stage_drops(r1: int) -> tuple[int, int, int]:
 
 def _swin_stages(config: STAConfig, r1: int, frames: int, grids: Sequence[tuple[int, int]]) -> list[Stage]:
     if isinstance(config.schedule, str):
-        drops = swin_stage_drops(r1)
+        # Smaller Swins (2 or 3 stages) prune after each of their patch mergings with the first
+        # drops of the paper's schedule; a deeper one has no published drops for stage 5 on.
+        if len(grids) > 3:
+            raise ValueError(
+                f"this Video Swin has {len(grids) + 1} stages; the paper's r1 schedule covers stages 2-4 "
+                f"only: pass schedule=[(units, r), ...] with {len(grids)} pairs"
+            )
+        drops = swin_stage_drops(r1)[: len(grids)]
         units = [frames] * len(drops)
     else:
         if len(config.schedule) != len(grids):
@@ -320,7 +327,7 @@ def _swin_stages(config: STAConfig, r1: int, frames: int, grids: Sequence[tuple[
 
 
 def resolve_swin_plan(config: STAConfig, frames: int, grids: Sequence[tuple[int, int]]) -> PruningPlan:
-    """Stages for a Video Swin: one per pruned Swin stage (2, 3, 4), each per frame.
+    """Stages for a Video Swin: one per pruned Swin stage (2, 3, 4; 2 and 3 in smaller Swins), each per frame.
 
     Each Swin stage starts from a full grid (the grid is refilled before patch merging), so every
     stage prunes ``frames`` units of ``h*w`` tokens independently. ``Stage.layer`` is the 0-based
@@ -328,7 +335,8 @@ def resolve_swin_plan(config: STAConfig, frames: int, grids: Sequence[tuple[int,
 
     Args:
         frames: temporal positions ``T`` after patch embedding (16 for 32-frame input).
-        grids: spatial token grid ``(h, w)`` of Swin stages 2, 3 and 4.
+        grids: spatial token grid ``(h, w)`` of Swin stages 2, 3 and 4 (of every stage after the
+            first, for models with fewer stages).
     """
     if config.method == "tome":
         raise ValueError("method='tome' is not supported for Video Swin (window attention needs a full grid)")
@@ -341,7 +349,7 @@ def resolve_swin_plan(config: STAConfig, frames: int, grids: Sequence[tuple[int,
                 f"tokens per frame and would drop {stage.r} per unit; the largest valid r1 is "
                 f"{_largest_valid_swin_r(config, frames, grids)}"
             )
-    return PruningPlan(config, 4, frames, grids[0][0] * grids[0][1], tuple(stages))
+    return PruningPlan(config, len(grids) + 1, frames, grids[0][0] * grids[0][1], tuple(stages))
 
 
 def _largest_valid_swin_r(config: STAConfig, frames: int, grids: Sequence[tuple[int, int]]) -> int:

@@ -247,6 +247,33 @@ def test_pruned_token_counts_follow_plan() -> None:
         assert (kept[k].diff(dim=1) > 0).all()  # sorted, unique
 
 
+@pytest.mark.parametrize("stages", [2, 3])
+def test_smaller_swins_prune_after_each_patch_merging(stages) -> None:
+    """A 2- or 3-stage Swin prunes at stages 2 (and 3) with the first drops of the r1 schedule;
+    r=0 still matches stock, and clips stay independent of their batch."""
+    depths, heads = [1, 1, 2][:stages], [1, 2, 3][:stages]
+    model, x = tiny_swin(depths=depths, num_heads=heads), clips(3)
+    stock = run(model, x)
+    patch(model, 0)
+    torch.testing.assert_close(run(model, x), stock, atol=1e-5, rtol=1e-5)
+    patch(model, 40)
+    batched = run(model, x)
+    frames, grids = stage_grids(model, *TINY_INPUT)
+    kept = kept_tokens(model)
+    drops = swin_stage_drops(40)[: stages - 1]
+    assert [k.shape for k in kept] == [(3, frames * (h * w - d)) for d, (h, w) in zip(drops, grids[1:], strict=True)]
+    assert not torch.allclose(batched, stock, atol=1e-4)
+    for b in range(3):
+        torch.testing.assert_close(run(model, x[b : b + 1]), batched[b : b + 1], atol=1e-5, rtol=1e-5)
+
+
+def test_swin_deeper_than_four_stages_needs_an_explicit_schedule() -> None:
+    model = tiny_swin(depths=[1, 1, 1, 1, 1], num_heads=[1, 1, 1, 1, 1], window_size=[2, 4, 4])
+    with pytest.raises(ValueError, match="5 stages.*schedule="):
+        patch(model, 4)
+    patch(model, 0, schedule=[(4, 4), (4, 2), (4, 1), (4, 0)])  # explicit: accepted
+
+
 def test_options_change_selection_and_repeat() -> None:
     x, model = clips(2), tiny_swin()
 

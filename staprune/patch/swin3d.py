@@ -13,7 +13,8 @@ Two things change once a model is patched:
    its zero padding.
 2. **STA pruning at the start of Swin stages 2, 3 and 4** (``model.features[2]``, ``[4]``,
    ``[6]``, i.e. right after each patch merging), ``r1, 1.5*r1/4, 2*r1/16`` tokens per frame
-   (rounded half-up, :func:`staprune.config.swin_stage_drops`; each frame is a unit).
+   (rounded half-up, :func:`staprune.config.swin_stage_drops`; each frame is a unit). A
+   smaller Swin (2 or 3 stages) prunes after each of its patch mergings with the first drops.
 
 Inside a pruned stage the residual stream holds only the kept tokens, so the LayerNorms, qkv,
 output projection and MLP run on kept tokens only. Window attention still runs on the full
