@@ -31,10 +31,13 @@ def test_swin_shape_and_pruning():
     x = torch.randn(1, 3, 16, 112, 112)
     with torch.no_grad():
         dense = net(x)
-        staprune.patch(net, r=64)
+        staprune.patch(net, r=12)
         pruned = net(x)
     assert dense.shape == pruned.shape == (1, NUM_CLASSES)
-    assert staprune.kept_tokens(net)[0].shape[1] == 8 * (196 - 64)  # stage 2: 8 frames of 14x14
+    # Only stage 2 prunes: 8 frames of its 4x4 grid (7x7 padded to 8x8, merged), 12 dropped each.
+    assert [k.shape[1] for k in staprune.kept_tokens(net)] == [8 * (16 - 12)]
+    with pytest.raises(ValueError, match="demo-swin takes 16x112x112 clips"):
+        net(torch.randn(1, 3, 16, 128, 128))  # same stage-2 grid, other token grid
 
 
 def test_fp16_weights_round_trip(tmp_path, monkeypatch):

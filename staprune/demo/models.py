@@ -48,19 +48,55 @@ def build_demo_vit(num_classes: int = NUM_CLASSES) -> nn.Module:
     return VideoMAEForVideoClassification(config)
 
 
+class SinusoidalPositions(nn.Module):
+    """Fixed sinusoidal absolute positions added to Swin's patch tokens (VideoMAE's table).
+
+    Installed as the model's ``pos_drop`` (torchvision applies it right after the patch
+    embedding), so the model stays a torchvision ``SwinTransformer3d`` that staprune patches as
+    usual. Input ``(B, T, H, W, C)`` on the fixed token grid it was built for.
+    """
+
+    def __init__(self, grid: tuple[int, int, int], dim: int) -> None:
+        super().__init__()
+        position = torch.arange(grid[0] * grid[1] * grid[2], dtype=torch.float64).unsqueeze(1)
+        rate = 10000.0 ** (-2 * (torch.arange(dim, dtype=torch.float64) // 2) / dim)
+        table = position * rate
+        table[:, 0::2], table[:, 1::2] = table[:, 0::2].sin(), table[:, 1::2].cos()
+        self.register_buffer("table", table.float().view(1, *grid, dim), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1:] != self.table.shape[1:]:
+            raise ValueError(
+                f"demo-swin takes {FRAMES}x{SIZE}x{SIZE} clips (token grid {tuple(self.table.shape[1:4])}); "
+                f"got token grid {tuple(x.shape[1:4])}"
+            )
+        return x + self.table
+
+
 def build_demo_swin(num_classes: int = NUM_CLASSES) -> nn.Module:
-    """Untrained demo Video Swin: embed 32, depths 1-1-2-1; input (B, 3, 16, 112, 112)."""
+    """Untrained demo Video Swin: patch 2x16x16, embed 128, two stages (depths 4-2, heads 4-8),
+    window 8x7x7, fixed sinusoidal absolute positions; input (B, 3, 16, 112, 112).
+
+    Token grids: 8 x 7x7 in stage 1 (one window: global attention), 8 x 4x4 in stage 2 (patch
+    merging pads 7 to 8), where STA prunes. Why not Video Swin-T's shape (patch 2x4x4, four
+    stages): trained on the demo data every patch-4 and patch-8 Swin we tried stayed at chance
+    for thousands of steps (with or without absolute positions, shallow or deep first stage,
+    local or global windows), while patch-16 Swins leave chance like the ViT (README, "Why the
+    demo Swin is shaped as it is").
+    """
     from torchvision.models.video.swin_transformer import SwinTransformer3d
 
-    return SwinTransformer3d(
-        patch_size=[2, 4, 4],
-        embed_dim=32,
-        depths=[1, 1, 2, 1],
-        num_heads=[1, 2, 4, 8],
+    model = SwinTransformer3d(
+        patch_size=[2, 16, 16],
+        embed_dim=128,
+        depths=[4, 2],
+        num_heads=[4, 8],
         window_size=[8, 7, 7],
-        stochastic_depth_prob=0.1,
+        stochastic_depth_prob=0.0,
         num_classes=num_classes,
     )
+    model.pos_drop = SinusoidalPositions((FRAMES // 2, SIZE // 16, SIZE // 16), 128)
+    return model
 
 
 BUILDERS = {"demo-vit": build_demo_vit, "demo-swin": build_demo_swin}
