@@ -443,6 +443,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _default_rs(name: str) -> tuple[int, ...]:
+    from .demo.runner import LEVELS  # the demo models' own pruning levels (they are small)
+
+    if name in LEVELS:
+        return (0, *LEVELS[name])
     return PAPER_SWIN_R if name in PAPER_GFLOPS and name.startswith("VideoSwin") else PAPER_VIT_R
 
 

@@ -132,14 +132,18 @@ def spec_of_model(model: nn.Module, frames: int | None = None, size: int | None 
     if isinstance(model, SwinTransformer3d):
         stages = [m for m in model.features if isinstance(m, nn.Sequential)]
         first = stages[0][0]
+        patch = tuple(model.patch_embed.tuple_patch_size)
+        # Absolute positions (the demo Swin's) fix the input geometry; stock Swins default to 32x224².
+        table = getattr(model.pos_drop, "table", None)
+        fixed_frames, fixed_size = (table.shape[1] * patch[0], table.shape[2] * patch[1]) if table is not None else (32, 224)
         return SwinSpec(
             embed=model.patch_embed.proj.out_channels,
             depths=tuple(len(s) for s in stages),
             heads=tuple(s[0].attn.num_heads for s in stages),
             window=tuple(first.attn.window_size),
-            patch=tuple(model.patch_embed.tuple_patch_size),
-            frames=frames or 32,
-            size=size or 224,
+            patch=patch,
+            frames=frames or fixed_frames,
+            size=size or fixed_size,
             num_classes=model.head.out_features,
             mlp_ratio=first.mlp[0].out_features / first.mlp[0].in_features,
         )
@@ -192,8 +196,19 @@ def build_model(
 
 
 def load_model(name_or_path: str, frames: int | None = None, size: int | None = None) -> nn.Module:
-    """A registry name (random weights) or anything :func:`staprune.checkpoints.load` accepts
-    (HF directory, VideoMAE release .pth, torchvision Swin3D weights), in eval mode."""
+    """A registry name (random weights), a bundled demo model (``demo-vit``/``demo-swin``: its
+    trained weights when bundled, else an untrained one; FLOPs and speed do not depend on them), or
+    anything :func:`staprune.checkpoints.load` accepts (HF directory, VideoMAE release .pth,
+    torchvision Swin3D weights), in eval mode."""
+    from .demo import models as demo  # light: torch only until a model is built
+
+    if name_or_path in demo.DEMO_MODELS:
+        if (frames or demo.FRAMES, size or demo.SIZE) != (demo.FRAMES, demo.SIZE):
+            raise ValueError(f"{name_or_path} takes {demo.FRAMES}x{demo.SIZE}x{demo.SIZE} clips only "
+                             f"(got frames={frames}, size={size}); drop --frames/--size")
+        if demo.weights_path(name_or_path).exists():
+            return demo.load_demo_model(name_or_path)[0]
+        return demo.BUILDERS[name_or_path]().eval()
     from .checkpoints import load  # one loader for every command; imported late (it imports us)
 
     return load(name_or_path, frames=frames, image_size=size).model.eval()

@@ -208,3 +208,31 @@ def test_training_can_continue_from_earlier_weights(tmp_path):
         train.main([*args, "--steps", "1", "--init-from", str(tmp_path / "none.safetensors")])
     with pytest.raises(ValueError, match="does not fit"):
         train.main(["--model", "demo-swin", *args[2:], "--steps", "1", "--init-from", str(first)])
+
+
+def test_flops_command_takes_the_demo_models(capsys):
+    """`staprune flops --model demo-vit|demo-swin` counts them at their own 16x112² geometry and
+    pruning levels; analytic and measured counts agree."""
+    from staprune.cli import main
+    from staprune.demo.runner import LEVELS
+
+    for name in models.DEMO_MODELS:
+        counts = {}
+        for mode in ([], ["--measured"]):
+            assert main(["flops", "--model", name, "--json", *mode]) == 0
+            rows = json.loads(capsys.readouterr().out)
+            counts[bool(mode)] = {row["r"]: row["gflops"] for row in rows}
+        assert list(counts[False]) == [0, *LEVELS[name]]
+        gflops = list(counts[False].values())
+        assert all(a > b for a, b in zip(gflops, gflops[1:], strict=False)) and 0.5 < gflops[0] < 1.0
+        for r, analytic in counts[False].items():
+            assert counts[True][r] == pytest.approx(analytic, rel=0.02), (name, r)
+
+
+def test_demo_models_refuse_other_geometry():
+    from staprune.models import load_model, spec_of_model
+
+    swin = load_model("demo-swin")
+    assert (spec_of_model(swin).frames, spec_of_model(swin).size) == (16, 112)  # not Swin's 32x224²
+    with pytest.raises(ValueError, match="16x112x112 clips only"):
+        load_model("demo-vit", frames=8)
