@@ -40,16 +40,19 @@ def test_swin_shape_and_pruning():
         net(torch.randn(1, 3, 16, 128, 128))  # same stage-2 grid, other token grid
 
 
-def test_fp16_weights_round_trip(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", models.DEMO_MODELS)
+def test_fp16_weights_round_trip(tmp_path, monkeypatch, name):
+    """Floats come back as their fp16 rounding, integer buffers (Swin's relative-position index,
+    stored narrow) exactly and in their own dtype."""
     torch.manual_seed(0)
-    net = models.build_demo_vit().eval()
+    net = models.BUILDERS[name]().eval()
     monkeypatch.setattr(models, "WEIGHTS_DIR", tmp_path)
-    models.save_demo_weights(net, "demo-vit")
-    loaded, layout = models.load_demo_model("demo-vit")
-    assert layout == "BTCHW"
+    models.save_demo_weights(net, name)
+    loaded, layout = models.load_demo_model(name)
+    assert layout == models.LAYOUTS[name]
     models.roundtrip_fp16(net)
     for (k, a), (_, b) in zip(net.state_dict().items(), loaded.state_dict().items(), strict=True):
-        assert torch.equal(a, b), k
+        assert a.dtype == b.dtype and torch.equal(a, b), k
 
 
 def test_unknown_or_missing_model(tmp_path, monkeypatch):

@@ -137,25 +137,37 @@ def load_demo_model(name: str) -> tuple[nn.Module, str]:
 
 
 def load_weights(model: nn.Module, path: Path) -> nn.Module:
-    """Load weights written by :func:`save_demo_weights` into ``model`` as fp32, every key required."""
+    """Load weights written by :func:`save_demo_weights` into ``model`` as fp32, every key required
+    (integer buffers are cast back to the model's own dtype by ``load_state_dict``)."""
     from safetensors.torch import load_file
 
-    model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()}, strict=True)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+    model.load_state_dict(state, strict=True)
     return model
 
 
 def save_demo_weights(model: nn.Module, name: str, path: Path | None = None) -> Path:
-    """Store ``model``'s weights as fp16 safetensors (floating tensors halved; others as they are)."""
+    """Store ``model``'s weights as fp16 safetensors (floating tensors halved, integer ones in the
+    narrowest integer type that holds them: Swin's int64 relative-position indices would otherwise
+    be most of the file)."""
     from safetensors.torch import save_file
 
     path = path or weights_path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {
-        k: (v.detach().half() if v.is_floating_point() else v.detach()).contiguous()
-        for k, v in model.state_dict().items()
-    }
+    state = {k: _compact(v.detach()).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path))
     return path
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    if t.is_floating_point():
+        return t.half()
+    if t.dtype in (torch.int32, torch.int64) and t.numel():
+        for narrow in (torch.int16, torch.int32):
+            info = torch.iinfo(narrow)
+            if info.min <= int(t.min()) and int(t.max()) <= info.max:
+                return t.to(narrow)
+    return t
 
 
 def roundtrip_fp16(model: nn.Module) -> nn.Module:
