@@ -47,7 +47,7 @@ class ViTSpec:
 
 @dataclass(frozen=True)
 class SwinSpec:
-    """A torchvision ``SwinTransformer3d``: 4 stages, channels ``embed * 2**i``."""
+    """A torchvision ``SwinTransformer3d``: 4 stages (the demo Swin: 2), channels ``embed * 2**i``."""
 
     embed: int
     depths: tuple[int, ...]
@@ -135,15 +135,15 @@ def spec_of_model(model: nn.Module, frames: int | None = None, size: int | None 
         patch = tuple(model.patch_embed.tuple_patch_size)
         # Absolute positions (the demo Swin's) fix the input geometry; stock Swins default to 32x224².
         table = getattr(model.pos_drop, "table", None)
-        fixed_frames, fixed_size = (table.shape[1] * patch[0], table.shape[2] * patch[1]) if table is not None else (32, 224)
+        default_frames, default_size = (table.shape[1] * patch[0], table.shape[2] * patch[1]) if table is not None else (32, 224)
         return SwinSpec(
             embed=model.patch_embed.proj.out_channels,
             depths=tuple(len(s) for s in stages),
             heads=tuple(s[0].attn.num_heads for s in stages),
             window=tuple(first.attn.window_size),
             patch=patch,
-            frames=frames or fixed_frames,
-            size=size or fixed_size,
+            frames=frames or default_frames,
+            size=size or default_size,
             num_classes=model.head.out_features,
             mlp_ratio=first.mlp[0].out_features / first.mlp[0].in_features,
         )
