@@ -57,12 +57,11 @@ class SinusoidalPositions(nn.Module):
     """
 
     def __init__(self, grid: tuple[int, int, int], dim: int) -> None:
+        from transformers.models.videomae.modeling_videomae import get_sinusoid_encoding_table
+
         super().__init__()
-        position = torch.arange(grid[0] * grid[1] * grid[2], dtype=torch.float64).unsqueeze(1)
-        rate = 10000.0 ** (-2 * (torch.arange(dim, dtype=torch.float64) // 2) / dim)
-        table = position * rate
-        table[:, 0::2], table[:, 1::2] = table[:, 0::2].sin(), table[:, 1::2].cos()
-        self.register_buffer("table", table.float().view(1, *grid, dim), persistent=False)
+        table = get_sinusoid_encoding_table(grid[0] * grid[1] * grid[2], dim)  # (1, T*H*W, dim)
+        self.register_buffer("table", table.view(1, *grid, dim), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1:] != self.table.shape[1:]:
