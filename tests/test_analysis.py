@@ -20,7 +20,7 @@ from staprune.analysis import cli as analyze_cli
 from staprune.analysis import visualize_cli
 from staprune.analysis.backbones import describe
 from staprune.analysis.gradnorm import gradnorm, mass_fraction, random_mass_fraction
-from staprune.analysis.inputs import Clip, LoadedModel, clip_indices, load_model, read_clip
+from staprune.analysis.inputs import Clip, LoadedModel, clip_indices, default_dataset, load_model, read_clip
 from staprune.analysis.redundancy import clip_trajectory_sums, trajectory_sum
 from staprune.analysis.visualize import (
     default_tile_side,
@@ -32,6 +32,7 @@ from staprune.analysis.visualize import (
     tile_origin,
 )
 from staprune.data import Preprocessing, write_video
+from staprune.demo import models as demo_models
 
 SIZE, FRAMES = 64, 8  # tiny ViT: 4 tubelet-frames of 4x4 tokens
 
@@ -233,6 +234,21 @@ def test_clip_is_the_protocols_centre_clip(assets):
     # ViT K400: 8 frames at stride 4 span 32 > 24 frames: starts at 0, clamps at the end.
     assert clip_indices(24, loaded.backbone) == [0, 4, 8, 12, 16, 20, 23, 23]
     assert clip_indices(100, loaded.backbone) == [34 + 4 * j for j in range(8)]
+
+
+@pytest.mark.skipif(not demo_models.weights_path("demo-vit").exists(), reason="demo-vit weights not bundled")
+def test_demo_models_read_the_consecutive_frames_they_were_trained_on(assets, tmp_path):
+    """Without --dataset, a 16-frame demo clip is read frame by frame (ssv2's segments), not with
+    K400's stride 4, which would span 64 frames and repeat the last frame 12 times."""
+    from staprune.demo.data import generate
+
+    clips, _ = generate(1, seed=3)
+    video = write_video(tmp_path / "demo.mp4", clips[0].permute(0, 2, 3, 1).contiguous())
+    loaded = load_model("demo-vit")
+    assert default_dataset(loaded) == "ssv2"
+    assert read_clip(video, loaded).indices == list(range(16))
+    assert len(set(read_clip(video, loaded, "k400").indices)) < 16  # the protocol still selectable
+    assert default_dataset(load_model(assets["model"])) == "k400"  # other models: unchanged
 
 
 # --- GradNorm ---------------------------------------------------------------------------------------

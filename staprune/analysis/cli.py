@@ -75,7 +75,7 @@ def _demo_clips(loaded: LoadedModel, count: int, seed: int) -> Iterator[torch.Te
 
 
 def _list_clips(
-    loaded: LoadedModel, data: str, root: str | None, count: int, dataset: str
+    loaded: LoadedModel, data: str, root: str | None, count: int, dataset: str | None
 ) -> Iterator[torch.Tensor]:
     items, _ = load_items(data, root)
     for item in items[:count]:
@@ -238,7 +238,10 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
         "--r", type=int, default=64, help="tokens dropped per unit at the first stage (default 64)"
     )
     parser.add_argument(
-        "--dataset", choices=("k400", "ssv2"), default="k400", help="test protocol for sampling"
+        "--dataset",
+        choices=("k400", "ssv2"),
+        default=None,
+        help="test protocol for sampling (default: k400; the demo models: ssv2, i.e. their 16 consecutive frames)",
     )
     parser.add_argument("--frames", type=int, help="clip length (default: the model's; Swin 32)")
     parser.add_argument("--size", type=int, help="input side (default: the model's; Swin 224)")

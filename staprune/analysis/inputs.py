@@ -112,10 +112,21 @@ def clip_indices(num_frames: int, backbone: Backbone, dataset: str = "k400") -> 
     return one_view.clip_indices(num_frames)[0]
 
 
-def read_clip(path: str | Path, loaded: LoadedModel, dataset: str = "k400") -> Clip:
-    """Decode and preprocess the centre view of a video for ``loaded``'s model."""
+def default_dataset(loaded: LoadedModel) -> str:
+    """The sampling protocol to use when none is named: ``"ssv2"`` for the demo models, else ``"k400"``.
+
+    The demo models were trained on 16 consecutive frames, and on a 16-frame clip the ssv2
+    protocol's uniform segments pick exactly those; K400's stride-4 sampling would span 64 frames
+    and repeat the last one.
+    """
+    return "ssv2" if loaded.name in DEMO_MODELS else "k400"
+
+
+def read_clip(path: str | Path, loaded: LoadedModel, dataset: str | None = None) -> Clip:
+    """Decode and preprocess the centre view of a video for ``loaded``'s model
+    (``dataset`` None: :func:`default_dataset`)."""
     path = Path(path)
-    indices = clip_indices(probe(path).num_frames, loaded.backbone, dataset)
+    indices = clip_indices(probe(path).num_frames, loaded.backbone, dataset or default_dataset(loaded))
     frames = read_frames(path, indices)  # uint8 (T, H, W, 3)
     views = loaded.preprocessing.views(frames, 1)  # (1, T, 3, S, S), exactly as evaluation builds it
     size = loaded.preprocessing.size
@@ -125,4 +136,4 @@ def read_clip(path: str | Path, loaded: LoadedModel, dataset: str = "k400") -> C
     return Clip(path, indices, display.permute(0, 2, 3, 1).numpy(), loaded.backbone.model_input(views))
 
 
-__all__ = ["Clip", "DEMO_MODELS", "LoadedModel", "clip_indices", "load_model", "read_clip"]
+__all__ = ["Clip", "DEMO_MODELS", "LoadedModel", "clip_indices", "default_dataset", "load_model", "read_clip"]

@@ -127,7 +127,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, help="PNG to write")
     parser.add_argument("--gif", help="also write an animated GIF, one frame per temporal position")
     parser.add_argument(
-        "--dataset", choices=("k400", "ssv2"), default="k400", help="test protocol for sampling"
+        "--dataset",
+        choices=("k400", "ssv2"),
+        default=None,
+        help="test protocol for sampling (default: k400; the demo models: ssv2, i.e. their 16 consecutive frames)",
     )
     parser.add_argument("--frames", type=int, help="clip length (default: the model's; Swin 32)")
     parser.add_argument("--size", type=int, help="input side (default: the model's; Swin 224)")
