@@ -23,7 +23,7 @@ import staprune
 from ..data import VideoReadError, load_items
 from .backbones import StageGrid
 from .gradnorm import gradnorm, mass_fraction, random_mass_fraction
-from .inputs import LoadedModel, load_model, read_clip
+from .inputs import LoadedModel, add_clip_arguments, load_model, read_clip
 from .redundancy import clip_trajectory_sums
 from .visualize import (
     default_tile_side,
@@ -237,14 +237,7 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--r", type=int, default=64, help="tokens dropped per unit at the first stage (default 64)"
     )
-    parser.add_argument(
-        "--dataset",
-        choices=("k400", "ssv2"),
-        default=None,
-        help="test protocol for sampling (default: k400; the demo models: ssv2, i.e. their 16 consecutive frames)",
-    )
-    parser.add_argument("--frames", type=int, help="clip length (default: the model's; Swin 32)")
-    parser.add_argument("--size", type=int, help="input side (default: the model's; Swin 224)")
+    add_clip_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print a JSON report")
 
 

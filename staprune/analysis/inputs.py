@@ -11,6 +11,7 @@ protocol's temporal sampling and the centre crop after resizing the short side t
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 from dataclasses import dataclass, replace
@@ -122,6 +123,18 @@ def default_dataset(loaded: LoadedModel) -> str:
     return "ssv2" if loaded.name in DEMO_MODELS else "k400"
 
 
+def add_clip_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--dataset``, ``--frames``, ``--size``: how the analysis commands sample a clip for :func:`read_clip`."""
+    parser.add_argument(
+        "--dataset",
+        choices=("k400", "ssv2"),
+        default=None,
+        help="test protocol for sampling (default: k400; the demo models: ssv2, i.e. their 16 consecutive frames)",
+    )
+    parser.add_argument("--frames", type=int, help="clip length (default: the model's; Swin 32)")
+    parser.add_argument("--size", type=int, help="input side (default: the model's; Swin 224)")
+
+
 def read_clip(path: str | Path, loaded: LoadedModel, dataset: str | None = None) -> Clip:
     """Decode and preprocess the centre view of a video for ``loaded``'s model
     (``dataset`` None: :func:`default_dataset`)."""
@@ -136,4 +149,13 @@ def read_clip(path: str | Path, loaded: LoadedModel, dataset: str | None = None)
     return Clip(path, indices, display.permute(0, 2, 3, 1).numpy(), loaded.backbone.model_input(views))
 
 
-__all__ = ["Clip", "DEMO_MODELS", "LoadedModel", "clip_indices", "default_dataset", "load_model", "read_clip"]
+__all__ = [
+    "Clip",
+    "DEMO_MODELS",
+    "LoadedModel",
+    "add_clip_arguments",
+    "clip_indices",
+    "default_dataset",
+    "load_model",
+    "read_clip",
+]

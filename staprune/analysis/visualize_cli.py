@@ -20,7 +20,7 @@ import staprune
 
 from ..data import VideoReadError
 from .backbones import Backbone
-from .inputs import Clip, load_model, read_clip
+from .inputs import Clip, add_clip_arguments, load_model, read_clip
 from .visualize import (
     default_tile_side,
     kept_mask,
@@ -126,14 +126,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=("sta", "random", "tome"), default="sta")
     parser.add_argument("-o", "--output", required=True, help="PNG to write")
     parser.add_argument("--gif", help="also write an animated GIF, one frame per temporal position")
-    parser.add_argument(
-        "--dataset",
-        choices=("k400", "ssv2"),
-        default=None,
-        help="test protocol for sampling (default: k400; the demo models: ssv2, i.e. their 16 consecutive frames)",
-    )
-    parser.add_argument("--frames", type=int, help="clip length (default: the model's; Swin 32)")
-    parser.add_argument("--size", type=int, help="input side (default: the model's; Swin 224)")
+    add_clip_arguments(parser)
     parser.add_argument(
         "--tile-size", type=int, help="tile side in px (default: input size, 112 if > 8 columns)"
     )
