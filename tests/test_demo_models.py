@@ -213,6 +213,72 @@ def test_training_can_continue_from_earlier_weights(tmp_path):
         train.main(["--model", "demo-swin", *args[2:], "--steps", "1", "--init-from", str(first)])
 
 
+def test_swin_stage1_from_vit_computes_the_vits_first_four_layers():
+    """The mapped Swin's patch embedding and stage 1 are the ViT's tubelet embedding and layers
+    0-3: same tokens in, same tokens out (the patch LayerNorm, not mapped, is bypassed)."""
+    from staprune.demo.vit_to_swin import init_swin_stage1_from_vit
+
+    torch.manual_seed(0)
+    vit, swin = models.build_demo_vit().eval(), models.build_demo_swin().eval()
+    with torch.no_grad():  # a fresh ViT has zero biases and unit norms: perturb them so each mapping counts
+        for p in vit.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    untouched = swin.head.weight.clone()
+    init_swin_stage1_from_vit(swin, vit)
+    video = torch.randn(2, 3, 16, 112, 112)
+    tokens = torch.randn(2, 8, 7, 7, 128)
+    with torch.no_grad():
+        swin_patches = swin.patch_embed.proj(video).permute(0, 2, 3, 4, 1).reshape(2, -1, 128)
+        vit_patches = vit.videomae.embeddings.patch_embeddings(video.transpose(1, 2))
+        swin_out = swin.features[0](tokens).reshape(2, -1, 128)
+        h = tokens.reshape(2, -1, 128)
+        for layer in vit.videomae.encoder.layer[:4]:
+            h = layer(h)
+            h = h[0] if isinstance(h, tuple) else h
+    torch.testing.assert_close(swin_patches, vit_patches)
+    torch.testing.assert_close(swin_out, h, atol=1e-5, rtol=1e-5)
+    assert torch.equal(swin.head.weight, untouched)  # only the front end is copied
+
+    other = models.build_demo_vit()
+    other.videomae.encoder.layer[0].intermediate.dense = torch.nn.Linear(128, 256)
+    with pytest.raises(ValueError, match="configs must match"):
+        init_swin_stage1_from_vit(models.build_demo_swin(), other)
+    with pytest.raises(ValueError, match="not a demo-ViT"):
+        init_swin_stage1_from_vit(models.build_demo_swin(), models.build_demo_swin())
+
+
+def test_training_can_start_the_swin_from_a_vit(tmp_path):
+    """--init-stage1-from-vit: the trained Swin starts from the ViT's front end (lr ~0 keeps it
+    there), the card nests the ViT's card; wrong uses are refused with what to do instead."""
+    from safetensors.torch import load_file
+
+    from staprune.demo import train
+
+    common = ["--train-clips", "12", "--held-out-clips", "12", "--eval-every", "0"]
+    assert train.main(["--model", "demo-vit", *common, "--steps", "2", "--out", str(tmp_path / "vit")]) == 0
+    vit_weights = tmp_path / "vit" / "demo-vit.safetensors"
+    assert train.main(["--model", "demo-swin", *common, "--steps", "1", "--lr", "1e-12",
+                       "--init-stage1-from-vit", str(vit_weights), "--out", str(tmp_path / "swin")]) == 0
+    vit, swin = load_file(str(vit_weights)), load_file(str(tmp_path / "swin" / "demo-swin.safetensors"))
+    layer3 = "videomae.encoder.layer.3."
+    assert torch.allclose(swin["features.0.3.mlp.0.weight"].float(),
+                          vit[layer3 + "intermediate.dense.weight"].float(), atol=1e-3)
+    assert torch.allclose(swin["patch_embed.proj.weight"].float(),
+                          vit["videomae.embeddings.patch_embeddings.projection.weight"].float(), atol=1e-3)
+    card = json.loads((tmp_path / "swin" / "demo-swin.json").read_text())
+    assert card["recipe"]["init"]["demo-vit"] == json.loads((tmp_path / "vit" / "demo-vit.json").read_text())
+
+    swin_args = ["--model", "demo-swin", *common, "--steps", "1"]
+    with pytest.raises(FileNotFoundError, match="--init-stage1-from-vit"):
+        train.main([*swin_args, "--init-stage1-from-vit", str(tmp_path / "none.safetensors")])
+    with pytest.raises(ValueError, match="not demo-vit weights"):
+        train.main([*swin_args, "--init-stage1-from-vit", str(tmp_path / "swin" / "demo-swin.safetensors")])
+    for wrong in (["--model", "demo-vit", *common], [*swin_args, "--init-from", str(vit_weights)]):
+        with pytest.raises(SystemExit):
+            train.main([*wrong, "--init-stage1-from-vit", str(vit_weights)])
+
+
 def test_flops_command_takes_the_demo_models(capsys):
     """`staprune flops --model demo-vit|demo-swin` counts them at their own 16x112² geometry and
     pruning levels; analytic and measured counts agree."""

@@ -14,6 +14,9 @@ After training, the weights are rounded to fp16 (as shipped), evaluated on held-
 another seed, and written with a JSON model card (recipe, minutes, held-out top-1).
 ``--init-from W.safetensors`` runs a further cosine cycle from earlier weights (a warm
 restart); the earlier card is nested in the new one's recipe, so the chain stays reproducible.
+``--init-stage1-from-vit W.safetensors`` (Swin only) starts the Swin's patch embedding and stage 1
+from a trained demo ViT's tubelet embedding and first four layers (:mod:`.vit_to_swin`); that
+ViT's card is recorded likewise.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from .models import (
     roundtrip_fp16,
     save_demo_weights,
 )
+from .vit_to_swin import init_swin_stage1_from_vit
 
 # Label permutations under the generator's symmetries (index = old label, value = new label).
 # Classes: 0 left, 1 right, 2 up, 3 down, 4 cw, 5 ccw, 6 grow, 7 shrink, 8 appear, 9 disappear,
@@ -111,8 +115,33 @@ def load_init_weights(model: nn.Module, path: Path) -> str | dict:
         load_weights(model, path)
     except RuntimeError as err:
         raise ValueError(f"--init-from {path} does not fit this model's architecture: {err}") from err
-    card = path.with_suffix(".json")
-    return json.loads(card.read_text()) if card.exists() else f"weights from {path.name}"
+    return _card_of(path)
+
+
+def _card_of(weights: Path) -> str | dict:
+    card = weights.with_suffix(".json")
+    return json.loads(card.read_text()) if card.exists() else f"weights from {weights.name}"
+
+
+def init_stage1_from_vit(swin: nn.Module, path: Path) -> dict:
+    """Start ``swin``'s patch embedding and stage 1 from the demo-ViT weights at ``path``; return
+    the init description for the model card (the ViT's own card nested).
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: not demo-ViT weights.
+    """
+    if not path.exists():
+        raise FileNotFoundError(f"--init-stage1-from-vit {path}: no such file (demo-vit weights, "
+                                f"e.g. {WEIGHTS_DIR / 'demo-vit.safetensors'})")
+    vit = BUILDERS["demo-vit"]()
+    try:
+        load_weights(vit, path)
+    except RuntimeError as err:
+        raise ValueError(f"--init-stage1-from-vit {path} are not demo-vit weights: {err}") from err
+    init_swin_stage1_from_vit(swin, vit)
+    return {"patch embedding and stage 1": "demo-vit tubelet embedding and layers 0-3 "
+                                           "(relative-position tables 0; patch norm, stage 2, head fresh)",
+            "demo-vit": _card_of(path)}
 
 
 def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -131,7 +160,9 @@ def train_one(name: str, clips: Tensor, labels: Tensor, held: tuple[Tensor, Tens
     torch.manual_seed(args.seed)
     model = BUILDERS[name]()
     init = "half the tubelet-embedding filters temporal differences"
-    if args.init_from:
+    if args.init_stage1_from_vit:
+        init = init_stage1_from_vit(model, Path(args.init_stage1_from_vit))
+    elif args.init_from:
         # A further cosine cycle from earlier weights (warm restart): the earlier run's card
         # goes into this one's, so the whole chain stays reproducible from scratch.
         init = load_init_weights(model, Path(args.init_from))
@@ -257,10 +288,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--init-from", default=None,
                         help="start from these weights (.safetensors) instead of a fresh init: another "
                              "cosine cycle; the earlier model card is recorded in the new one")
+    parser.add_argument("--init-stage1-from-vit", default=None, metavar="VIT.safetensors",
+                        help="demo-swin only: start its patch embedding and stage 1 from these trained demo-vit "
+                             "weights (same shapes: tubelet embedding + first four layers); the rest fresh")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the checkpoint in --out if there is one")
     parser.add_argument("--out", default=None, help="where to write weights (default: the package's weights/)")
     args = parser.parse_args(argv)
+    if args.init_stage1_from_vit and args.model != "demo-swin":
+        parser.error("--init-stage1-from-vit starts a Swin from a ViT: use it with --model demo-swin")
+    if args.init_stage1_from_vit and args.init_from:
+        parser.error("--init-stage1-from-vit and --init-from are two different starts: give one")
     torch.set_num_threads(args.threads)
     t = time.time()
     clips, labels = load_or_generate(args.train_clips, args.data_seed, args.cache)
