@@ -1,0 +1,136 @@
+"""Which half of STA's score earns its place on a demo model: score ablation + object-token recall.
+
+On held-out generated clips (``staprune.demo.data``, which also renders the class-defining
+object's alpha mask), one bundled demo model is run dense and pruned at one level with
+STA's full score ``A*(1-F)`` (``score="sta"``), the temporal accumulation alone
+(``"temporal"``), the semantic term alone (``"semantic"``), random drop, and ToMe (ViT only),
+all on the same batches. For each setting it prints
+
+* top-1 and agreement with the dense model's predictions;
+* **object-token recall**: of the tokens of the last pruned stage's grid that touch the
+  foreground object (its alpha > 0 anywhere in the token's 2 frames x cell pixels), the share
+  still kept after the last stage, pooled over clips. Every dropping method keeps the same
+  number of tokens, so recall compares *which* tokens they keep. (ToMe merges instead of
+  dropping; its representatives are not comparable and it gets no recall.)
+
+    python benchmarks/demo_score_ablation.py --model demo-vit --r 12 --clips 600
+    python benchmarks/demo_score_ablation.py --model demo-swin --r 12 --clips 600
+
+The README's "Why STA loses more than ToMe" / "Why STA falls below random" tables come from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import staprune
+from staprune.demo.data import generate_with_masks, to_model_input
+from staprune.demo.models import DEMO_MODELS, load_demo_model
+
+# Token cell of the last pruned stage on each demo model: (frames per token, pixels per side).
+# demo-vit: tubelet 2 x patch 16 (8 x 7x7 tokens); demo-swin: stage 2 after one 2x2 patch
+# merging of its 2x16x16 patches (8 x 4x4 tokens, the last row/column half padding).
+CELL = {"demo-vit": (2, 16), "demo-swin": (2, 32)}
+SCORES = ("sta", "temporal", "semantic")
+
+
+def settings(model: str, r: int) -> list[tuple[str, dict]]:
+    out = [("dense", {})]
+    out += [(f"STA score={s!r}", {"r": r, "method": "sta", "score": s}) for s in SCORES]
+    out.append(("random", {"r": r, "method": "random"}))
+    if model == "demo-vit":
+        out.append(("ToMe", {"r": r, "method": "tome"}))
+    return out
+
+
+def object_tokens(masks: torch.Tensor, frames_per_token: int, cell: int) -> torch.Tensor:
+    """Which tokens touch the object: masks (B, T, H, W) alpha -> (B, T', gh*gw) bool, with the
+    grid padded at the bottom/right like Swin's patch merging (no-op for the ViT's 7x16=112)."""
+    b, t, h, w = masks.shape
+    gh, gw = -(-h // cell), -(-w // cell)
+    padded = F.pad(masks, (0, gw * cell - w, 0, gh * cell - h))
+    pooled = F.max_pool3d(padded[:, None], (frames_per_token, cell, cell))[:, 0]  # (B, T', gh, gw)
+    return (pooled > 0).flatten(2)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    net, layout = load_demo_model(args.model)
+    clips, labels, masks = generate_with_masks(args.clips, args.seed)
+    configs = settings(args.model, args.r)
+    correct = dict.fromkeys(range(len(configs)), 0)
+    agree = dict.fromkeys(range(len(configs)), 0)
+    hit = dict.fromkeys(range(len(configs)), 0)
+    total_obj = 0
+    kept_share = dict.fromkeys(range(len(configs)), 0.0)
+    frames_per_token, cell = CELL[args.model]
+    with torch.inference_mode():
+        for start in range(0, len(labels), args.batch):
+            x = to_model_input(clips[start:start + args.batch], layout)
+            y = labels[start:start + args.batch]
+            obj = object_tokens(masks[start:start + args.batch], frames_per_token, cell).flatten(1)
+            total_obj += int(obj.sum())
+            dense_pred = None
+            for i, (_, options) in enumerate(configs):
+                staprune.unpatch(net)
+                if options:
+                    staprune.patch(net, **options)
+                out = net(x)
+                pred = (out.logits if hasattr(out, "logits") else out).argmax(-1)
+                dense_pred = pred if dense_pred is None else dense_pred
+                correct[i] += int((pred == y).sum())
+                agree[i] += int((pred == dense_pred).sum())
+                if options and options["method"] != "tome":
+                    kept = staprune.kept_tokens(net)[-1]  # (B, K) flat indices in that stage's grid
+                    if int(kept.max()) >= obj.shape[1]:
+                        raise RuntimeError(f"kept index beyond the {obj.shape[1]}-token grid of CELL[{args.model!r}]")
+                    hit[i] += int(obj.gather(1, kept).sum())
+                    kept_share[i] += kept.shape[1] / obj.shape[1] * len(y)
+            print(f"  {min(start + args.batch, len(labels))}/{len(labels)} clips", file=sys.stderr, flush=True)
+    staprune.unpatch(net)
+    n = len(labels)
+    rows = []
+    for i, (name, options) in enumerate(configs):
+        pruned = bool(options) and options["method"] != "tome"
+        rows.append({
+            "setting": name if i else "dense",
+            "top1": correct[i] / n,
+            "agrees_with_dense": agree[i] / n,
+            "object_token_recall": (hit[i] / total_obj) if pruned else (None if options else 1.0),
+            "kept_share": (kept_share[i] / n) if pruned else None,
+        })
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=DEMO_MODELS, default="demo-vit")
+    parser.add_argument("--r", type=int, default=12, help="ViT: r per tubelet-frame; Swin: r1")
+    parser.add_argument("--clips", type=int, default=600)
+    parser.add_argument("--seed", type=int, default=7, help="the demo's default evaluation seed")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    rows = run(args)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{args.model}, r={args.r}, {args.clips} clips (seed {args.seed})")
+    print(f"{'setting':<24} {'top-1':>6} {'agrees':>7} {'obj. recall':>11} {'kept':>5}")
+    for row in rows:
+        recall = "—" if row["object_token_recall"] is None else f"{row['object_token_recall']:.2f}"
+        kept = "—" if row["kept_share"] is None else f"{row['kept_share']:.2f}"
+        print(f"{row['setting']:<24} {100 * row['top1']:>6.1f} {100 * row['agrees_with_dense']:>6.1f}% "
+              f"{recall:>11} {kept:>5}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
