@@ -69,16 +69,10 @@ def test_augmentation_label_maps_are_involutions():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.skipif(
-        not models.weights_path(n).exists(),
-        reason=f"{n} weights are not trained yet (issue #6 open): python -m staprune.demo.train --model {n}",
-    )) for n in models.DEMO_MODELS
-])
+@pytest.mark.parametrize("name", models.DEMO_MODELS)  # both ship with the package: missing is a failure
 def test_bundled_weights_reach_stated_accuracy(name):
-    """The shipped weights reproduce their card's held-out figure (same clips) and generalise to
-    clips of a seed no one trained or selected on. (The issue's 90% target is tracked in the issue,
-    not asserted here: the card states what the weights reach.)"""
+    """The shipped weights reach the demo's 90% target on their card's held-out clips (reproduced
+    here on the same clips) and generalise to clips of a seed no one trained or selected on."""
     card = models.model_card(name)
     assert card, f"{name} has no bundled model card; train it with `python -m staprune.demo.train`"
     net, layout = models.load_demo_model(name)
@@ -95,7 +89,7 @@ def test_bundled_weights_reach_stated_accuracy(name):
     assert abs(top1(*held) - card["held_out_top1"]) <= 0.005, card  # same clips: the stated figure
     fresh = top1(*generate(200, seed=4242))  # neither the training nor the card's held-out seed
     assert fresh >= card["held_out_top1"] - 0.07, (fresh, card["held_out_top1"])  # 200 clips: ~2.7% s.e.
-    assert card["held_out_top1"] > 5 / NUM_CLASSES  # far above chance (1/12)
+    assert card["held_out_top1"] >= 0.90, f"{name} card states {card['held_out_top1']:.1%}, below the 90% target"
 
 
 @pytest.mark.slow
