@@ -299,3 +299,24 @@ def test_demo_models_refuse_other_geometry():
     assert (spec_of_model(swin).frames, spec_of_model(swin).size) == (16, 112)  # not Swin's 32x224²
     with pytest.raises(ValueError, match="16x112x112 clips only"):
         load_model("demo-vit", frames=8)
+
+
+def test_demo_plot_shares_one_readable_y_scale(tmp_path, monkeypatch):
+    """Panels share the y axis, and differences of tenths of a point are not blown up to fill it."""
+    import matplotlib.pyplot as plt
+
+    from staprune.demo.runner import MIN_Y_SPAN, Row, plot
+
+    rows = [Row("demo-vit", "dense", 0, 0.94, 0.78, 90.0), Row("demo-vit", "sta", 8, 0.85, 0.61, 110.0),
+            Row("demo-swin", "dense", 0, 0.925, 0.78, 90.0), Row("demo-swin", "sta", 4, 0.928, 0.73, 95.0)]
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    plot(rows, tmp_path / "p.png")
+    vit_ax, swin_ax = figures[0].axes
+    assert vit_ax.get_ylim() == swin_ax.get_ylim()
+    low, high = vit_ax.get_ylim()
+    assert high - low >= 9 and low <= 85 and high >= 94  # both models' points visible on one scale
+    figures.clear()
+    plot(rows[2:], tmp_path / "q.png")  # one model, 0.3 points apart
+    low, high = figures[0].axes[0].get_ylim()
+    assert high - low >= MIN_Y_SPAN - 1e-9

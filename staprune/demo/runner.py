@@ -31,6 +31,7 @@ from .models import DEMO_MODELS, load_demo_model, model_card, weights_path
 # first stage, 60% of the FLOPs, is never pruned).
 LEVELS = {"demo-vit": (8, 12, 16), "demo-swin": (4, 8, 12)}
 METHODS = {"demo-vit": ("sta", "random", "tome"), "demo-swin": ("sta", "random")}
+MIN_Y_SPAN = 5.0  # top-1 points the plot's y axis spans at least
 DEFAULT_SEED = 7  # neither the training seed (0) nor the model cards' held-out seed
 
 
@@ -125,7 +126,9 @@ def plot(rows: list[Row], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(r.model for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+    # One y scale for every panel, at least MIN_Y_SPAN points tall: auto-scaling a panel whose
+    # methods differ by a few tenths of a point would draw noise as a trend.
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False, sharey=True)
     for ax, model in zip(axes[0], models, strict=True):
         mine = [r for r in rows if r.model == model]
         dense = next(r for r in mine if r.method == "dense")
@@ -135,9 +138,13 @@ def plot(rows: list[Row], path: Path) -> None:
         ax.plot([dense.gflops], [100 * dense.top1], marker="*", markersize=14, color="k", ls="", label="dense")
         ax.set_title(model)
         ax.set_xlabel("GFLOPs per clip (1 multiply-add = 1 FLOP)")
-        ax.set_ylabel("top-1 (%)")
         ax.grid(alpha=0.3)
         ax.legend()
+    axes[0][0].set_ylabel("top-1 (%)")
+    low, high = axes[0][0].get_ylim()
+    if high - low < MIN_Y_SPAN:
+        middle = (low + high) / 2
+        axes[0][0].set_ylim(middle - MIN_Y_SPAN / 2, middle + MIN_Y_SPAN / 2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
