@@ -15,6 +15,7 @@ all on the same batches. For each setting it prints
 
     python benchmarks/demo_score_ablation.py --model demo-vit --r 12 --clips 600
     python benchmarks/demo_score_ablation.py --model demo-swin --r 12 --clips 600
+    python benchmarks/demo_score_ablation.py --model demo-vit --r 37 --locations 3 --clips 300
 
 The README's "Why STA loses more than ToMe" / "Why STA falls below random" tables come from it.
 """
@@ -37,14 +38,16 @@ from staprune.demo.models import DEMO_MODELS, load_demo_model
 # merging of its 2x16x16 patches (8 x 4x4 tokens, the last row/column half padding).
 CELL = {"demo-vit": (2, 16), "demo-swin": (2, 32)}
 SCORES = ("sta", "temporal", "semantic")
+VIT_TOKENS_PER_FRAME = 49
 
 
-def settings(model: str, r: int) -> list[tuple[str, dict]]:
+def settings(model: str, r: int, locations: tuple[int, ...] | None = None) -> list[tuple[str, dict]]:
+    where = {"locations": locations} if locations else {}
     out = [("dense", {})]
-    out += [(f"STA score={s!r}", {"r": r, "method": "sta", "score": s}) for s in SCORES]
-    out.append(("random", {"r": r, "method": "random"}))
-    if model == "demo-vit":
-        out.append(("ToMe", {"r": r, "method": "tome"}))
+    out += [(f"STA score={s!r}", {"r": r, "method": "sta", "score": s, **where}) for s in SCORES]
+    out.append(("random", {"r": r, "method": "random", **where}))
+    if model == "demo-vit" and r <= VIT_TOKENS_PER_FRAME // 2:  # one bipartite merge round: at most half
+        out.append(("ToMe", {"r": r, "method": "tome", **where}))
     return out
 
 
@@ -63,7 +66,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         torch.set_num_threads(args.threads)
     net, layout = load_demo_model(args.model)
     clips, labels, masks = generate_with_masks(args.clips, args.seed)
-    configs = settings(args.model, args.r)
+    configs = settings(args.model, args.r, tuple(args.locations) if args.locations else None)
     correct = dict.fromkeys(range(len(configs)), 0)
     agree = dict.fromkeys(range(len(configs)), 0)
     hit = dict.fromkeys(range(len(configs)), 0)
@@ -112,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=DEMO_MODELS, default="demo-vit")
     parser.add_argument("--r", type=int, default=12, help="ViT: r per tubelet-frame; Swin: r1")
+    parser.add_argument("--locations", type=int, nargs="+", default=None,
+                        help="ViT block indices to prune after (default: the paper's 0, L//3, 2L//3)")
     parser.add_argument("--clips", type=int, default=600)
     parser.add_argument("--seed", type=int, default=7, help="the demo's default evaluation seed")
     parser.add_argument("--batch", type=int, default=32)
@@ -122,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"{args.model}, r={args.r}, {args.clips} clips (seed {args.seed})")
+    where = f", pruning after blocks {args.locations}" if args.locations else ""
+    print(f"{args.model}, r={args.r}{where}, {args.clips} clips (seed {args.seed})")
     print(f"{'setting':<24} {'top-1':>6} {'agrees':>7} {'obj. recall':>11} {'kept':>5}")
     for row in rows:
         recall = "—" if row["object_token_recall"] is None else f"{row['object_token_recall']:.2f}"
