@@ -31,22 +31,22 @@ import torch.nn.functional as F
 
 import staprune
 from staprune.demo.data import generate_with_masks, to_model_input
-from staprune.demo.models import DEMO_MODELS, load_demo_model
+from staprune.demo.models import DEMO_MODELS, load_demo_model, logits_of
 
 # Token cell of the last pruned stage on each demo model: (frames per token, pixels per side).
 # demo-vit: tubelet 2 x patch 16 (8 x 7x7 tokens); demo-swin: stage 2 after one 2x2 patch
 # merging of its 2x16x16 patches (8 x 4x4 tokens, the last row/column half padding).
 CELL = {"demo-vit": (2, 16), "demo-swin": (2, 32)}
 SCORES = ("sta", "temporal", "semantic")
-VIT_TOKENS_PER_FRAME = 49
 
 
-def settings(model: str, r: int, locations: tuple[int, ...] | None = None) -> list[tuple[str, dict]]:
+def settings(net: torch.nn.Module, model: str, r: int, locations: tuple[int, ...] | None = None) -> list[tuple[str, dict]]:
     where = {"locations": locations} if locations else {}
     out = [("dense", {})]
     out += [(f"STA score={s!r}", {"r": r, "method": "sta", "score": s, **where}) for s in SCORES]
     out.append(("random", {"r": r, "method": "random", **where}))
-    if model == "demo-vit" and r <= VIT_TOKENS_PER_FRAME // 2:  # one bipartite merge round: at most half
+    if model == "demo-vit" and r <= (net.config.image_size // net.config.patch_size) ** 2 // 2:
+        # ToMe's one bipartite merge round per unit merges at most half of a tubelet-frame's tokens.
         out.append(("ToMe", {"r": r, "method": "tome", **where}))
     return out
 
@@ -54,7 +54,7 @@ def settings(model: str, r: int, locations: tuple[int, ...] | None = None) -> li
 def object_tokens(masks: torch.Tensor, frames_per_token: int, cell: int) -> torch.Tensor:
     """Which tokens touch the object: masks (B, T, H, W) alpha -> (B, T', gh*gw) bool, with the
     grid padded at the bottom/right like Swin's patch merging (no-op for the ViT's 7x16=112)."""
-    b, t, h, w = masks.shape
+    h, w = masks.shape[-2:]
     gh, gw = -(-h // cell), -(-w // cell)
     padded = F.pad(masks, (0, gw * cell - w, 0, gh * cell - h))
     pooled = F.max_pool3d(padded[:, None], (frames_per_token, cell, cell))[:, 0]  # (B, T', gh, gw)
@@ -66,12 +66,10 @@ def run(args: argparse.Namespace) -> list[dict]:
         torch.set_num_threads(args.threads)
     net, layout = load_demo_model(args.model)
     clips, labels, masks = generate_with_masks(args.clips, args.seed)
-    configs = settings(args.model, args.r, tuple(args.locations) if args.locations else None)
-    correct = dict.fromkeys(range(len(configs)), 0)
-    agree = dict.fromkeys(range(len(configs)), 0)
-    hit = dict.fromkeys(range(len(configs)), 0)
+    configs = settings(net, args.model, args.r, tuple(args.locations) if args.locations else None)
+    correct, agree, hit = [0] * len(configs), [0] * len(configs), [0] * len(configs)
+    kept_share: list[float | None] = [None] * len(configs)  # the same for every clip: fixed counts
     total_obj = 0
-    kept_share = dict.fromkeys(range(len(configs)), 0.0)
     frames_per_token, cell = CELL[args.model]
     with torch.inference_mode():
         for start in range(0, len(labels), args.batch):
@@ -84,8 +82,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 staprune.unpatch(net)
                 if options:
                     staprune.patch(net, **options)
-                out = net(x)
-                pred = (out.logits if hasattr(out, "logits") else out).argmax(-1)
+                pred = logits_of(net, x).argmax(-1)
                 dense_pred = pred if dense_pred is None else dense_pred
                 correct[i] += int((pred == y).sum())
                 agree[i] += int((pred == dense_pred).sum())
@@ -94,19 +91,19 @@ def run(args: argparse.Namespace) -> list[dict]:
                     if int(kept.max()) >= obj.shape[1]:
                         raise RuntimeError(f"kept index beyond the {obj.shape[1]}-token grid of CELL[{args.model!r}]")
                     hit[i] += int(obj.gather(1, kept).sum())
-                    kept_share[i] += kept.shape[1] / obj.shape[1] * len(y)
+                    kept_share[i] = kept.shape[1] / obj.shape[1]
             print(f"  {min(start + args.batch, len(labels))}/{len(labels)} clips", file=sys.stderr, flush=True)
     staprune.unpatch(net)
     n = len(labels)
     rows = []
     for i, (name, options) in enumerate(configs):
-        pruned = bool(options) and options["method"] != "tome"
+        pruned = kept_share[i] is not None
         rows.append({
-            "setting": name if i else "dense",
+            "setting": name,
             "top1": correct[i] / n,
             "agrees_with_dense": agree[i] / n,
             "object_token_recall": (hit[i] / total_obj) if pruned else (None if options else 1.0),
-            "kept_share": (kept_share[i] / n) if pruned else None,
+            "kept_share": kept_share[i],
         })
     return rows
 

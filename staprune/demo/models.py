@@ -101,6 +101,13 @@ def build_demo_swin(num_classes: int = NUM_CLASSES) -> nn.Module:
 BUILDERS = {"demo-vit": build_demo_vit, "demo-swin": build_demo_swin}
 
 
+def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Logits ``(B, classes)`` of either demo model on input already in its layout: the ViT returns
+    a Hugging Face output object, the Swin a plain tensor."""
+    out = model(x)
+    return out.logits if hasattr(out, "logits") else out
+
+
 def _check_name(name: str) -> None:
     if name not in BUILDERS:
         raise ValueError(f"unknown demo model {name!r}; choose from {', '.join(DEMO_MODELS)}")

@@ -24,7 +24,7 @@ import staprune
 
 from ..flops import measure_flops
 from .data import generate, to_model_input
-from .models import DEMO_MODELS, load_demo_model, model_card, weights_path
+from .models import DEMO_MODELS, load_demo_model, logits_of, model_card, weights_path
 
 # Pruning levels per model: ViT r per tubelet-frame of 49 tokens (0.79/0.70/0.61 of dense
 # GFLOPs); Swin r1 per frame of the 4x4 grid of its second (last) stage (0.94/0.87/0.80: its
@@ -69,11 +69,6 @@ def settings_for(model: str) -> list[Setting]:
     return out
 
 
-def _logits(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = net(x)
-    return out.logits if hasattr(out, "logits") else out
-
-
 def evaluate_model(name: str, clips: torch.Tensor, labels: torch.Tensor, batch: int, log) -> list[Row]:
     """Run every setting of ``name`` over the clips (N, T, 3, H, W) uint8; one Row per setting."""
     net, layout = load_demo_model(name)
@@ -88,14 +83,14 @@ def evaluate_model(name: str, clips: torch.Tensor, labels: torch.Tensor, batch: 
     with torch.inference_mode():
         s0 = settings[0]  # warm-up: first calls allocate and pick kernels
         s0.apply(net)
-        _logits(net, to_model_input(clips[:batch], layout))
+        logits_of(net, to_model_input(clips[:batch], layout))
         for i in range(0, len(labels), batch):
             x = to_model_input(clips[i:i + batch], layout)
             y = labels[i:i + batch]
             for s in settings:  # same batch through every setting, back to back
                 s.apply(net)
                 start = time.perf_counter()
-                pred = _logits(net, x).argmax(-1)
+                pred = logits_of(net, x).argmax(-1)
                 seconds[s] += time.perf_counter() - start
                 correct[s] += int((pred == y).sum())
             log(f"  {name}: {min(i + batch, len(labels))}/{len(labels)} clips")

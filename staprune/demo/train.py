@@ -41,6 +41,7 @@ from .models import (
     LAYOUTS,
     WEIGHTS_DIR,
     load_weights,
+    logits_of,
     roundtrip_fp16,
     save_demo_weights,
 )
@@ -70,11 +71,6 @@ def augment(clips: Tensor, labels: Tensor, g: torch.Generator) -> tuple[Tensor, 
             clips[pick] = clips[pick].flip(dim)
             labels[pick] = perm[labels[pick]]
     return clips, labels
-
-
-def logits_of(model: nn.Module, x: Tensor) -> Tensor:
-    out = model(x)
-    return out.logits if hasattr(out, "logits") else out
 
 
 @torch.no_grad()
