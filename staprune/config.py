@@ -177,7 +177,7 @@ def _preset_stages(schedule: str, r: int, frames: int, num_stages: int) -> list[
     return stages
 
 
-def _directions(config: STAConfig, num_stages: int) -> str:
+def stage_directions(config: STAConfig, num_stages: int) -> str:
     """One direction letter per stage (default: alternate F, B, F, ...)."""
     if config.order is None:
         return ("FB" * num_stages)[:num_stages]
@@ -202,7 +202,7 @@ def _stages_for(config: STAConfig, r: int, depth: int, frames: int, n: int) -> l
             raise ValueError(
                 f"explicit schedule has {len(pairs)} stages but there are {len(locations)} locations {locations}"
             )
-    order = _directions(config, len(pairs))
+    order = stage_directions(config, len(pairs))
     stages = []
     prev_units, per_unit = frames, n
     for layer, (units, r_k), direction in zip(locations, pairs, order, strict=True):
@@ -218,7 +218,8 @@ def _stages_for(config: STAConfig, r: int, depth: int, frames: int, n: int) -> l
     return stages
 
 
-def _stage_feasible(config: STAConfig, stage: Stage) -> bool:
+def stage_feasible(config: STAConfig, stage: Stage) -> bool:
+    """Whether ``stage`` can drop its r tokens per unit under ``config``'s method."""
     if stage.r == 0:
         return True
     if config.method == "tome":
@@ -249,9 +250,9 @@ def resolve_plan(config: STAConfig, depth: int, frames: int, tokens_per_frame: i
         return PruningPlan(config, depth, frames, tokens_per_frame, tuple(stages))
 
     stages = _stages_for(config, config.r, depth, frames, tokens_per_frame)
-    if not all(_stage_feasible(config, s) for s in stages):
+    if not all(stage_feasible(config, s) for s in stages):
         largest = _largest_valid_r(config, depth, frames, tokens_per_frame)
-        bad = next(s for s in stages if not _stage_feasible(config, s))
+        bad = next(s for s in stages if not stage_feasible(config, s))
         raise ValueError(
             f"r={config.r} is too large for this input: at block {bad.layer} each of the {bad.units} units has "
             f"{bad.tokens_in} tokens and would drop {bad.r} (method={config.method}, "
@@ -270,7 +271,7 @@ def _largest_valid_r(config: STAConfig, depth: int, frames: int, n: int) -> int:
             break
         if any(s.tokens_out < 1 for s in stages):
             break
-        if all(_stage_feasible(config, s) for s in stages):
+        if all(stage_feasible(config, s) for s in stages):
             best = r
     return best
 
@@ -286,76 +287,3 @@ def as_config(config: STAConfig | None = None, r: int | None = None, **options: 
 def largest_square_grid(r: int) -> int:
     """Cells per side of the grid first-unit pruner: ``ceil(sqrt(r))`` (exactly sqrt(r) for squares)."""
     return max(1, math.isqrt(r - 1) + 1) if r > 0 else 1
-
-
-# --- Video Swin ---------------------------------------------------------------------------------
-def swin_stage_drops(r1: int) -> tuple[int, int, int]:
-    """Per-frame drops at the start of Swin stages 2, 3 and 4: ``r1, 1.5*r1/4, 2*r1/16``.
-
-    Rounded half-up to whole tokens (r1 = 192/256/320 give exact integers: 72/96/120, 24/32/40).
-    """
-    return (r1, int(1.5 * r1 / 4 + 0.5), int(2 * r1 / 16 + 0.5))
-
-
-def _swin_stages(config: STAConfig, r1: int, frames: int, grids: Sequence[tuple[int, int]]) -> list[Stage]:
-    if isinstance(config.schedule, str):
-        # Smaller Swins (2 or 3 stages) prune after each of their patch mergings with the first
-        # drops of the paper's schedule; a deeper one has no published drops for stage 5 on.
-        if len(grids) > 3:
-            raise ValueError(
-                f"this Video Swin has {len(grids) + 1} stages; the paper's r1 schedule covers stages 2-4 "
-                f"only: pass schedule=[(units, r), ...] with {len(grids)} pairs"
-            )
-        drops = swin_stage_drops(r1)[: len(grids)]
-        units = [frames] * len(drops)
-    else:
-        if len(config.schedule) != len(grids):
-            raise ValueError(
-                f"explicit Swin schedule needs {len(grids)} (units, r) pairs, got {config.schedule}"
-            )
-        units = [u for u, _ in config.schedule]
-        drops = tuple(r for _, r in config.schedule)
-    order = _directions(config, len(grids))
-    stages = []
-    for k, ((h, w), u, r_k, direction) in enumerate(zip(grids, units, drops, order, strict=True)):
-        if frames % u:
-            raise ValueError(
-                f"{frames} temporal positions cannot be split into {u} units at Swin stage {k + 2}"
-            )
-        stages.append(Stage(k + 1, u, r_k, direction == "F", frames // u * h * w))
-    return stages
-
-
-def resolve_swin_plan(config: STAConfig, frames: int, grids: Sequence[tuple[int, int]]) -> PruningPlan:
-    """Stages for a Video Swin: one per pruned Swin stage (2, 3, 4; 2 and 3 in smaller Swins), each per frame.
-
-    Each Swin stage starts from a full grid (the grid is refilled before patch merging), so every
-    stage prunes ``frames`` units of ``h*w`` tokens independently. ``Stage.layer`` is the 0-based
-    Swin stage index (1, 2, 3).
-
-    Args:
-        frames: temporal positions ``T`` after patch embedding (16 for 32-frame input).
-        grids: spatial token grid ``(h, w)`` of Swin stages 2, 3 and 4 (of every stage after the
-            first, for models with fewer stages).
-    """
-    if config.method == "tome":
-        raise ValueError("method='tome' is not supported for Video Swin (window attention needs a full grid)")
-    stages = _swin_stages(config, config.r, frames, grids)
-    for stage in stages:
-        if not _stage_feasible(config, stage):
-            h, w = grids[stage.layer - 1]
-            raise ValueError(
-                f"r={config.r} is too large for this Video Swin input: stage {stage.layer + 1} has {h}x{w} "
-                f"tokens per frame and would drop {stage.r} per unit; the largest valid r1 is "
-                f"{_largest_valid_swin_r(config, frames, grids)}"
-            )
-    return PruningPlan(config, len(grids) + 1, frames, grids[0][0] * grids[0][1], tuple(stages))
-
-
-def _largest_valid_swin_r(config: STAConfig, frames: int, grids: Sequence[tuple[int, int]]) -> int:
-    best = 0
-    for r in range(1, grids[0][0] * grids[0][1]):
-        if not all(_stage_feasible(config, s) for s in _swin_stages(config, r, frames, grids)):
-            break
-        best = r
-    return best

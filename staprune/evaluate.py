@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import distributed as dist_utils
 from .checkpoints import LoadedModel, load
 from .data.lists import VideoItem, load_items
-from .data.sampling import ViewProtocol, parse_views, protocol
+from .data.sampling import ViewProtocol, parse_views
 from .data.transforms import Preprocessing
 from .data.video import VideoReadError, probe, read_frames
 
@@ -117,10 +117,9 @@ def entries_from_args(method: str, rs: Sequence[int] | None) -> list[Entry]:
     return [Entry(method, r) for r in dict.fromkeys(rs)]
 
 
-def resolve_protocol(backbone: str, dataset: str, views: str | None, frames: int | None,
+def resolve_protocol(base: ViewProtocol, views: str | None, frames: int | None,
                      stride: int | None) -> ViewProtocol:
-    """The paper's protocol for (backbone, dataset) with any CLI overrides applied."""
-    base = protocol(backbone, dataset)
+    """A model's protocol for a dataset (:meth:`LoadedModel.protocol`) with any CLI overrides applied."""
     clips, crops = parse_views(views) if views else (base.clips, base.crops)
     for name, value in (("frames", frames), ("stride", stride)):
         if value is not None and value < 1:
@@ -411,7 +410,7 @@ def gflops_per_view(loaded: LoadedModel, entry: Entry, proto: ViewProtocol) -> f
     counter = flop_counter(display=False)
     try:
         with torch.inference_mode(), counter:
-            loaded.logits(x)
+            loaded.logits(x)  # views in, the family puts them in the model's layout
     except Exception as e:  # noqa: BLE001 - a FLOP figure must never sink an accuracy run
         print(f"staprune: could not measure FLOPs ({e})", file=sys.stderr)
         return None
@@ -663,7 +662,7 @@ def _setup(args: argparse.Namespace, info: dist_utils.DistInfo) -> Context:
         raise ValueError("--batch-size must be >= 1 and --workers >= 0")
     device = _device(args.device, info)
     loaded = load(args.model, args.weights, frames=args.frames, image_size=args.image_size)
-    proto = resolve_protocol(loaded.backbone, args.dataset, args.views, args.frames, args.stride)
+    proto = resolve_protocol(loaded.protocol(args.dataset), args.views, args.frames, args.stride)
     items, _ = load_items(args.data, args.root)
     check_compatible(loaded, proto, items)
     dtype = DTYPES[args.dtype]

@@ -73,8 +73,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import distributed as dist_utils
-from .checkpoints import LoadedModel
 from .data.transforms import Preprocessing
+from .families import Family, LoadedModel
 
 METHODS = ("sta", "random", "none")
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
@@ -346,11 +346,6 @@ def _worker_init(_: int) -> None:
 
 
 # --- model --------------------------------------------------------------------------------------
-def demo_preprocessing(size: int) -> Preprocessing:
-    """What :func:`staprune.demo.data.to_model_input` does: ``(x / 255 - 0.5) / 0.5``."""
-    return Preprocessing(size=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-
-
 def load_model(
     spec: str,
     *,
@@ -362,41 +357,24 @@ def load_model(
 ) -> LoadedModel:
     """A model to fine-tune (train mode, fp32, CPU).
 
-    ``demo-vit`` / ``demo-swin``: bundled weights (``init`` auto/bundled) or a random init drawn
-    after ``torch.manual_seed(seed)`` (``init`` random, or auto without bundled weights), so dense
-    and pruned runs with the same seed start from the same weights. Anything else goes through
-    :func:`staprune.checkpoints.load`.
+    Registry models with weights of their own (``demo-vit`` / ``demo-swin``): those weights (``init``
+    auto/bundled) or a random init drawn after ``torch.manual_seed(seed)`` (``init`` random, or auto
+    without bundled weights), so dense and pruned runs with the same seed start from the same
+    weights. Anything else goes through :func:`staprune.checkpoints.load`.
     """
-    from .demo import models as demo
+    from .checkpoints import load
+    from .families import find_model
 
-    if spec not in demo.DEMO_MODELS:
-        from .checkpoints import load
-
-        loaded = load(spec, weights, frames=frames, image_size=image_size)
-        loaded.model.train()
-        return loaded
-    have = demo.weights_path(spec).exists()
-    if init == "bundled" and not have:
-        raise FileNotFoundError(f"{demo.weights_path(spec)} is missing (use --init random)")
-    if init == "bundled" or (init == "auto" and have):
-        model, _ = demo.load_demo_model(spec)
-        how = "bundled weights"
+    entry = find_model(spec)
+    if entry is not None and entry.loader is not None:
+        torch.manual_seed(seed)  # a random init (init random, or auto without bundled weights) follows the seed
+        loaded = entry.loader(init)
     else:
-        torch.manual_seed(seed)
-        model = demo.BUILDERS[spec]()
-        how = f"random init, seed {seed}"
-    backbone = "vit" if demo.LAYOUTS[spec] == "BTCHW" else "swin"
-    from .demo.data import NUM_CLASSES
-
-    return LoadedModel(
-        model.train(),
-        backbone,
-        demo_preprocessing(demo.SIZE),
-        NUM_CLASSES,
-        demo.FRAMES,
-        demo.SIZE,
-        f"{spec} ({how})",
-    )
+        if init == "bundled":
+            raise ValueError(f"--init bundled is for models with weights of their own (the demo models), not {spec}")
+        loaded = load(spec, weights, frames=frames, image_size=image_size)
+    loaded.model.train()
+    return loaded
 
 
 def apply_pruning(model: nn.Module, method: str, r: int | None) -> nn.Module:
@@ -409,10 +387,9 @@ def apply_pruning(model: nn.Module, method: str, r: int | None) -> nn.Module:
     return model
 
 
-def logits_of(model: nn.Module, x: Tensor, backbone: str) -> Tensor:
-    """Logits ``(B, classes)`` of views ``(B, T, 3, H, W)``; Swin3D takes ``(B, 3, T, H, W)``."""
-    out = model(x.transpose(1, 2) if backbone == "swin" else x)
-    return out.logits if hasattr(out, "logits") else out
+def logits_of(model: nn.Module, x: Tensor, family: Family) -> Tensor:
+    """Logits ``(B, classes)`` of views ``(B, T, 3, H, W)``, put into the model's layout by its family."""
+    return family.logits(model(family.to_input(x)))
 
 
 def pruning_stage_count(model: nn.Module) -> int | None:
@@ -462,8 +439,9 @@ def check_gradient_checkpointing(model: nn.Module) -> None:
             "gradient checkpointing cannot be combined with ToMe: the re-run layers read merge "
             "sizes that later layers have already changed; turn one of them off"
         )
-    backbone = model.videomae if hasattr(model, "videomae") else model
-    layer_cls = type(backbone.encoder.layer[0])
+    from .families import family_of
+
+    layer_cls = type(family_of(model).blocks(model)[0][0])
     if not hasattr(layer_cls.forward, "__wrapped__"):
         raise ValueError(
             "gradient checkpointing with pruning needs transformers >= 5 (checkpointing inside each layer's "
@@ -493,7 +471,7 @@ def assert_pruned_once(model: nn.Module) -> None:
 class StepConfig:
     """What every training step needs besides the batch."""
 
-    backbone: str
+    family: Family
     autocast: torch.dtype | None
     label_smoothing: float
     clip_grad: float
@@ -512,7 +490,7 @@ def train_step(
     with torch.autocast(
         cfg.device.type, dtype=cfg.autocast or torch.float32, enabled=cfg.autocast is not None
     ):
-        logits = logits_of(model, x, cfg.backbone)
+        logits = logits_of(model, x, cfg.family)
     loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -641,7 +619,7 @@ def check_recipe(stored: dict[str, Any], current: dict[str, Any], where: Path) -
 @torch.no_grad()
 def top1_on_clips(
     model: nn.Module,
-    backbone: str,
+    family: Family,
     data: ClipTensorSet,
     info: dist_utils.DistInfo,
     batch: int,
@@ -655,7 +633,7 @@ def top1_on_clips(
     for part in mine.split(batch):
         x, y = data.batch(part)
         with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            pred = logits_of(model, x.to(device), backbone).argmax(-1).cpu()
+            pred = logits_of(model, x.to(device), family).argmax(-1).cpu()
         correct += int((pred == y).sum())
     return 100.0 * sum(dist_utils.all_gather(info, correct)) / max(1, len(data))
 
@@ -679,7 +657,7 @@ def evaluate_list(
     from . import evaluate as ev
     from .data.lists import load_items
 
-    proto = ev.resolve_protocol(loaded.backbone, ctx_args.dataset, ctx_args.val_views, ctx_args.frames, None)
+    proto = ev.resolve_protocol(loaded.protocol(ctx_args.dataset), ctx_args.val_views, ctx_args.frames, None)
     items, _ = load_items(ctx_args.val, ctx_args.root)
     ev.check_compatible(loaded, proto, items)
     eval_args = argparse.Namespace(
@@ -736,8 +714,6 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _datasets(args: argparse.Namespace, loaded: LoadedModel) -> tuple[Any, ClipTensorSet | None, int, int]:
     """(training set, demo held-out set or None, frames, stride) for ``args``."""
-    from .data.sampling import protocol
-
     if args.demo:
         from .demo.data import NUM_CLASSES, generate
 
@@ -752,7 +728,7 @@ def _datasets(args: argparse.Namespace, loaded: LoadedModel) -> tuple[Any, ClipT
         return train, held, frames, 1
     from .data.lists import load_items
 
-    base = protocol(loaded.backbone, args.dataset)
+    base = loaded.protocol(args.dataset)
     frames, stride = args.frames or base.frames, args.stride or base.stride
     items, _ = load_items(args.data, args.root)
     bad = [it for it in items if it.label >= loaded.num_classes]
@@ -833,7 +809,7 @@ def setup(args: argparse.Namespace, info: dist_utils.DistInfo) -> Run:
         val_set,
         model,
         opt,
-        StepConfig(loaded.backbone, AUTOCAST[args.dtype], args.label_smoothing, args.clip_grad, device),
+        StepConfig(loaded.family, AUTOCAST[args.dtype], args.label_smoothing, args.clip_grad, device),
         recipe,
         steps_per_epoch,
         out,
@@ -958,7 +934,7 @@ def final_evaluation(run: Run) -> list[dict[str, Any]]:
             apply_pruning(model, method, r)
             top1 = top1_on_clips(
                 model,
-                run.loaded.backbone,
+                run.loaded.family,
                 run.val_set,
                 info,
                 args.batch_size,

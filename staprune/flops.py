@@ -6,16 +6,11 @@ add a few FLOPs per element, < 0.1% of any figure here, so the choice cannot mov
 number); the patch embedding is included and so is the classifier head (< 0.001%). With this
 convention every figure of the paper's Tables 2 and 3 is reproduced within 1% (tests/test_flops.py).
 
-ViT block with ``L`` tokens, ``C`` channels, MLP ratio 4::
+Each model family computes its own analytic count (:meth:`staprune.families.Family.flops`) from
+the pieces here: a columnar transformer block with ``L`` tokens, ``C`` channels and MLP width
+``C_mlp`` costs::
 
-    qkv 3LC²  +  scores L²C  +  attn·V L²C  +  proj LC²  +  MLP 8LC²
-
-Video Swin block with ``N`` tokens, ``w`` tokens per window::
-
-    qkv 3NC²  +  proj NC²  +  MLP 8NC²  +  window attention 2·N_pad·w·C
-
-In a pruned Swin stage only qkv, projection and MLP run on the kept tokens; window attention
-and patch merging stay dense (the convention that reproduces the paper's Table 3).
+    qkv 3LC²  +  scores L²C  +  attn·V L²C  +  proj LC²  +  MLP 2·L·C·C_mlp
 
 STA's own selection operations (bipartite matching, transition matrices) are reported apart
 from the backbone in :attr:`FlopCount.selection`; :attr:`FlopCount.gflops` is the backbone alone
@@ -36,22 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .config import STAConfig, Stage, as_config, resolve_plan, resolve_swin_plan
-from .models import MODEL_NAMES, SwinSpec, ViTSpec, get_spec, spec_of_model
-
-# The paper's Tables 2 and 3 (GFLOPs per view), for the CLI's comparison and the tests.
-PAPER_VIT_R = (0, 32, 48, 64)
-PAPER_SWIN_R = (0, 192, 256, 320)
-PAPER_GFLOPS: dict[str, dict[int, float]] = {
-    "ViT-S": dict(zip(PAPER_VIT_R, (57, 42, 35, 29), strict=True)),
-    "ViT-B": dict(zip(PAPER_VIT_R, (180, 136, 116, 96), strict=True)),
-    "ViT-L": dict(zip(PAPER_VIT_R, (597, 446, 376, 308), strict=True)),
-    "ViT-H": dict(zip(PAPER_VIT_R, (1192, 890, 748, 611), strict=True)),
-    "VideoSwin-T": dict(zip(PAPER_SWIN_R, (88, 68, 61, 54), strict=True)),
-    "VideoSwin-S": dict(zip(PAPER_SWIN_R, (166, 121, 106, 91), strict=True)),
-    "VideoSwin-B": dict(zip(PAPER_SWIN_R, (282, 202, 176, 149), strict=True)),
-    "VideoSwin-B-SSV2": dict(zip(PAPER_SWIN_R, (321, 241, 215, 188), strict=True)),
-}
+from .config import PruningPlan, STAConfig, Stage, as_config
 
 
 @dataclass(frozen=True)
@@ -62,7 +42,7 @@ class FlopCount:
         backbone: the model's own operations.
         selection: the pruning method's own operations (STA matching/transitions, ToMe matching).
         parts: backbone FLOPs by kind (``embed``, ``qkv``, ``attention``, ``proj``, ``mlp``,
-            ``merge``, ``head``), summing to ``backbone``.
+            ``merge``, ``head``, ...), summing to ``backbone``.
     """
 
     backbone: float
@@ -79,13 +59,14 @@ class FlopCount:
         return self.backbone / 1e9
 
 
-# --- analytic: ViT ------------------------------------------------------------------------------
-def _add(parts: dict[str, float], **flops: float) -> None:
+# --- pieces every family's count is made of -----------------------------------------------------
+def add_parts(parts: dict[str, float], **flops: float) -> None:
+    """Accumulate FLOPs by kind into ``parts``."""
     for key, value in flops.items():
         parts[key] = parts.get(key, 0.0) + value
 
 
-def _metric_dim(config: STAConfig, channels: int, heads: int) -> int:
+def metric_dim(config: STAConfig, channels: int, heads: int) -> int:
     """Width ``c`` of the similarity metric: a head's width (keys etc. averaged over heads) or C."""
     return channels if config.similarity == "hidden" else channels // heads
 
@@ -120,106 +101,80 @@ def sta_selection_flops(stage: Stage, c: int, config: STAConfig) -> float:
     return flops
 
 
-def vit_flops(spec: ViTSpec, config: STAConfig) -> FlopCount:
-    """Analytic FLOPs of a VideoMAE ViT under ``config`` (see the module docstring)."""
-    c, t, n = spec.hidden, spec.tubelet_frames, spec.tokens_per_frame
-    plan = resolve_plan(config, spec.layers, t, n)
-    tokens = plan.tokens_per_block()
+def tokens_per_block(plan: PruningPlan) -> list[int]:
+    """Patch tokens entering each block under ``plan`` (all of them when its method never prunes)."""
+    if plan.config.method == "none":
+        return [plan.frames * plan.tokens_per_frame] * plan.depth
+    return plan.tokens_per_block()
+
+
+def columnar_flops(
+    plan: PruningPlan,
+    *,
+    channels: int,
+    heads: int,
+    mlp_hidden: int,
+    extra_tokens: int = 0,
+    parts: dict[str, float] | None = None,
+) -> tuple[dict[str, float], float]:
+    """FLOPs of the blocks of a columnar (joint space-time attention) transformer under ``plan``.
+
+    Every block attends over its patch tokens plus ``extra_tokens`` (a CLS token, never pruned).
+    STA / random prune after a block; ToMe merges between a block's attention and its MLP, so
+    the MLP of a merging block already runs on fewer tokens.
+
+    Returns:
+        ``(parts, selection)``: backbone FLOPs by kind added to ``parts`` (a new dict if None),
+        and the pruning method's own FLOPs.
+    """
+    parts = {} if parts is None else parts
+    config, c = plan.config, channels
     stages = {s.layer: s for s in plan.stages} if config.method != "none" else {}
-    mlp = spec.mlp_ratio
-    parts: dict[str, float] = {"embed": t * n * c * spec.in_chans * spec.tubelet * spec.patch**2}
     selection = 0.0
-    for layer, length in enumerate(tokens):
+    for layer, patch_tokens in enumerate(tokens_per_block(plan)):
+        length = patch_tokens + extra_tokens
         stage = stages.get(layer)
-        # ToMe merges between attention and MLP: the MLP of its block already runs on fewer tokens.
         mlp_len = length
         if config.method == "tome" and stage is not None:
-            mlp_len = stage.units * stage.tokens_out
+            mlp_len = stage.units * stage.tokens_out + extra_tokens
             if stage.r:
                 # Global bipartite matching over the whole sequence: |A|·|B|·c.
-                selection += math.ceil(length / 2) * (length // 2) * (c // spec.heads)
+                selection += math.ceil(patch_tokens / 2) * (patch_tokens // 2) * (c // heads)
         elif stage is not None:
-            selection += sta_selection_flops(stage, _metric_dim(config, c, spec.heads), config)
-        _add(parts, qkv=3 * length * c * c, attention=2 * length * length * c, proj=length * c * c)
-        _add(parts, mlp=2 * mlp * mlp_len * c * c)
-    parts["head"] = c * spec.num_classes
-    return FlopCount(sum(parts.values()), selection, parts)
+            selection += sta_selection_flops(stage, metric_dim(config, c, heads), config)
+        add_parts(parts, qkv=3 * length * c * c, attention=2 * length * length * c, proj=length * c * c)
+        add_parts(parts, mlp=2 * mlp_len * c * mlp_hidden)
+    return parts, selection
 
 
-# --- analytic: Video Swin -----------------------------------------------------------------------
-def _window(spec: SwinSpec, t: int, h: int, w: int) -> tuple[tuple[int, int, int], int]:
-    """Effective window (torchvision clips it to the grid) and the padded token count it tiles."""
-    win = tuple(min(wd, size) for wd, size in zip(spec.window, (t, h, w), strict=True))
-    padded = math.prod(math.ceil(size / wd) * wd for wd, size in zip(win, (t, h, w), strict=True))
-    return win, padded
-
-
-def swin_kept_per_stage(spec: SwinSpec, config: STAConfig) -> list[int]:
-    """Tokens that qkv/proj/MLP see in each of the 4 stages (stage 1 is never pruned)."""
-    t, grids = spec.temporal, spec.grids()
-    full = [t * h * w for h, w in grids]
-    if config.method == "none" or config.r == 0:
-        return full
-    plan = resolve_swin_plan(config, t, grids[1:])
-    return [full[0]] + [full[s.layer] - s.units * s.r for s in plan.stages]
-
-
-def swin_flops(spec: SwinSpec, config: STAConfig) -> FlopCount:
-    """Analytic FLOPs of a torchvision Video Swin under ``config`` (see the module docstring)."""
-    t, grids = spec.temporal, spec.grids()
-    kept = swin_kept_per_stage(spec, config)
-    h0, w0 = grids[0]
-    parts: dict[str, float] = {"embed": t * h0 * w0 * spec.embed * spec.in_chans * math.prod(spec.patch)}
-    linear = 4 + 2 * spec.mlp_ratio  # qkv 3 + proj 1 + MLP 2·ratio, times N·C²
-    for i, ((h, w), depth, n_kept) in enumerate(zip(grids, spec.depths, kept, strict=True)):
-        c = spec.embed * 2**i
-        if i > 0:  # patch merging into this stage: 4·C_prev -> 2·C_prev per output token, dense
-            _add(parts, merge=t * h * w * 4 * (c // 2) * c)
-        win, padded = _window(spec, t, h, w)
-        _add(parts, attention=depth * 2 * padded * math.prod(win) * c)
-        _add(parts, qkv=depth * 3 * n_kept * c * c, proj=depth * n_kept * c * c)
-        _add(parts, mlp=depth * (linear - 4) * n_kept * c * c)
-    parts["head"] = spec.embed * 2 ** (len(spec.depths) - 1) * spec.num_classes
-    return FlopCount(sum(parts.values()), swin_selection_flops(spec, config), parts)
-
-
-def swin_selection_flops(spec: SwinSpec, config: STAConfig) -> float:
-    """STA's own multiply-adds in a Video Swin (the :mod:`staprune.patch.swin3d` adapter).
-
-    The metric of a stage is the head-averaged key (or query/value) slice of its first block's qkv,
-    computed on every stage-input token: the kept tokens reuse it in that block, so the extra work
-    is the slice's projection of the *dropped* tokens (``dropped·C²``), plus the matching and
-    transitions on ``c = C / heads`` dims. ``similarity="hidden"`` uses the tokens (``c = C``).
-    """
-    if config.method != "sta" or config.r == 0:
-        return 0.0
-    flops = 0.0
-    for s in resolve_swin_plan(config, spec.temporal, spec.grids()[1:]).stages:
-        channels = spec.embed * 2**s.layer
-        flops += sta_selection_flops(s, _metric_dim(config, channels, spec.heads[s.layer]), config)
-        if config.similarity != "hidden":
-            flops += s.units * s.r * channels * channels
-    return flops
+def final_tokens(plan: PruningPlan) -> int:
+    """Patch tokens leaving the last block under ``plan``."""
+    if plan.config.method == "none" or not plan.stages:
+        return plan.frames * plan.tokens_per_frame
+    return plan.tokens_after[-1]
 
 
 # --- public analytic API ------------------------------------------------------------------------
-def resolve_spec(model: str | nn.Module | ViTSpec | SwinSpec, frames: int | None = None,
-                 size: int | None = None) -> ViTSpec | SwinSpec:
-    """A geometry from a registry name, a local HF directory, a built model or a spec."""
-    if isinstance(model, ViTSpec | SwinSpec):
-        overrides = {k: v for k, v in (("frames", frames), ("size", size)) if v is not None}
-        return type(model)(**{**model.__dict__, **overrides})
+def resolve_spec(model, frames: int | None = None, size: int | None = None):
+    """A geometry (:class:`staprune.families.Spec`) from a registry name, a loadable path, a built
+    model or a spec, optionally on another input clip."""
+    from .families import Spec, family_of, find_model
+
+    if isinstance(model, Spec):
+        return model.with_input(frames, size)
     if isinstance(model, nn.Module):
-        return spec_of_model(model, frames, size)
-    if model in MODEL_NAMES:
-        return get_spec(model, frames, size)
+        return family_of(model).spec_of(model, frames, size)
+    entry = find_model(model)
+    if entry is not None:
+        return entry.spec_for(frames, size)
     from .models import load_model  # a path: read its config (loads the weights too)
 
-    return spec_of_model(load_model(model), frames, size)
+    net = load_model(model, frames, size)
+    return family_of(net).spec_of(net, frames, size)
 
 
 def analytic_flops(
-    model: str | nn.Module | ViTSpec | SwinSpec,
+    model,
     r: int = 0,
     *,
     frames: int | None = None,
@@ -230,21 +185,21 @@ def analytic_flops(
     """FLOPs per view of ``model`` pruned with ``r`` (and any STAConfig ``options``), analytically.
 
     Args:
-        model: registry name (``ViT-B``, ``VideoSwin-T``, ...), local HF directory, built model or spec.
+        model: registry name (``ViT-B``, ``VideoSwin-T``, ``ViViT-B``, ...), local model path,
+            built model or spec.
         r: the paper's r (ViT) / r1 (Video Swin).
-        frames, size: input clip length and side (defaults: the model's, 16 or 32 frames at 224²).
+        frames, size: input clip length and side (defaults: the model's).
     Raises:
         ValueError: r too large or otherwise infeasible for the geometry (message gives the largest r).
     """
+    from .families import family_of_spec
+
     spec = resolve_spec(model, frames, size)
-    cfg = as_config(config, r, **options)
-    if isinstance(spec, ViTSpec):
-        return vit_flops(spec, cfg)
-    return swin_flops(spec, cfg)
+    return family_of_spec(spec).flops(spec, as_config(config, r, **options))
 
 
 def r_for_budget(
-    model_or_name: str | nn.Module | ViTSpec | SwinSpec,
+    model_or_name,
     fraction: float,
     *,
     frames: int | None = None,
@@ -274,6 +229,13 @@ def r_for_budget(
         f"a budget of {fraction:.3f} x dense FLOPs is unreachable for this model and config: the lowest "
         f"achievable fraction is {lowest:.3f} (r={r - 1})"
     )
+
+
+def paper_tables() -> dict[str, dict[int, float]]:
+    """The published GFLOPs per view of every registry model that has them (paper Tables 2, 3)."""
+    from .families import find_model, model_names
+
+    return {n: dict(e.paper_gflops) for n in model_names() if (e := find_model(n)).paper_gflops}
 
 
 # --- measured -----------------------------------------------------------------------------------
@@ -406,21 +368,17 @@ def measure_model(
     method is STA's), and count one forward pass on a random clip of batch 1."""
     import staprune
 
-    from .models import example_input, load_model
+    from .families import family_of
+    from .models import load_model
 
     net = load_model(model, frames, size) if isinstance(model, str) else model
-    spec = spec_of_model(net, frames, size)
+    family = family_of(net)
+    spec = family.spec_of(net, frames, size)
     staprune.unpatch(net)
     if r or options.get("method", "sta") == "tome":
-        try:
-            staprune.patch(net, r=r, **options)
-        except TypeError as err:
-            raise NotImplementedError(
-                f"measured FLOPs of a pruned {type(net).__name__} need a staprune adapter for it ({err}); "
-                "use the analytic count instead (drop --measured)"
-            ) from err
+        staprune.patch(net, r=r, **options)
     try:
-        return measure_flops(net, example_input(spec))
+        return measure_flops(net, family.example_input(spec))
     finally:
         staprune.unpatch(net)
 
@@ -428,13 +386,13 @@ def measure_model(
 # --- CLI ----------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``staprune flops``."""
-    parser.add_argument("--model", help=f"registry name ({', '.join(MODEL_NAMES)}) or a local HF directory; "
-                        "default: all registry models, the paper's tables")
-    parser.add_argument("--r", type=int, nargs="+", help="r (ViT) or r1 (Video Swin); default the paper's")
+    parser.add_argument("--model", help="registry name (ViT-B, VideoSwin-T, ViViT-B, demo-vit, ...) or a local "
+                        "model path; default: every model of the paper's tables")
+    parser.add_argument("--r", type=int, nargs="+", help="r (ViT) or r1 (Video Swin); default the model's levels")
     parser.add_argument("--method", default="sta", choices=("sta", "random", "tome"))
     parser.add_argument("--tome-mode", default="locations", choices=("locations", "every_block"))
-    parser.add_argument("--frames", type=int, help="input frames (default 16 for ViT, 32 for Video Swin)")
-    parser.add_argument("--size", type=int, help="input side in pixels (default 224)")
+    parser.add_argument("--frames", type=int, help="input frames (default: the model's)")
+    parser.add_argument("--size", type=int, help="input side in pixels (default: the model's)")
     parser.add_argument("--measured", action="store_true",
                         help="count a forward pass of a random-weight model with FlopCounterMode")
     parser.add_argument("--target", type=float, metavar="FRACTION",
@@ -442,20 +400,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
 
 
-def _default_rs(name: str) -> tuple[int, ...]:
-    from .demo.runner import LEVELS  # the demo models' own pruning levels (they are small)
+def default_levels(name: str, spec) -> tuple[int, ...]:
+    """r values to tabulate for ``name`` when none are given: 0 and the model's three levels."""
+    from .families import family_of_spec, find_model
 
-    if name in LEVELS:
-        return (0, *LEVELS[name])
-    return PAPER_SWIN_R if name in PAPER_GFLOPS and name.startswith("VideoSwin") else PAPER_VIT_R
+    entry = find_model(name)
+    levels = entry.levels if entry is not None and entry.levels else family_of_spec(spec).levels(spec)
+    return (0, *levels)
 
 
 def _options(args: argparse.Namespace) -> dict[str, object]:
     return {"method": args.method, **({"tome_mode": args.tome_mode} if args.method == "tome" else {})}
 
 
-def _row(args: argparse.Namespace, name: str, spec: ViTSpec | SwinSpec, net: nn.Module | None, r: int) -> dict:
+def _row(args: argparse.Namespace, name: str, spec, net: nn.Module | None, r: int) -> dict:
     """One JSON row; ``net`` is the built model when counting with FlopCounterMode."""
+    from .families import find_model
+
     dense = analytic_flops(spec, 0).gflops
     if net is not None:
         count = measure_model(net, r, frames=args.frames, size=args.size, **_options(args))
@@ -470,22 +431,30 @@ def _row(args: argparse.Namespace, name: str, spec: ViTSpec | SwinSpec, net: nn.
         "fraction_of_dense": round(count.gflops / dense, 4),
         "counted": "measured" if args.measured else "analytic",
     }
+    entry = find_model(name)
+    paper = (entry.paper_gflops or {}) if entry is not None else {}
     default_input = args.frames is None and args.size is None and args.method == "sta"
-    if default_input and r in PAPER_GFLOPS.get(name, {}):
-        row["paper_gflops"] = PAPER_GFLOPS[name][r]
+    if default_input and r in paper:
+        row["paper_gflops"] = paper[r]
     return row
 
 
+def _r_label(name: str) -> str:
+    from .families import family_named, find_model
+
+    entry = find_model(name)
+    return family_named(entry.family).r_name if entry is not None else "r"
+
+
 def _print_tables(rows: list[dict]) -> None:
-    """Rows grouped by model family: one line per model, one ``ours (paper)`` cell per r."""
+    """Rows grouped by pruning levels: one line per model, one ``ours (paper)`` cell per r."""
     by_model: dict[str, list[dict]] = {}
     for row in rows:
         by_model.setdefault(row["model"], []).append(row)
-    groups: dict[tuple[int, ...], list[str]] = {}
+    groups: dict[tuple[tuple[int, ...], str], list[str]] = {}
     for name, model_rows in by_model.items():
-        groups.setdefault(tuple(r["r"] for r in model_rows), []).append(name)
-    for rs, names in groups.items():
-        label = "r1" if all(n.startswith("VideoSwin") for n in names) else "r"
+        groups.setdefault((tuple(r["r"] for r in model_rows), _r_label(name)), []).append(name)
+    for (rs, label), names in groups.items():
         width = max(len(n) for n in names) + 2
         print(f"{'model':<{width}}" + "".join(f"{f'{label}={r}':>20}" for r in rs))
         for name in names:
@@ -504,7 +473,7 @@ def _print_tables(rows: list[dict]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``staprune flops``: the paper's tables, one model's GFLOPs for some r, or r for a budget."""
-    names = [args.model] if args.model else list(PAPER_GFLOPS)
+    names = [args.model] if args.model else list(paper_tables())
     try:
         specs = {name: resolve_spec(name, args.frames, args.size) for name in names}
         if args.target is not None:
@@ -516,8 +485,8 @@ def run(args: argparse.Namespace) -> int:
                 from .models import load_model
 
                 net = load_model(name, args.frames, args.size)
-            rows += [_row(args, name, spec, net, r) for r in (args.r or _default_rs(name))]
-    except (ValueError, NotImplementedError) as err:
+            rows += [_row(args, name, spec, net, r) for r in (args.r or default_levels(name, spec))]
+    except ValueError as err:
         print(f"staprune flops: error: {err}", file=sys.stderr)
         return 2
     if args.json:
@@ -527,7 +496,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_target(args: argparse.Namespace, specs: dict[str, ViTSpec | SwinSpec]) -> int:
+def _run_target(args: argparse.Namespace, specs: dict) -> int:
     rows = []
     for name, spec in specs.items():
         r = r_for_budget(spec, args.target, **_options(args))

@@ -20,7 +20,7 @@ from staprune.analysis import cli as analyze_cli
 from staprune.analysis import visualize_cli
 from staprune.analysis.backbones import describe
 from staprune.analysis.gradnorm import gradnorm, mass_fraction, random_mass_fraction
-from staprune.analysis.inputs import Clip, LoadedModel, clip_indices, default_dataset, load_model, read_clip
+from staprune.analysis.inputs import Clip, LoadedModel, clip_indices, load_model, read_clip
 from staprune.analysis.redundancy import clip_trajectory_sums, trajectory_sum
 from staprune.analysis.visualize import (
     default_tile_side,
@@ -32,7 +32,6 @@ from staprune.analysis.visualize import (
     tile_origin,
 )
 from staprune.data import Preprocessing, write_video
-from staprune.demo import models as demo_models
 
 SIZE, FRAMES = 64, 8  # tiny ViT: 4 tubelet-frames of 4x4 tokens
 
@@ -214,7 +213,9 @@ def test_swin_stages_drawn_at_their_own_resolution():
     ).eval()
     backbone = describe(model, frames=4, size=64)
     assert [(g.height, g.pixels) for g in backbone.grids] == [(16, 4), (8, 8), (4, 16), (2, 32)]
-    loaded = LoadedModel("swin", model, backbone, Preprocessing.imagenet_default(64))
+    from staprune.families.swin3d import FAMILY as SWIN
+
+    loaded = LoadedModel("swin", SWIN.wrap(model, "tiny swin"), backbone, Preprocessing.imagenet_default(64))
     display = np.full((4, 64, 64, 3), 100, dtype=np.uint8)
     x = backbone.model_input(torch.randn(1, 4, 3, 64, 64))
     clip = Clip(path=Path("synthetic.mp4"), indices=[0, 1, 2, 3], display=display, x=x)
@@ -232,23 +233,26 @@ def test_swin_stages_drawn_at_their_own_resolution():
 def test_clip_is_the_protocols_centre_clip(assets):
     loaded = load_model(assets["model"])
     # ViT K400: 8 frames at stride 4 span 32 > 24 frames: starts at 0, clamps at the end.
-    assert clip_indices(24, loaded.backbone) == [0, 4, 8, 12, 16, 20, 23, 23]
-    assert clip_indices(100, loaded.backbone) == [34 + 4 * j for j in range(8)]
+    assert clip_indices(24, loaded) == [0, 4, 8, 12, 16, 20, 23, 23]
+    assert clip_indices(100, loaded) == [34 + 4 * j for j in range(8)]
 
 
-@pytest.mark.skipif(not demo_models.weights_path("demo-vit").exists(), reason="demo-vit weights not bundled")
 def test_demo_models_read_the_consecutive_frames_they_were_trained_on(assets, tmp_path):
-    """Without --dataset, a 16-frame demo clip is read frame by frame (ssv2's segments), not with
-    K400's stride 4, which would span 64 frames and repeat the last frame 12 times."""
+    """A demo model reads the centre 16 consecutive frames of a video under either protocol (it was
+    trained on 16-frame clips at one frame per step), not K400's stride 4 (64 frames) or SSV2's
+    segments spread over the video; other models keep their protocol."""
     from staprune.demo.data import generate
 
     clips, _ = generate(1, seed=3)
-    video = write_video(tmp_path / "demo.mp4", clips[0].permute(0, 2, 3, 1).contiguous())
-    loaded = load_model("demo-vit")
-    assert default_dataset(loaded) == "ssv2"
-    assert read_clip(video, loaded).indices == list(range(16))
-    assert len(set(read_clip(video, loaded, "k400").indices)) < 16  # the protocol still selectable
-    assert default_dataset(load_model(assets["model"])) == "k400"  # other models: unchanged
+    short = write_video(tmp_path / "demo.mp4", clips[0].permute(0, 2, 3, 1).contiguous())
+    long = write_video(tmp_path / "long.mp4", clips[0].repeat(7, 1, 1, 1)[:100].permute(0, 2, 3, 1).contiguous())
+    for name in ("demo-vit", "demo-swin"):
+        loaded = load_model(name)
+        for dataset in (None, "k400", "ssv2"):
+            assert read_clip(short, loaded, dataset).indices == list(range(16))
+            assert read_clip(long, loaded, dataset).indices == list(range(42, 58))
+    other = load_model(assets["model"])
+    assert read_clip(long, other, "k400").indices == [34 + 4 * j for j in range(8)]
 
 
 # --- GradNorm ---------------------------------------------------------------------------------------

@@ -9,14 +9,8 @@ import re
 import pytest
 import torch
 
-from staprune.checkpoints import (
-    CheckpointError,
-    load,
-    load_hf_videomae,
-    load_videomae_release,
-    map_qv_bias,
-    read_state_dict,
-)
+from staprune.checkpoints import CheckpointError, load, load_hf, read_state_dict
+from staprune.families.videomae import load_videomae_release, map_qv_bias
 
 
 def _hf_model(hidden: int = 32, heads: int = 2, layers: int = 2, mean_pooling: bool = True, seed: int = 0,
@@ -78,7 +72,7 @@ def test_release_checkpoint_gives_identical_logits(tmp_path, mean_pooling):
     wrapped = {f"module.{k}": v for k, v in _release_state(model).items()}
     torch.save({"model": wrapped, "args": argparse.Namespace(lr=1e-3), "epoch": 3}, path)
     loaded = load_videomae_release(path, num_frames=8, image_size=64, num_heads=2)
-    assert loaded.backbone == "vit" and loaded.num_classes == 5 and loaded.frames == 8
+    assert loaded.family.name == "videomae" and loaded.num_classes == 5 and loaded.frames == 8
     assert loaded.model.config.use_mean_pooling is mean_pooling
     assert torch.equal(_logits(loaded.model), _logits(model))
 
@@ -152,7 +146,7 @@ def test_hf_dir_with_q_v_bias_names_loads_biases(tmp_path, monkeypatch):
         return m
 
     monkeypatch.setattr(VideoMAEForVideoClassification, "from_pretrained", classmethod(forgetful))
-    loaded = load_hf_videomae(str(tmp_path))
+    loaded = load_hf(str(tmp_path))
     assert torch.equal(_logits(loaded.model), _logits(model))
 
 
@@ -192,7 +186,7 @@ def test_swin_from_local_weights(swin_file, tmp_path):
     model, path = swin_file
     x = torch.randn(1, 8, 3, 64, 64, generator=torch.Generator().manual_seed(0))  # (B, T, 3, H, W)
     loaded = load(f"swin3d_t:{path}")
-    assert loaded.backbone == "swin" and loaded.num_classes == 7 and loaded.frames is None
+    assert loaded.family.name == "swin3d" and loaded.num_classes == 7 and loaded.frames is None
     with torch.inference_mode():
         assert torch.equal(loaded.logits(x), model(x.transpose(1, 2)))
     # A bare state-dict file: the variant is read off the shapes.

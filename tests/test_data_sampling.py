@@ -9,11 +9,15 @@ from hypothesis import strategies as st
 from staprune.data.sampling import (
     ViewProtocol,
     parse_views,
-    protocol,
     segment_clip_indices,
     spatial_crop_boxes,
     uniform_clip_indices,
 )
+from staprune.families import family_named
+
+
+def protocol(family: str, dataset: str) -> ViewProtocol:
+    return family_named(family).protocol(dataset)
 
 # ---------------------------------------------------------------- uniform (K400) clips
 
@@ -140,38 +144,38 @@ def test_crops_reject_small_frames():
         spatial_crop_boxes(224, 300, 224, 0)
 
 
-# ---------------------------------------------------------------- protocol table
+# ---------------------------------------------------------------- protocol table (the paper's Sec. 4.1)
 
 
 @pytest.mark.parametrize(
-    ("backbone", "dataset", "expected"),
+    ("family", "dataset", "expected"),
     [
-        ("vit", "k400", (5, 3, 16, 4, "uniform")),
-        ("vit", "ssv2", (2, 3, 16, 2, "segment")),
-        ("swin", "k400", (4, 3, 32, 2, "uniform")),
-        ("swin", "ssv2", (1, 3, 32, 2, "uniform")),
-        ("ViT", "K400", (5, 3, 16, 4, "uniform")),
+        ("videomae", "k400", (5, 3, 16, 4, "uniform")),
+        ("videomae", "ssv2", (2, 3, 16, 2, "segment")),
+        ("swin3d", "k400", (4, 3, 32, 2, "uniform")),
+        ("swin3d", "ssv2", (1, 3, 32, 2, "uniform")),
+        ("videomae", "K400", (5, 3, 16, 4, "uniform")),
     ],
 )
-def test_protocol_table(backbone, dataset, expected):
-    p = protocol(backbone, dataset)
+def test_protocol_table(family, dataset, expected):
+    p = protocol(family, dataset)
     assert (p.clips, p.crops, p.frames, p.stride, p.sampling) == expected
     assert p.num_views == expected[0] * expected[1]
 
 
 def test_protocol_clip_indices_dispatch():
-    vit_ssv2 = protocol("vit", "ssv2")
+    vit_ssv2 = protocol("videomae", "ssv2")
     assert vit_ssv2.clip_indices(64) == segment_clip_indices(64, 16, 2)
-    swin_k400 = protocol("swin", "k400")
+    swin_k400 = protocol("swin3d", "k400")
     assert swin_k400.clip_indices(300) == uniform_clip_indices(300, 32, 2, 4)
     assert ViewProtocol(1, 1, 4, 2, "uniform").clip_indices(20) == [[6, 8, 10, 12]]
 
 
 def test_protocol_errors_list_valid_names():
-    with pytest.raises(ValueError, match="unknown backbone 'resnet'; valid: vit, swin"):
+    with pytest.raises(ValueError, match="unknown model family 'resnet'; known: videomae, swin3d"):
         protocol("resnet", "k400")
     with pytest.raises(ValueError, match="unknown dataset 'ucf101'; valid: k400, ssv2"):
-        protocol("vit", "ucf101")
+        protocol("videomae", "ucf101")
 
 
 @pytest.mark.parametrize(("text", "expected"), [("5x3", (5, 3)), ("2X3", (2, 3)), (" 4 x 1 ", (4, 1))])

@@ -18,8 +18,9 @@ import pytest
 import torch
 
 from staprune.cli import main
-from staprune.data import Preprocessing, ViewProtocol, protocol, write_video
+from staprune.data import Preprocessing, ViewProtocol, write_video
 from staprune.evaluate import clip_frame_indices, read_records, repair_tail, resolve_protocol, video_views
+from staprune.families import family_named
 
 NUM_VIDEOS, NUM_FRAMES, HEIGHT, WIDTH, CLASSES = 10, 40, 64, 80, 5
 COMMON = ["--views", "2x2", "--frames", "8", "--stride", "2", "--batch-size", "3", "--quiet"]
@@ -121,20 +122,23 @@ def reference(assets, tmp_path_factory) -> tuple[Path, list[dict]]:
 
 
 # --- view sampling ------------------------------------------------------------------------------
+VIDEOMAE = family_named("videomae")
+
+
 def test_clip_indices_follow_protocol():
-    vit_k400 = resolve_protocol("vit", "k400", None, None, None)
-    assert vit_k400 == protocol("vit", "k400")
+    vit_k400 = resolve_protocol(VIDEOMAE.protocol("k400"), None, None, None)
+    assert vit_k400 == VIDEOMAE.protocol("k400")
     # 5 clips of 16 frames at stride 4 over 100 frames: span 64, slack 36, starts 0, 9, 18, 27, 36.
     clips = clip_frame_indices(vit_k400, 100)
     assert [c[0] for c in clips] == [0, 9, 18, 27, 36]
     assert clips[-1] == list(range(36, 100, 4))
     # As in the tests below: 2 clips of 8 at stride 2 over 40 frames -> starts 0 and 24.
-    small = resolve_protocol("vit", "k400", "2x2", 8, 2)
+    small = resolve_protocol(VIDEOMAE.protocol("k400"), "2x2", 8, 2)
     assert clip_frame_indices(small, 40) == [list(range(0, 16, 2)), list(range(24, 40, 2))]
     # Too short (10 frames < span 16): start 0, indices clamped to the last frame, not a failure.
     assert clip_frame_indices(small, 10) == [[0, 2, 4, 6, 8, 9, 9, 9]] * 2
     # SSV2 uses segment sampling: 2 clips take interleaved offsets inside 16 segments of 2.5 frames.
-    ssv2 = resolve_protocol("vit", "ssv2", None, None, None)
+    ssv2 = resolve_protocol(VIDEOMAE.protocol("ssv2"), None, None, None)
     assert ssv2.sampling == "segment"
     # Segment j of 2.5 frames: clip 0 takes floor(2.5 j + 0.625), clip 1 floor(2.5 j + 1.875).
     seg = clip_frame_indices(ssv2, 40)
@@ -184,7 +188,7 @@ def test_scores_are_mean_softmax_over_views(assets, reference):
     out, _ = reference
     loaded = load(str(assets["model"]))
     staprune.patch(loaded.model, r=4, method="sta")
-    proto = resolve_protocol("vit", "k400", "2x2", 8, 2)
+    proto = resolve_protocol(VIDEOMAE.protocol("k400"), "2x2", 8, 2)
     records = _records(out / "sta_r4")
     for name in ("v0.mp4", "v7.mp4"):
         path = assets["root"] / name
@@ -297,12 +301,12 @@ def test_swin_dense_evaluates_and_pruned_reports(assets, tmp_path, monkeypatch, 
     a Swin adapter, is reported as an error row while the dense row is still evaluated."""
     from torchvision.models.video.swin_transformer import SwinTransformer3d
 
-    from staprune.checkpoints import LoadedModel
+    from staprune.families import LoadedModel
 
     torch.manual_seed(0)
     swin = SwinTransformer3d(patch_size=[2, 4, 4], embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
                              window_size=[2, 4, 4], num_classes=CLASSES).eval()
-    fake = LoadedModel(swin, "swin", Preprocessing.kinetics_swin(64), CLASSES, None, None, "tiny-swin")
+    fake = LoadedModel(swin, family_named("swin3d"), Preprocessing.kinetics_swin(64), CLASSES, None, None, "tiny-swin")
     monkeypatch.setattr("staprune.evaluate.load", lambda *a, **k: fake)
     base = ["eval", "--model", "tiny", "--data", str(assets["good"]), "--workers", "0", "--json", *COMMON]
     assert main([*base, "--out", str(tmp_path / "dense"), "--method", "none"]) == 0

@@ -19,6 +19,9 @@ from conftest import tiny_swin
 
 import staprune
 from staprune import finetune as ft
+from staprune.families import family_named
+
+VIDEOMAE, SWIN = family_named("videomae"), family_named("swin3d")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,7 +53,7 @@ def batch(n: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def step_cfg(dtype: str = "fp32") -> ft.StepConfig:
-    return ft.StepConfig("vit", ft.AUTOCAST[dtype], 0.1, 0.0, torch.device("cpu"))
+    return ft.StepConfig(VIDEOMAE, ft.AUTOCAST[dtype], 0.1, 0.0, torch.device("cpu"))
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -143,7 +146,7 @@ def test_sta_training_reduces_loss():
 def test_gradients_reach_every_block_under_pruning():
     model = staprune.patch(tiny(), r=4)
     x, y = batch(4)
-    torch.nn.functional.cross_entropy(ft.logits_of(model, x, "vit"), y).backward()
+    torch.nn.functional.cross_entropy(ft.logits_of(model, x, VIDEOMAE), y).backward()
     for i, layer in enumerate(model.videomae.encoder.layer):
         for name, p in layer.named_parameters():
             assert p.grad is not None, f"layer {i} {name}: no gradient"
@@ -157,7 +160,7 @@ def test_swin_trains_pruned_with_stochastic_depth():
     staprune.patch(model, r=12)
     opt = ft.build_optimizer(model, 1e-3, 0.05)
     x, y = batch(2)  # (2, 8, 3, 64, 64); train_step hands Swin (2, 3, 8, 64, 64)
-    cfg = ft.StepConfig("swin", None, 0.1, 0.0, torch.device("cpu"))
+    cfg = ft.StepConfig(SWIN, None, 0.1, 0.0, torch.device("cpu"))
     losses = [float(ft.train_step(model, opt, x, y, 1e-3, cfg)) for _ in range(3)]
     assert all(math.isfinite(v) for v in losses)
     assert len(staprune.kept_tokens(model)) == 3
@@ -186,7 +189,7 @@ def _grads(model) -> torch.Tensor:
 def test_gradient_checkpointing_with_sta_matches_plain_backward():
     x, y = batch(2)
     plain = staprune.patch(tiny(layers=6), r=4)  # 6 blocks: pruning after 0, 2, 4; 1, 3, 5 stock
-    torch.nn.functional.cross_entropy(ft.logits_of(plain, x, "vit"), y).backward()
+    torch.nn.functional.cross_entropy(ft.logits_of(plain, x, VIDEOMAE), y).backward()
     ckpt = staprune.patch(tiny(layers=6), r=4)
     ft.enable_checkpointing(ckpt)
     assert ft.checkpointing_enabled(ckpt)
@@ -194,7 +197,7 @@ def test_gradient_checkpointing_with_sta_matches_plain_backward():
     calls = [0] * 6
     for i, layer in enumerate(ckpt.videomae.encoder.layer):
         layer.layernorm_before.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
-    torch.nn.functional.cross_entropy(ft.logits_of(ckpt, x, "vit"), y).backward()
+    torch.nn.functional.cross_entropy(ft.logits_of(ckpt, x, VIDEOMAE), y).backward()
     ft.assert_pruned_once(ckpt)
     assert calls == [1, 2, 1, 2, 1, 2]  # pruning blocks 0/2/4 run once; the others are recomputed
     assert torch.equal(_grads(plain), _grads(ckpt))
@@ -211,7 +214,7 @@ def test_gradient_checkpointing_rejected_with_tome():
 def test_guard_detects_a_rerun_pruning_step():
     model = staprune.patch(tiny(), r=4)
     x, y = batch(2)
-    torch.nn.functional.cross_entropy(ft.logits_of(model, x, "vit"), y).backward()
+    torch.nn.functional.cross_entropy(ft.logits_of(model, x, VIDEOMAE), y).backward()
     ft.assert_pruned_once(model)
     model._staprune.state.kept.append(model._staprune.state.source)  # what a recomputed stage would do
     with pytest.raises(RuntimeError, match="re-run"):
@@ -241,11 +244,11 @@ def test_compile_traces_pruned_training_step():
         warnings.simplefilter("error")  # a fallback warning fails the test
         used, note = ft.try_compile(
             compiled_src,
-            lambda m: torch.nn.functional.cross_entropy(ft.logits_of(m, x, "vit"), y).backward(),
+            lambda m: torch.nn.functional.cross_entropy(ft.logits_of(m, x, VIDEOMAE), y).backward(),
             backend="aot_eager",
         )
     assert note == "torch.compile: ok" and used is not compiled_src
-    torch.nn.functional.cross_entropy(ft.logits_of(eager, x, "vit"), y).backward()
+    torch.nn.functional.cross_entropy(ft.logits_of(eager, x, VIDEOMAE), y).backward()
     assert [k.shape[1] for k in staprune.kept_tokens(compiled_src)] == [48, 40, 36]
     torch.testing.assert_close(_grads(compiled_src), _grads(eager), rtol=1e-4, atol=1e-5)
 

@@ -15,10 +15,8 @@ from torchvision.models.video.swin_transformer import (
     shifted_window_attention_3d,
 )
 
-from staprune.config import swin_stage_drops
-from staprune.flops import flop_counter
-from staprune.patch import SUPPORTED, kept_tokens, patch, swin3d, unpatch
-from staprune.patch.swin3d import (
+from staprune.families import swin3d
+from staprune.families.swin3d import (
     FusedWindowAttention,
     _pruned_attention,
     _PrunedGrid,
@@ -26,8 +24,11 @@ from staprune.patch.swin3d import (
     query_subsets,
     shift_mask,
     stage_grids,
+    swin_stage_drops,
     window_layout,
 )
+from staprune.flops import flop_counter
+from staprune.patch import kept_tokens, patch, supported, unpatch
 
 # 8x100x76 input, patch (2,4,4): T=4, stage grids 25x19, 13x10, 7x5, 4x3. Window (2,7,7) needs
 # padding in stages 1-3 and shrinks to the grid in stage 4.
@@ -205,7 +206,7 @@ def test_r0_matches_stock_tiny() -> None:
     model, x = tiny_swin(), clips(2)
     stock = run(model, x)
     patch(model, 0)
-    assert "torchvision SwinTransformer3d (swin3d_t/s/b)" in SUPPORTED
+    assert "torchvision SwinTransformer3d (swin3d_t/s/b)" in supported()
     torch.testing.assert_close(run(model, x), stock, atol=1e-5, rtol=1e-5)
     assert kept_tokens(model) == []
     patch(model, 40, method="none")  # patched, never prunes

@@ -71,7 +71,7 @@ def _demo_clips(loaded: LoadedModel, count: int, seed: int) -> Iterator[torch.Te
     backbone = loaded.backbone
     clips, _ = generate(count, seed, frames=backbone.frames, size=backbone.size)
     for clip in clips:
-        yield to_model_input(clip[None], "BTCHW" if backbone.family == "vit" else "BCTHW")
+        yield backbone.model_input(to_model_input(clip[None], "BTCHW"))
 
 
 def _list_clips(

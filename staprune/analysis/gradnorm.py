@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbones import Backbone, StageGrid, logits_of, predicted_loss
+from .backbones import Backbone, StageGrid, predicted_loss
 
 
 def _resample_mass(heat: Tensor, size: tuple[int, int]) -> Tensor:
@@ -38,7 +38,7 @@ def gradnorm(model: nn.Module, backbone: Backbone, x: Tensor, grid: StageGrid | 
     Args:
         model: a dense (unpatched) classifier in eval mode.
         backbone: its geometry (:func:`staprune.analysis.backbones.describe`).
-        x: model input (ViT ``(B, T, 3, H, W)``; Swin ``(B, 3, T, H, W)``).
+        x: model input (in the family's layout, :meth:`Backbone.model_input`).
         grid: the grid to report on; default the first block's grid (ViT: the only one).
 
     Returns:
@@ -54,14 +54,15 @@ def gradnorm(model: nn.Module, backbone: Backbone, x: Tensor, grid: StageGrid | 
     ]
     try:
         with torch.enable_grad():
-            loss = predicted_loss(logits_of(model(x)))
+            loss = predicted_loss(backbone.family.logits(model(x)))
             grads = torch.autograd.grad(loss, outputs)
     finally:
         for handle in handles:
             handle.remove()
     total = torch.zeros(x.shape[0], grid.frames, grid.height, grid.width, dtype=torch.float64)
     for grad, (_, block_grid) in zip(grads, blocks, strict=True):
-        per_token = grad.detach().abs().sum(-1).double()  # sum over channels: (B, L) or (B, T, h, w)
+        # Patch tokens only (a CLS token has no place on the grid), summed over channels.
+        per_token = backbone.patch_tokens(grad.detach(), block_grid).abs().sum(-1).double()
         per_token = per_token.reshape(x.shape[0], block_grid.frames, block_grid.height, block_grid.width)
         total += _resample_mass(per_token, (grid.height, grid.width))
     return total

@@ -1,19 +1,17 @@
 """Model and clip loading shared by the analysis commands.
 
-``--model`` may be ``demo-vit`` / ``demo-swin`` (bundled demo models) or anything
-:func:`staprune.checkpoints.load` accepts (local Hugging Face VideoMAE directories, VideoMAE
-release ``.pth`` files, ``swin3d_t:WEIGHTS``, registry names with random weights); without that
-module, any local directory ``VideoMAEForVideoClassification.from_pretrained`` reads.
+``--model`` is anything :func:`staprune.checkpoints.load` accepts: registry names (the bundled
+``demo-vit`` / ``demo-swin`` with their weights; the others with random weights), local Hugging Face
+folders, release ``.pth`` files, ``swin3d_t:WEIGHTS``.
 
 Clips are sampled the way evaluation samples them, reduced to one view: the centre clip of the
-protocol's temporal sampling and the centre crop after resizing the short side to the input size.
+model's protocol for the dataset (the demo models: their 16 consecutive frames) and the centre
+crop after resizing the short side to the input size.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,22 +19,23 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..data import Preprocessing, probe, protocol, read_frames, resize_short_side, spatial_crop_boxes
+from .. import families
+from ..data import Preprocessing, probe, read_frames, resize_short_side, spatial_crop_boxes
 from .backbones import Backbone, describe
-
-DEMO_MODELS = ("demo-vit", "demo-swin")
-# staprune.demo.data.to_model_input normalises to mean 0.5 / std 0.5; the demo models expect it.
-DEMO_PREPROCESSING = Preprocessing(size=112, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 
 @dataclass
 class LoadedModel:
-    """A model in eval mode with its geometry and preprocessing."""
+    """A model in eval mode with its geometry, preprocessing and evaluation protocols."""
 
     name: str
-    model: nn.Module
+    loaded: families.LoadedModel
     backbone: Backbone
     preprocessing: Preprocessing
+
+    @property
+    def model(self) -> nn.Module:
+        return self.loaded.model
 
 
 @dataclass
@@ -59,68 +58,21 @@ class Clip:
         return self.display[::tubelet]
 
 
-def _optional(module: str):
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        return None
-
-
-def _load(spec: str, frames: int | None, size: int | None) -> tuple[nn.Module, Preprocessing | None]:
-    """The module and, when the source knows it, its preprocessing (size fixed by the caller)."""
-    if spec in DEMO_MODELS:
-        demo = _optional("staprune.demo.models")
-        if demo is None:
-            raise ValueError(
-                f"{spec} needs the bundled demo models (staprune.demo.models), which this install lacks"
-            )
-        model, _layout = demo.load_demo_model(spec)  # the layout is re-derived from the model type
-        return model, DEMO_PREPROCESSING
-    checkpoints = _optional("staprune.checkpoints")
-    if checkpoints is not None:
-        try:
-            loaded = checkpoints.load(spec, frames=frames, image_size=size)
-        except checkpoints.CheckpointError as err:
-            raise ValueError(str(err)) from err
-        return loaded.model, loaded.preprocessing
-    if os.path.isdir(spec):  # tiny fallback: a Hugging Face VideoMAE directory
-        from transformers import VideoMAEForVideoClassification
-
-        config_file = Path(spec) / "preprocessor_config.json"
-        prep = Preprocessing.from_hf_processor_config(config_file) if config_file.is_file() else None
-        return VideoMAEForVideoClassification.from_pretrained(spec), prep
-    raise ValueError(f"cannot load model {spec!r}: expected demo-vit, demo-swin or a local model directory")
-
-
 def load_model(spec: str, frames: int | None = None, size: int | None = None) -> LoadedModel:
-    """Load ``spec`` (see module doc) in eval mode, with geometry and preprocessing.
+    """Load ``spec`` (see module doc) in eval mode, with geometry and preprocessing (the source's
+    mean/std; the view size is always the model's input size)."""
+    from ..checkpoints import load
 
-    Preprocessing: the source's mean/std (HF ``preprocessor_config.json``; demo models: 0.5/0.5)
-    or ImageNet mean/std; the view size is always the model's input size.
-    """
-    if spec in DEMO_MODELS:  # demo models are built for their own clip geometry (16 x 112² today)
-        demo = _optional("staprune.demo.models")
-        frames, size = frames or getattr(demo, "FRAMES", None), size or getattr(demo, "SIZE", None)
-    model, prep = _load(spec, frames, size)
-    backbone = describe(model.eval(), frames, size)
-    prep = replace(prep or Preprocessing.imagenet_default(), size=backbone.size)
-    return LoadedModel(spec, model, backbone, prep)
+    loaded = load(spec, frames=frames, image_size=size)
+    model = loaded.model.eval()
+    backbone = describe(model, frames or loaded.frames, size or loaded.image_size)
+    return LoadedModel(spec, loaded, backbone, replace(loaded.preprocessing, size=backbone.size))
 
 
-def clip_indices(num_frames: int, backbone: Backbone, dataset: str = "k400") -> list[int]:
-    """Frame indices of the centre clip of ``dataset``'s test protocol, ``backbone.frames`` long."""
-    one_view = replace(protocol(backbone.family, dataset), clips=1, frames=backbone.frames)
+def clip_indices(num_frames: int, loaded: LoadedModel, dataset: str = "k400") -> list[int]:
+    """Frame indices of the centre clip of the model's ``dataset`` protocol, ``backbone.frames`` long."""
+    one_view = replace(loaded.loaded.protocol(dataset), clips=1, frames=loaded.backbone.frames)
     return one_view.clip_indices(num_frames)[0]
-
-
-def default_dataset(loaded: LoadedModel) -> str:
-    """The sampling protocol to use when none is named: ``"ssv2"`` for the demo models, else ``"k400"``.
-
-    The demo models were trained on 16 consecutive frames, and on a 16-frame clip the ssv2
-    protocol's uniform segments pick exactly those; K400's stride-4 sampling would span 64 frames
-    and repeat the last one.
-    """
-    return "ssv2" if loaded.name in DEMO_MODELS else "k400"
 
 
 def add_clip_arguments(parser: argparse.ArgumentParser) -> None:
@@ -129,17 +81,16 @@ def add_clip_arguments(parser: argparse.ArgumentParser) -> None:
         "--dataset",
         choices=("k400", "ssv2"),
         default=None,
-        help="test protocol for sampling (default: k400; the demo models: ssv2, i.e. their 16 consecutive frames)",
+        help="test protocol for sampling (default: k400; the demo models read their 16 consecutive frames either way)",
     )
     parser.add_argument("--frames", type=int, help="clip length (default: the model's; Swin 32)")
     parser.add_argument("--size", type=int, help="input side (default: the model's; Swin 224)")
 
 
 def read_clip(path: str | Path, loaded: LoadedModel, dataset: str | None = None) -> Clip:
-    """Decode and preprocess the centre view of a video for ``loaded``'s model
-    (``dataset`` None: :func:`default_dataset`)."""
+    """Decode and preprocess the centre view of a video for ``loaded``'s model (``dataset`` None: k400)."""
     path = Path(path)
-    indices = clip_indices(probe(path).num_frames, loaded.backbone, dataset or default_dataset(loaded))
+    indices = clip_indices(probe(path).num_frames, loaded, dataset or "k400")
     frames = read_frames(path, indices)  # uint8 (T, H, W, 3)
     views = loaded.preprocessing.views(frames, 1)  # (1, T, 3, S, S), exactly as evaluation builds it
     size = loaded.preprocessing.size
@@ -151,11 +102,9 @@ def read_clip(path: str | Path, loaded: LoadedModel, dataset: str | None = None)
 
 __all__ = [
     "Clip",
-    "DEMO_MODELS",
     "LoadedModel",
     "add_clip_arguments",
     "clip_indices",
-    "default_dataset",
     "load_model",
     "read_clip",
 ]

@@ -70,11 +70,11 @@ def stage_views(
     for k, (indices, grid) in enumerate(zip(kept, grids, strict=True)):
         mask = kept_mask(indices[0], grid.frames, grid.height, grid.width)
         count = int(mask.sum())
-        if backbone.family == "vit":
+        if len(backbone.grids) == 1:  # one grid for every stage (columnar ViTs)
             title = f"after stage {k + 1}: kept {count}/{grid.tokens} tokens"
         else:
             title = (
-                f"after Swin {grid.name} pruning ({grid.height}x{grid.width} tokens/frame): "
+                f"after {grid.name} pruning ({grid.height}x{grid.width} tokens/frame): "
                 f"kept {count}/{grid.tokens}"
             )
         views.append(StageView(title, mask_dropped(images, mask, grid.pixels), count, grid.tokens))

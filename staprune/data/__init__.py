@@ -4,11 +4,9 @@
 from .encode import encoder_available, pick_codec, write_video
 from .lists import VIDEO_SUFFIXES, VideoItem, load_items, read_list, scan_folders
 from .sampling import (
-    BACKBONES,
     DATASETS,
     ViewProtocol,
     parse_views,
-    protocol,
     segment_clip_indices,
     spatial_crop_boxes,
     uniform_clip_indices,
@@ -26,7 +24,6 @@ from .transforms import (
 from .video import VideoInfo, VideoReadError, probe, read_frames
 
 __all__ = [
-    "BACKBONES",
     "DATASETS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -44,7 +41,6 @@ __all__ = [
     "parse_views",
     "pick_codec",
     "probe",
-    "protocol",
     "read_frames",
     "read_list",
     "resize_short_side",

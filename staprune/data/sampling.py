@@ -119,29 +119,7 @@ class ViewProtocol:
         return uniform_clip_indices(num_frames, self.frames, self.stride, self.clips)
 
 
-# The paper's test protocols (clips x crops, frames per clip, temporal stride, sampling rule).
-# For segment sampling the stride is not used by the index rule; it is kept for reference.
-_PROTOCOLS: dict[tuple[str, str], ViewProtocol] = {
-    ("vit", "k400"): ViewProtocol(clips=5, crops=3, frames=16, stride=4, sampling="uniform"),
-    ("vit", "ssv2"): ViewProtocol(clips=2, crops=3, frames=16, stride=2, sampling="segment"),
-    ("swin", "k400"): ViewProtocol(clips=4, crops=3, frames=32, stride=2, sampling="uniform"),
-    ("swin", "ssv2"): ViewProtocol(clips=1, crops=3, frames=32, stride=2, sampling="uniform"),
-}
-BACKBONES: tuple[str, ...] = ("vit", "swin")
 DATASETS: tuple[str, ...] = ("k400", "ssv2")
-
-
-def protocol(backbone: str, dataset: str) -> ViewProtocol:
-    """Test view protocol for ``backbone`` in {"vit", "swin"} and ``dataset`` in {"k400", "ssv2"}.
-
-    Matching is case-insensitive. Raises ValueError listing the valid names otherwise.
-    """
-    b, d = backbone.strip().lower(), dataset.strip().lower()
-    if b not in BACKBONES:
-        raise ValueError(f"unknown backbone {backbone!r}; valid: {', '.join(BACKBONES)}")
-    if d not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
-    return _PROTOCOLS[(b, d)]
 
 
 def parse_views(text: str) -> tuple[int, int]:

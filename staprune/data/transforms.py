@@ -152,7 +152,10 @@ class Preprocessing:
 
         Uses ``image_mean``/``image_std`` (identity if ``do_normalize`` is false) and
         ``crop_size`` if present, else ``size``; sizes may be ints, ``{"shortest_edge": n}`` or
-        square ``{"height": n, "width": n}``. Rescaling to [0, 1] is assumed (HF's 1/255 default).
+        square ``{"height": n, "width": n}``. HF first rescales pixel values ``p`` in 0..255 to
+        ``p * rescale_factor - offset`` (default 1/255, no offset; ViViT's processors use 1/127.5 and
+        an offset of 1, i.e. [-1, 1]), then normalises; both steps are folded into one mean/std on
+        [0, 1] frames, so ``normalize(x, mean, std)`` gives exactly HF's values.
         """
         if isinstance(path_or_dict, Mapping):
             config = dict(path_or_dict)
@@ -174,4 +177,12 @@ class Preprocessing:
             mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
         if len(mean) != 3 or len(std) != 3:
             raise ValueError(f"image_mean/image_std must have 3 values, got {mean} / {std}")
+        scale = float(config.get("rescale_factor", 1 / 255)) if config.get("do_rescale", True) else 1.0
+        # ViViT's video processor always offsets; its image processor says so in "offset".
+        always_offset = "Vivit" in str(config.get("video_processor_type", ""))
+        offset = 1.0 if config.get("offset", always_offset) else 0.0
+        # (255 x * scale - offset - m) / s  ==  (x - (m + offset) / (255 scale)) / (s / (255 scale))
+        unit = round(255.0 * scale, 6)  # 0.00392156862745098 * 255 is 1 up to float error
+        mean = tuple((m + offset) / unit for m in mean)
+        std = tuple(v / unit for v in std)
         return cls(size=size, mean=mean, std=std)  # type: ignore[arg-type]

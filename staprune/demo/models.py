@@ -6,6 +6,11 @@
 Both classify the 12 motion classes of :mod:`staprune.demo.data`. Weights live next to this
 file in ``weights/<name>.safetensors`` (fp16), the recipe and held-out accuracy in
 ``weights/<name>.json``.
+
+:func:`register` adds both to the model registry (:mod:`staprune.families`, through the
+``staprune.models`` entry point), so ``--model demo-vit`` works in every command like any other
+registry name: their fixed 16x112² geometry, their own pruning levels, their normalisation
+(mean 0.5, std 0.5) and their sampling (16 consecutive frames).
 """
 
 from __future__ import annotations
@@ -24,6 +29,10 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEMO_MODELS = ("demo-vit", "demo-swin")
 # Input layout each model's forward expects, for :func:`staprune.demo.data.to_model_input`.
 LAYOUTS = {"demo-vit": "BTCHW", "demo-swin": "BCTHW"}
+# Pruning levels per model: ViT r per tubelet-frame of 49 tokens (0.79/0.70/0.61 of dense
+# GFLOPs); Swin r1 per frame of the 4x4 grid of its second (last) stage (0.94/0.87/0.80: its
+# first stage, 60% of the FLOPs, is never pruned).
+LEVELS = {"demo-vit": (8, 12, 16), "demo-swin": (4, 8, 12)}
 
 
 def build_demo_vit(num_classes: int = NUM_CLASSES) -> nn.Module:
@@ -183,3 +192,61 @@ def roundtrip_fp16(model: nn.Module) -> nn.Module:
             if t.is_floating_point():
                 t.copy_(t.half().float())
     return model
+
+
+# --- registry -----------------------------------------------------------------------------------
+def preprocessing():
+    """What :func:`staprune.demo.data.to_model_input` does: ``(x / 255 - 0.5) / 0.5`` at 112²."""
+    from ..data.transforms import Preprocessing
+
+    return Preprocessing(size=SIZE, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+def protocols() -> dict:
+    """Both datasets' protocol for the demo models: the centre 16 consecutive frames (they were
+    trained on 16-frame clips at one frame per step), one centre crop."""
+    from ..data.sampling import ViewProtocol
+
+    consecutive = ViewProtocol(clips=1, crops=1, frames=FRAMES, stride=1, sampling="uniform")
+    return {"k400": consecutive, "ssv2": consecutive}
+
+
+def loaded_demo_model(name: str, weights: str = "auto"):
+    """The demo model as a :class:`staprune.families.LoadedModel`.
+
+    ``weights``: ``auto`` the bundled trained weights when present, else an untrained model (FLOPs
+    and speed do not depend on the weights; the source says which); ``bundled`` the trained weights
+    or FileNotFoundError; ``random`` an untrained model drawn from torch's global RNG.
+    """
+    from ..families import family_of
+    from ..families.base import LoadedModel
+
+    if weights == "bundled" or (weights == "auto" and weights_path(name).exists()):
+        model, how = load_demo_model(name)[0], "bundled weights"
+    elif weights in ("auto", "random"):
+        model = BUILDERS[name]().eval()
+        how = "random init" if weights == "random" else "UNTRAINED: weights not bundled"
+    else:
+        raise ValueError(f"weights={weights!r}; choose auto, bundled or random")
+    return LoadedModel(model, family_of(model), preprocessing(), NUM_CLASSES, FRAMES, SIZE, f"{name} ({how})",
+                       protocols=protocols(), levels=LEVELS[name])
+
+
+def register(registry) -> None:
+    """Entry point of the ``staprune.models`` group: add both demo models to ``registry``
+    (:mod:`staprune.families`)."""
+    from ..families.base import ModelEntry
+    from ..families.swin3d import SwinSpec
+    from ..families.videomae import ViTSpec
+
+    specs = {
+        "demo-vit": ("videomae", ViTSpec(128, 6, 4, frames=FRAMES, size=SIZE, num_classes=NUM_CLASSES)),
+        "demo-swin": ("swin3d", SwinSpec(128, (4, 2), (4, 8), patch=(2, 16, 16), frames=FRAMES, size=SIZE,
+                                         num_classes=NUM_CLASSES)),
+    }
+    for name, (family, spec) in specs.items():
+        registry.register_model(ModelEntry(
+            name, family, spec, levels=LEVELS[name], loader=lambda weights, name=name: loaded_demo_model(name, weights),
+            fixed_input=True, protocols=protocols(), preprocessing=preprocessing(),
+            description=f"bundled demo model ({FRAMES}x{SIZE}², {NUM_CLASSES} synthetic motion classes)",
+        ))

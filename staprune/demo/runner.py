@@ -24,12 +24,8 @@ import staprune
 
 from ..flops import measure_flops
 from .data import generate, to_model_input
-from .models import DEMO_MODELS, load_demo_model, logits_of, model_card, weights_path
+from .models import DEMO_MODELS, LEVELS, load_demo_model, logits_of, model_card, weights_path
 
-# Pruning levels per model: ViT r per tubelet-frame of 49 tokens (0.79/0.70/0.61 of dense
-# GFLOPs); Swin r1 per frame of the 4x4 grid of its second (last) stage (0.94/0.87/0.80: its
-# first stage, 60% of the FLOPs, is never pruned).
-LEVELS = {"demo-vit": (8, 12, 16), "demo-swin": (4, 8, 12)}
 METHODS = {"demo-vit": ("sta", "random", "tome"), "demo-swin": ("sta", "random")}
 MIN_Y_SPAN = 5.0  # top-1 points the plot's y axis spans at least
 DEFAULT_SEED = 7  # neither the training seed (0) nor the model cards' held-out seed
@@ -45,9 +41,9 @@ class Setting:
         staprune.unpatch(net)
         if self.method != "dense":
             staprune.patch(net, r=self.r, method=self.method)
-        elif self.model == "demo-swin":
-            # Dense Swin through the same fused window attention as the pruned runs, so the speed
-            # ratio measures pruning, not the attention kernel.
+        else:
+            # Dense through the patched model's own kernels (the Swin's fused window attention), so
+            # the speed ratio measures pruning, not the attention kernel.
             staprune.patch(net, r=0, method="none")
 
 

@@ -1,4 +1,5 @@
-"""``patch`` / ``unpatch`` / ``kept_tokens``: dispatch to the adapter of the model's family."""
+"""``patch`` / ``unpatch`` / ``kept_tokens``: dispatch to the adapter of the model's family
+(:mod:`staprune.families`)."""
 
 from __future__ import annotations
 
@@ -9,21 +10,20 @@ from torch import Tensor, nn
 
 from ..config import STAConfig, Stage, as_config
 from .common import PATCH_ATTR
-from .swin3d import is_swin3d, patch_swin3d
-from .videomae import is_videomae, patch_videomae
 
-SUPPORTED = (
-    "transformers VideoMAEForVideoClassification",
-    "transformers VideoMAEModel",
-    "torchvision SwinTransformer3d (swin3d_t/s/b)",
-)
+
+def supported() -> list[str]:
+    """The model classes staprune patches (one entry per class of every registered family)."""
+    from ..families import supported_classes
+
+    return supported_classes()
 
 
 def patch(model: nn.Module, r: int | None = None, *, config: STAConfig | None = None, **options) -> nn.Module:
     """Make ``model`` prune spatio-temporal tokens, in place; returns the same model.
 
     Args:
-        model: a supported backbone (see ``staprune.patch.SUPPORTED``).
+        model: a supported backbone (see :func:`staprune.patch.supported`).
         r: tokens dropped per temporal unit at the first stage (the paper's r_1).
         config: a full :class:`STAConfig`; ``r`` and ``options`` override its fields.
         **options: any STAConfig field, e.g. ``method="random"``, ``order="FFF"``.
@@ -32,13 +32,12 @@ def patch(model: nn.Module, r: int | None = None, *, config: STAConfig | None = 
         TypeError: unsupported model or unknown option. ValueError: invalid option value, or r
         too large / frames not divisible for the model's configured input.
     """
+    from ..families import family_of
+
     cfg = as_config(config, r, **options)
-    if not isinstance(model, nn.Module) or not (is_videomae(model) or is_swin3d(model)):
-        raise TypeError(
-            f"staprune cannot patch {type(model).__name__}; supported models: {', '.join(SUPPORTED)}"
-        )
+    family = family_of(model)  # TypeError naming the supported families
     unpatch(model)
-    patched = patch_swin3d(model, cfg) if is_swin3d(model) else patch_videomae(model, cfg)
+    patched = family.patch(model, cfg)
     # An instance attribute is what copy.deepcopy looks up first (EMA copies, benchmark copies).
     model.__dict__["__deepcopy__"] = MethodType(_deepcopy_patched, model)
     return patched
@@ -91,6 +90,15 @@ def kept_stages(model: nn.Module) -> list[Stage]:
     nothing record nothing."""
     kept_tokens(model)  # same errors when unpatched or before a forward
     return list(model.__dict__[PATCH_ATTR].state.kept_stages)
+
+
+def final_kept(model: nn.Module) -> Tensor | None:
+    """Original indices ``(B, K)`` kept after the last stage of the last forward; None when the model
+    is not patched or nothing was pruned."""
+    if get_config(model) is None:
+        return None
+    kept = kept_tokens(model)
+    return kept[-1] if kept else None
 
 
 def get_config(model: nn.Module) -> STAConfig | None:

@@ -1,8 +1,10 @@
-"""What every backbone adapter shares: per-forward state and the patch bookkeeping."""
+"""What every backbone adapter shares: per-forward state, the patch bookkeeping, and the
+grid-filling rule of the Swin recipe (dropped positions take their nearest kept token)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +29,8 @@ class ForwardState:
         kept: ``source`` after each stage, for :func:`staprune.kept_tokens`.
         kept_stages: the :class:`Stage` each entry of ``kept`` belongs to.
         metric: the pruning block's similarity tensor, recorded by its attention.
+        fill: ``(B, L_grid)`` for adapters that refill a full grid (the Swin recipe): the kept token
+            (index into the current sequence) each grid position takes, see :func:`nearest_kept_fill`.
     """
 
     plan: PruningPlan
@@ -37,6 +41,7 @@ class ForwardState:
     kept: list[Tensor] = field(default_factory=list)
     kept_stages: list[Stage] = field(default_factory=list)
     metric: Tensor | None = None
+    fill: Tensor | None = None
 
     def record(self, stage: Stage, kept: Tensor) -> None:
         """Remember the tokens a stage kept (``(B, K)`` original indices) for kept_tokens()."""
@@ -117,3 +122,55 @@ class Patch:
         self._forwards.clear()
         self._hooks.clear()
         self.state = None
+
+
+def current_stage(state: ForwardState, layer: int) -> Stage | None:
+    """The stage of this forward's plan that prunes after block (or Swin stage) ``layer``, if any."""
+    return next((s for s in state.plan.stages if s.layer == layer), None)
+
+
+# --- nearest kept fill (the paper's Video Swin recipe, also used for TimeSformer) ----------------
+@lru_cache(maxsize=16)
+def _squared_distances(h: int, w: int, device: torch.device) -> Tensor:
+    """``(h*w, h*w)`` squared Euclidean distances between grid cells (exact in float32)."""
+    with torch.inference_mode(False):
+        rows = torch.arange(h * w) // w
+        cols = torch.arange(h * w) % w
+        d = (rows.view(-1, 1) - rows.view(1, -1)) ** 2 + (cols.view(-1, 1) - cols.view(1, -1)) ** 2
+        return d.float().to(device)
+
+
+def nearest_kept_fill(keep: Tensor, frames: int, grid_hw: tuple[int, int], chunk: int = 1 << 23) -> Tensor:
+    """For every grid position, the kept token whose value it takes.
+
+    Kept positions map to themselves. A dropped position takes its nearest kept token in the
+    same frame by Euclidean distance on ``(row, col)``; ties go to the lowest flat index
+    (smallest row, then smallest column).
+
+    Args:
+        keep: ``(B, K)`` kept flat positions ``t*h*w + row*w + col`` (any order, no repeats).
+        frames: ``T``; grid_hw: ``(h, w)``.
+        chunk: cap on distance-matrix entries per step (memory bound).
+    Returns:
+        ``(B, T*h*w)`` long indices into ``keep``'s K tokens.
+    Raises:
+        ValueError: a frame has no kept token.
+    """
+    bsz, n_keep = keep.shape
+    h, w = grid_hw
+    n = h * w
+    kept = torch.zeros(bsz, frames * n, dtype=torch.bool, device=keep.device).scatter_(1, keep, True)
+    kept = kept.view(bsz * frames, n)
+    if not torch.compiler.is_compiling() and not bool(kept.any(-1).all()):
+        raise ValueError("a frame has no kept token; nearest-kept filling needs at least one per frame")
+    dist = _squared_distances(h, w, keep.device)
+    nearest = torch.empty(bsz * frames, n, dtype=torch.long, device=keep.device)
+    step = max(1, chunk // (n * n))
+    for i in range(0, bsz * frames, step):
+        masked = dist.masked_fill(~kept[i : i + step, None, :], float("inf"))  # (step, n, n)
+        nearest[i : i + step] = masked.argmin(-1)  # first minimum = lowest flat index
+    offsets = torch.arange(frames, device=keep.device).repeat(bsz).view(-1, 1) * n
+    nearest = (nearest + offsets).view(bsz, frames * n)
+    slot = torch.full((bsz, frames * n), -1, dtype=torch.long, device=keep.device)
+    slot.scatter_(1, keep, torch.arange(n_keep, device=keep.device).expand(bsz, -1))
+    return slot.gather(1, nearest)

@@ -1,4 +1,7 @@
-"""Adapter for torchvision's Video Swin (``SwinTransformer3d``: ``swin3d_t``/``swin3d_s``/``swin3d_b``).
+"""torchvision's Video Swin (``SwinTransformer3d``: ``swin3d_t``/``swin3d_s``/``swin3d_b``): adapter, geometry,
+FLOPs, loading, registry (``VideoSwin-T/S/B``, ``VideoSwin-B-SSV2``: the paper's Table 3).
+
+The adapter:
 
 Two things change once a model is patched:
 
@@ -46,20 +49,28 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from types import MethodType
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import PruningPlan, STAConfig, Stage, resolve_swin_plan
+from ..checkpoints import CheckpointError, listing, load_verified, read_state_dict
+from ..config import PruningPlan, STAConfig, Stage, stage_directions, stage_feasible
+from ..data.sampling import ViewProtocol
+from ..data.transforms import Preprocessing
+from ..flops import FlopCount, add_parts, metric_dim, sta_selection_flops
+from ..patch.common import Patch, current_stage, nearest_kept_fill
 from ..score import gather_tokens, head_mean
-from .common import Patch
+from .base import Family, FamilyModels, LoadedModel, ModelEntry, Spec, StageGrid, TokenGeometry
 
 MASK_VALUE = -100.0  # torchvision's shift-mask value (not -inf): kept for exact equality
-NOMINAL_INPUT = (32, 224, 224)  # frames, height, width checked at patch time (the paper's input)
 _QKV_SLICE = {"query": 0, "key": 1, "value": 2}
 
 
@@ -331,51 +342,6 @@ def fused_attention_forward(helper: FusedWindowAttention):
     return forward
 
 
-# --- nearest kept fill --------------------------------------------------------------------------
-@lru_cache(maxsize=16)
-def _squared_distances(h: int, w: int, device: torch.device) -> Tensor:
-    """``(h*w, h*w)`` squared Euclidean distances between grid cells (exact in float32)."""
-    with torch.inference_mode(False):
-        rows = torch.arange(h * w) // w
-        cols = torch.arange(h * w) % w
-        d = (rows.view(-1, 1) - rows.view(1, -1)) ** 2 + (cols.view(-1, 1) - cols.view(1, -1)) ** 2
-        return d.float().to(device)
-
-
-def nearest_kept_fill(keep: Tensor, frames: int, grid_hw: tuple[int, int], chunk: int = 1 << 23) -> Tensor:
-    """For every grid position, the kept token whose value it takes.
-
-    Kept positions map to themselves. A dropped position takes its nearest kept token in the
-    same frame by Euclidean distance on ``(row, col)``; ties go to the lowest flat index
-    (smallest row, then smallest column).
-
-    Args:
-        keep: ``(B, K)`` kept flat positions ``t*h*w + row*w + col`` (any order, no repeats).
-        frames: ``T``; grid_hw: ``(h, w)``.
-        chunk: cap on distance-matrix entries per step (memory bound).
-    Returns:
-        ``(B, T*h*w)`` long indices into ``keep``'s K tokens.
-    Raises:
-        ValueError: a frame has no kept token.
-    """
-    bsz, n_keep = keep.shape
-    h, w = grid_hw
-    n = h * w
-    kept = torch.zeros(bsz, frames * n, dtype=torch.bool, device=keep.device).scatter_(1, keep, True)
-    kept = kept.view(bsz * frames, n)
-    if not bool(kept.any(-1).all()):
-        raise ValueError("a frame has no kept token; nearest-kept filling needs at least one per frame")
-    dist = _squared_distances(h, w, keep.device)
-    nearest = torch.empty(bsz * frames, n, dtype=torch.long, device=keep.device)
-    step = max(1, chunk // (n * n))
-    for i in range(0, bsz * frames, step):
-        masked = dist.masked_fill(~kept[i : i + step, None, :], float("inf"))  # (step, n, n)
-        nearest[i : i + step] = masked.argmin(-1)  # first minimum = lowest flat index
-    offsets = torch.arange(frames, device=keep.device).repeat(bsz).view(-1, 1) * n
-    nearest = (nearest + offsets).view(bsz, frames * n)
-    slot = torch.full((bsz, frames * n), -1, dtype=torch.long, device=keep.device)
-    slot.scatter_(1, keep, torch.arange(n_keep, device=keep.device).expand(bsz, -1))
-    return slot.gather(1, nearest)
 
 
 # --- pruned stage -------------------------------------------------------------------------------
@@ -505,7 +471,7 @@ def _make_stage(p: Patch, index: int, helpers: dict[nn.Module, FusedWindowAttent
 
     def forward(self, x: Tensor) -> Tensor:
         state = p.state
-        stage = None if state is None else next((s for s in state.plan.stages if s.layer == index), None)
+        stage = None if state is None else current_stage(state, index)
         if stage is None or stage.r == 0 or p.config.method == "none":
             return nn.Sequential.forward(self, x)
         bsz, t, h, w, c = x.shape
@@ -570,7 +536,8 @@ def patch_swin3d(model: nn.Module, config: STAConfig) -> nn.Module:
             plans[key] = resolve_swin_plan(config, t, grids[1:])
         return plans[key]
 
-    plan_for(*NOMINAL_INPUT)
+    nominal = FAMILY.spec_of(model)
+    plan_for(nominal.frames, nominal.size, nominal.size)  # validate now, before any forward
 
     def start(module: nn.Module, args: tuple) -> None:
         pixels = args[0]
@@ -591,13 +558,368 @@ def patch_swin3d(model: nn.Module, config: STAConfig) -> nn.Module:
     return model
 
 
+
+# --- pruning plan ------------------------------------------------------------------------------
+def swin_stage_drops(r1: int) -> tuple[int, int, int]:
+    """Per-frame drops at the start of Swin stages 2, 3 and 4: ``r1, 1.5*r1/4, 2*r1/16``.
+
+    Rounded half-up to whole tokens (r1 = 192/256/320 give exact integers: 72/96/120, 24/32/40).
+    """
+    return (r1, int(1.5 * r1 / 4 + 0.5), int(2 * r1 / 16 + 0.5))
+
+
+def _swin_stages(config: STAConfig, r1: int, frames: int, grids: Sequence[tuple[int, int]]) -> list[Stage]:
+    if isinstance(config.schedule, str):
+        # Smaller Swins (2 or 3 stages) prune after each of their patch mergings with the first
+        # drops of the paper's schedule; a deeper one has no published drops for stage 5 on.
+        if len(grids) > 3:
+            raise ValueError(
+                f"this Video Swin has {len(grids) + 1} stages; the paper's r1 schedule covers stages 2-4 "
+                f"only: pass schedule=[(units, r), ...] with {len(grids)} pairs"
+            )
+        drops = swin_stage_drops(r1)[: len(grids)]
+        units = [frames] * len(drops)
+    else:
+        if len(config.schedule) != len(grids):
+            raise ValueError(
+                f"explicit Swin schedule needs {len(grids)} (units, r) pairs, got {config.schedule}"
+            )
+        units = [u for u, _ in config.schedule]
+        drops = tuple(r for _, r in config.schedule)
+    order = stage_directions(config, len(grids))
+    stages = []
+    for k, ((h, w), u, r_k, direction) in enumerate(zip(grids, units, drops, order, strict=True)):
+        if frames % u:
+            raise ValueError(
+                f"{frames} temporal positions cannot be split into {u} units at Swin stage {k + 2}"
+            )
+        stages.append(Stage(k + 1, u, r_k, direction == "F", frames // u * h * w))
+    return stages
+
+
+def resolve_swin_plan(config: STAConfig, frames: int, grids: Sequence[tuple[int, int]]) -> PruningPlan:
+    """Stages for a Video Swin: one per pruned Swin stage (2, 3, 4; 2 and 3 in smaller Swins), each per frame.
+
+    Each Swin stage starts from a full grid (the grid is refilled before patch merging), so every
+    stage prunes ``frames`` units of ``h*w`` tokens independently. ``Stage.layer`` is the 0-based
+    Swin stage index (1, 2, 3).
+
+    Args:
+        frames: temporal positions ``T`` after patch embedding (16 for 32-frame input).
+        grids: spatial token grid ``(h, w)`` of Swin stages 2, 3 and 4 (of every stage after the
+            first, for models with fewer stages).
+    """
+    if config.method == "tome":
+        raise ValueError("method='tome' is not supported for Video Swin (window attention needs a full grid)")
+    stages = _swin_stages(config, config.r, frames, grids)
+    for stage in stages:
+        if not stage_feasible(config, stage):
+            h, w = grids[stage.layer - 1]
+            raise ValueError(
+                f"r={config.r} is too large for this Video Swin input: stage {stage.layer + 1} has {h}x{w} "
+                f"tokens per frame and would drop {stage.r} per unit; the largest valid r1 is "
+                f"{_largest_valid_swin_r(config, frames, grids)}"
+            )
+    return PruningPlan(config, len(grids) + 1, frames, grids[0][0] * grids[0][1], tuple(stages))
+
+
+def _largest_valid_swin_r(config: STAConfig, frames: int, grids: Sequence[tuple[int, int]]) -> int:
+    best = 0
+    for r in range(1, grids[0][0] * grids[0][1]):
+        if not all(stage_feasible(config, s) for s in _swin_stages(config, r, frames, grids)):
+            break
+        best = r
+    return best
+
+
+# --- spec and FLOPs -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SwinSpec(Spec):
+    """A torchvision ``SwinTransformer3d``: 4 stages (the demo Swin: 2), channels ``embed * 2**i``."""
+
+    family = "swin3d"
+    embed: int = 96
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    heads: tuple[int, ...] = (3, 6, 12, 24)
+    window: tuple[int, int, int] = (8, 7, 7)
+    patch: tuple[int, int, int] = (2, 4, 4)
+    frames: int = 32
+    size: int = 224
+    num_classes: int = 400
+    mlp_ratio: float = 4.0
+    in_chans: int = 3
+
+    @property
+    def temporal(self) -> int:
+        """Temporal positions after patch embedding (16 for 32 frames)."""
+        return _ceil_div(self.frames, self.patch[0])
+
+    def grids(self) -> list[tuple[int, int]]:
+        """Spatial token grid ``(h, w)`` of each stage (56, 28, 14, 7 at 224²).
+
+        Patch embedding pads to a multiple of the patch; patch merging pads odd grids to even.
+        """
+        h, w = _ceil_div(self.size, self.patch[1]), _ceil_div(self.size, self.patch[2])
+        out = [(h, w)]
+        for _ in self.depths[1:]:
+            h, w = _ceil_div(h, 2), _ceil_div(w, 2)
+            out.append((h, w))
+        return out
+
+
+def _window(spec: SwinSpec, t: int, h: int, w: int) -> tuple[tuple[int, int, int], int]:
+    """Effective window (torchvision clips it to the grid) and the padded token count it tiles."""
+    win = tuple(min(wd, size) for wd, size in zip(spec.window, (t, h, w), strict=True))
+    padded = math.prod(math.ceil(size / wd) * wd for wd, size in zip(win, (t, h, w), strict=True))
+    return win, padded
+
+
+def swin_kept_per_stage(spec: SwinSpec, config: STAConfig) -> list[int]:
+    """Tokens that qkv/proj/MLP see in each stage (stage 1 is never pruned)."""
+    t, grids = spec.temporal, spec.grids()
+    full = [t * h * w for h, w in grids]
+    if config.method == "none" or config.r == 0:
+        return full
+    plan = resolve_swin_plan(config, t, grids[1:])
+    return [full[0]] + [full[s.layer] - s.units * s.r for s in plan.stages]
+
+
+def swin_flops(spec: SwinSpec, config: STAConfig) -> FlopCount:
+    """Analytic FLOPs of a torchvision Video Swin under ``config``.
+
+    A block with ``N`` tokens, ``w`` tokens per window: qkv 3NC² + proj NC² + MLP 2·ratio·NC² +
+    window attention 2·N_pad·w·C. In a pruned stage only qkv, projection and MLP run on the kept
+    tokens; window attention and patch merging stay dense (the convention that reproduces Table 3).
+    """
+    t, grids = spec.temporal, spec.grids()
+    kept = swin_kept_per_stage(spec, config)
+    h0, w0 = grids[0]
+    parts: dict[str, float] = {"embed": t * h0 * w0 * spec.embed * spec.in_chans * math.prod(spec.patch)}
+    linear = 4 + 2 * spec.mlp_ratio  # qkv 3 + proj 1 + MLP 2·ratio, times N·C²
+    for i, ((h, w), depth, n_kept) in enumerate(zip(grids, spec.depths, kept, strict=True)):
+        c = spec.embed * 2**i
+        if i > 0:  # patch merging into this stage: 4·C_prev -> 2·C_prev per output token, dense
+            add_parts(parts, merge=t * h * w * 4 * (c // 2) * c)
+        win, padded = _window(spec, t, h, w)
+        add_parts(parts, attention=depth * 2 * padded * math.prod(win) * c)
+        add_parts(parts, qkv=depth * 3 * n_kept * c * c, proj=depth * n_kept * c * c)
+        add_parts(parts, mlp=depth * (linear - 4) * n_kept * c * c)
+    parts["head"] = spec.embed * 2 ** (len(spec.depths) - 1) * spec.num_classes
+    return FlopCount(sum(parts.values()), swin_selection_flops(spec, config), parts)
+
+
+def swin_selection_flops(spec: SwinSpec, config: STAConfig) -> float:
+    """STA's own multiply-adds in a Video Swin (this adapter).
+
+    The metric of a stage is the head-averaged key (or query/value) slice of its first block's qkv,
+    computed on every stage-input token: the kept tokens reuse it in that block, so the extra work
+    is the slice's projection of the *dropped* tokens (``dropped·C²``), plus the matching and
+    transitions on ``c = C / heads`` dims. ``similarity="hidden"`` uses the tokens (``c = C``).
+    """
+    if config.method != "sta" or config.r == 0:
+        return 0.0
+    flops = 0.0
+    for s in resolve_swin_plan(config, spec.temporal, spec.grids()[1:]).stages:
+        channels = spec.embed * 2**s.layer
+        flops += sta_selection_flops(s, metric_dim(config, channels, spec.heads[s.layer]), config)
+        if config.similarity != "hidden":
+            flops += s.units * s.r * channels * channels
+    return flops
+
+
+# --- loading ------------------------------------------------------------------------------------
+SWIN_NAMES: tuple[str, ...] = ("swin3d_t", "swin3d_s", "swin3d_b")
+# (embed dim, blocks in stage 3 = features.4) -> torchvision builder name; how a bare Swin file reveals its size.
+_SWIN_BY_SHAPE: dict[tuple[int, int], str] = {(96, 6): "swin3d_t", (96, 18): "swin3d_s", (128, 18): "swin3d_b"}
+
+
+def swin_name_from_state(state: Mapping[str, Tensor]) -> str:
+    """Which of swin3d_t/s/b a torchvision Swin3D state dict belongs to (embed dim, stage-3 depth)."""
+    embed = int(state["patch_embed.proj.weight"].shape[0])
+    blocks = {int(m.group(1)) for k in state if (m := re.match(r"^features\.4\.(\d+)\.", k))}
+    name = _SWIN_BY_SHAPE.get((embed, len(blocks)))
+    if name is None:
+        raise CheckpointError(f"unknown Swin3D geometry: embed {embed}, {len(blocks)} blocks in stage 3")
+    return name
+
+
+def load_torchvision_swin(name: str | None, weights: str | Path, state: Mapping[str, Tensor] | None = None) -> LoadedModel:
+    """torchvision ``swin3d_{t,s,b}`` with weights from a local file, verified.
+
+    ``name=None`` infers the variant from the tensors. The class count comes from ``head.weight``.
+    Preprocessing: :meth:`Preprocessing.kinetics_swin` (ImageNet mean/std, 224).
+    """
+    import torchvision.models.video as tvv
+
+    state = read_state_dict(weights) if state is None else state
+    if "patch_embed.proj.weight" not in state or "head.weight" not in state:
+        raise CheckpointError(f"{weights}: not a torchvision Swin3D state dict (keys: {listing(state)})")
+    name = name or swin_name_from_state(state)
+    if name not in SWIN_NAMES:
+        raise ValueError(f"unknown Swin3D {name!r}; valid: {', '.join(SWIN_NAMES)}")
+    model = getattr(tvv, name)(weights=None, num_classes=int(state["head.weight"].shape[0]))
+    load_verified(model, state, f"checkpoint {weights}")
+    return FAMILY.wrap(model, f"torchvision:{name}:{weights}")
+
+
+# --- the family ---------------------------------------------------------------------------------
+class Swin3dFamily(Family):
+    name = "swin3d"
+    title = "Video Swin (torchvision SwinTransformer3d)"
+    classes = ("torchvision SwinTransformer3d (swin3d_t/s/b)",)
+    input_layout = "BCTHW"
+    protocols = {
+        "k400": ViewProtocol(clips=4, crops=3, frames=32, stride=2, sampling="uniform"),
+        "ssv2": ViewProtocol(clips=1, crops=3, frames=32, stride=2, sampling="uniform"),
+    }
+    r_name = "r1"
+    builder_names = SWIN_NAMES
+
+    def recognizes(self, model: nn.Module) -> bool:
+        return is_swin3d(model)
+
+    def patch(self, model: nn.Module, config: STAConfig) -> nn.Module:
+        return patch_swin3d(model, config)
+
+    def spec_of(self, model: nn.Module, frames: int | None = None, size: int | None = None) -> SwinSpec:
+        """Read the geometry off a built Swin; the input defaults to 32x224² (the paper's), or to
+        the grid of absolute positions installed as ``pos_drop`` (the demo Swin's)."""
+        stages = _stages(model)
+        first = stages[0][0]
+        patch = tuple(model.patch_embed.tuple_patch_size)
+        table = getattr(model.pos_drop, "table", None)
+        default_frames, default_size = (table.shape[1] * patch[0], table.shape[2] * patch[1]) if table is not None else (32, 224)
+        return SwinSpec(
+            embed=model.patch_embed.proj.out_channels,
+            depths=tuple(len(s) for s in stages),
+            heads=tuple(s[0].attn.num_heads for s in stages),
+            window=tuple(first.attn.window_size),
+            patch=patch,
+            frames=default_frames,
+            size=default_size,
+            num_classes=model.head.out_features,
+            mlp_ratio=first.mlp[0].out_features / first.mlp[0].in_features,
+        ).with_input(frames, size)
+
+    def geometry(self, spec: SwinSpec) -> TokenGeometry:
+        grids = tuple(
+            StageGrid(f"stage {k + 1}", spec.temporal, h, w, spec.patch[1] * 2**k)
+            for k, (h, w) in enumerate(spec.grids())
+        )
+        return TokenGeometry(spec.frames, spec.size, spec.patch[0], grids)
+
+    def plan(self, spec: SwinSpec, config: STAConfig) -> PruningPlan:
+        return resolve_swin_plan(config, spec.temporal, spec.grids()[1:])
+
+    def levels(self, spec: SwinSpec) -> tuple[int, ...]:
+        """The paper's r1 = 192/256/320 of Swin stage 2's 28x28 tokens per frame, scaled to the grid."""
+        h, w = spec.grids()[1] if len(spec.depths) > 1 else spec.grids()[0]
+        return tuple(max(1, round(h * w * r / 784)) for r in PAPER_R[1:])
+
+    def flops(self, spec: SwinSpec, config: STAConfig) -> FlopCount:
+        return swin_flops(spec, config)
+
+    def build(self, spec: SwinSpec, attn_implementation: str = "sdpa") -> nn.Module:
+        from torchvision.models.video.swin_transformer import SwinTransformer3d
+
+        return SwinTransformer3d(
+            patch_size=list(spec.patch),
+            embed_dim=spec.embed,
+            depths=list(spec.depths),
+            num_heads=list(spec.heads),
+            window_size=list(spec.window),
+            stochastic_depth_prob=0.0,
+            num_classes=spec.num_classes,
+        ).eval()
+
+    def preprocessing(self, size: int) -> Preprocessing:
+        return Preprocessing.kinetics_swin(size)
+
+    def wrap(self, model: nn.Module, source: str, folder: Path | None = None) -> LoadedModel:
+        return LoadedModel(
+            model=model.eval(),
+            family=self,
+            preprocessing=self.preprocessing(224),
+            num_classes=int(model.head.out_features),
+            frames=None,
+            image_size=None,
+            source=source,
+        )
+
+    def claims_file(self, state: Mapping[str, Tensor]) -> bool:
+        return any(k.startswith("features.") for k in state) and "patch_embed.proj.weight" in state
+
+    def load_file(self, path: Path, state: Mapping[str, Tensor], **geometry: Any) -> LoadedModel:
+        return load_torchvision_swin(None, path, state)
+
+    def load_builder(self, name: str, weights: str | Path) -> LoadedModel:
+        """``swin3d_t|s|b`` with a local weights file."""
+        return load_torchvision_swin(name, weights)
+
+    # analysis
+    def blocks(self, model: nn.Module) -> list[tuple[nn.Module, int]]:
+        return [(block, k) for k, stage in enumerate(_stages(model)) for block in stage]
+
+    def kept_grid_index(self, stage: Stage) -> int:
+        return stage.layer  # Swin plans use the Swin stage index as the layer
+
+    def final_features(self, model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The last stage's output before the final norm; when that stage was pruned only its kept
+        positions (the refilled ones are copies)."""
+        from ..patch import final_kept, kept_stages
+
+        captured: list[Tensor] = []
+        handle = model.features[-1].register_forward_hook(lambda m, i, o: captured.append(o))
+        try:
+            model(x)
+        finally:
+            handle.remove()
+        tokens = captured[0].flatten(1, 3)  # (B, T, h, w, C) -> (B, L, C)
+        source = final_kept(model)
+        last_stage = len(_stages(model)) - 1
+        if source is None or kept_stages(model)[-1].layer != last_stage:
+            return tokens, None
+        return tokens.gather(1, source.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])), source
+
+
+FAMILY = Swin3dFamily()
+PAPER_R = (0, 192, 256, 320)
+
+
+def _entry(name: str, spec: SwinSpec, paper: tuple[float, ...], description: str) -> ModelEntry:
+    return ModelEntry(name, FAMILY.name, spec, levels=PAPER_R[1:], paper_gflops=dict(zip(PAPER_R, paper, strict=True)),
+                      description=description)
+
+
+REGISTRATION = FamilyModels(
+    FAMILY,
+    (
+        _entry("VideoSwin-T", SwinSpec(96, (2, 2, 6, 2), (3, 6, 12, 24)), (88, 68, 61, 54), "Video Swin-T, 32x224²"),
+        _entry("VideoSwin-S", SwinSpec(96, (2, 2, 18, 2), (3, 6, 12, 24)), (166, 121, 106, 91), "Video Swin-S, 32x224²"),
+        _entry("VideoSwin-B", SwinSpec(128, (2, 2, 18, 2), (4, 8, 16, 32)), (282, 202, 176, 149), "Video Swin-B (K400), 32x224²"),
+        _entry(
+            "VideoSwin-B-SSV2",
+            SwinSpec(128, (2, 2, 18, 2), (4, 8, 16, 32), window=(16, 7, 7), num_classes=174),
+            (321, 241, 215, 188),
+            "Video Swin-B (SSV2, window 16x7x7), 32x224²",
+        ),
+    ),
+)
+
 __all__ = [
+    "FAMILY",
+    "REGISTRATION",
+    "SWIN_NAMES",
     "FusedWindowAttention",
+    "SwinSpec",
+    "Swin3dFamily",
     "WindowLayout",
     "is_swin3d",
     "nearest_kept_fill",
     "patch_swin3d",
+    "resolve_swin_plan",
     "shift_mask",
     "stage_grids",
+    "swin_stage_drops",
     "window_layout",
 ]
