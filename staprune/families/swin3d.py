@@ -52,7 +52,6 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from types import MethodType
 from typing import Any
@@ -144,11 +143,35 @@ class WindowLayout:
         return self.window[0] * self.window[1] * self.window[2]
 
 
-@lru_cache(maxsize=64)
+_LAYOUTS: dict[tuple, WindowLayout] = {}
+_MAX_LAYOUTS = 64
+
+
 def window_layout(
     size: tuple[int, int, int], window: tuple[int, int, int], shift: tuple[int, int, int], device: torch.device
 ) -> WindowLayout:
-    """Build (and cache) the :class:`WindowLayout` of a ``(T, H, W)`` grid."""
+    """The (cached) :class:`WindowLayout` of a ``(T, H, W)`` grid.
+
+    Layouts are index bookkeeping built eagerly once per geometry; under ``torch.compile`` they
+    are read from the cache as constants (building one there would trace thousands of Python steps
+    and data-dependent ``unique``), so a compiled model needs one eager forward at a new input size.
+    """
+    key = (size, window, shift, device)
+    if key not in _LAYOUTS:
+        if torch.compiler.is_compiling():
+            raise ValueError(
+                f"no window layout for grid {size} yet: run the patched model once eagerly at this input "
+                "size before torch.compile (staprune builds its window bookkeeping outside the graph)"
+            )
+        if len(_LAYOUTS) >= _MAX_LAYOUTS:
+            _LAYOUTS.pop(next(iter(_LAYOUTS)))
+        _LAYOUTS[key] = _build_window_layout(size, window, shift, device)
+    return _LAYOUTS[key]
+
+
+def _build_window_layout(
+    size: tuple[int, int, int], window: tuple[int, int, int], shift: tuple[int, int, int], device: torch.device
+) -> WindowLayout:
     with torch.inference_mode(False), torch.no_grad():  # cached: must be usable outside inference mode
         length = math.prod(size)
         src, counts = _window_positions(size, window, shift)
@@ -235,6 +258,11 @@ class FusedWindowAttention:
         table = self.attn.relative_position_bias_table
         if torch.is_grad_enabled() and table.requires_grad:
             return self._build_masks(layout, device, dtype, query_major)
+        if torch.compiler.is_compiling():
+            # Inside a compiled graph the table cannot change: the eager warm-up's masks are current.
+            # (Masks are built eagerly; building one here would fix the table into the graph.)
+            cached = [m for k, m in self._masks.items() if k[:5] == (layout.window, layout.shift, query_major, device, dtype)]
+            return cached[0] if cached else self._build_masks(layout, device, dtype, query_major)
         key = (layout.window, layout.shift, query_major, device, dtype, table._version, table.data_ptr())
         if key not in self._masks:
             if any(k[5:] != key[5:] for k in self._masks):
@@ -370,6 +398,8 @@ def query_subsets(dest: Tensor, sink: int, layout: WindowLayout) -> list[QuerySu
     """
     bsz = dest.shape[0]
     n = layout.window_volume
+    if torch.compiler.is_compiling():  # the subset's width is data-dependent: compute every query
+        return [None] * len(layout.groups)
     out: list[QuerySubset | None] = []
     start = 0
     for count, _ in layout.groups:
@@ -690,6 +720,9 @@ def swin_flops(spec: SwinSpec, config: STAConfig) -> FlopCount:
     A block with ``N`` tokens, ``w`` tokens per window: qkv 3NC² + proj NC² + MLP 2·ratio·NC² +
     window attention 2·N_pad·w·C. In a pruned stage only qkv, projection and MLP run on the kept
     tokens; window attention and patch merging stay dense (the convention that reproduces Table 3).
+    This counts what the patched model runs: where the window does not tile a grid, torchvision's
+    stock forward also projects the padding (qkv and proj on ``N_pad`` tokens), the fused attention
+    does not (no grid of the paper's models needs padding).
     """
     t, grids = spec.temporal, spec.grids()
     kept = swin_kept_per_stage(spec, config)

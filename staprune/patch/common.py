@@ -130,14 +130,23 @@ def current_stage(state: ForwardState, layer: int) -> Stage | None:
 
 
 # --- nearest kept fill (the paper's Video Swin recipe, also used for TimeSformer) ----------------
-@lru_cache(maxsize=16)
-def _squared_distances(h: int, w: int, device: torch.device) -> Tensor:
+def _grid_distances(h: int, w: int, device: torch.device) -> Tensor:
     """``(h*w, h*w)`` squared Euclidean distances between grid cells (exact in float32)."""
-    with torch.inference_mode(False):
-        rows = torch.arange(h * w) // w
-        cols = torch.arange(h * w) % w
-        d = (rows.view(-1, 1) - rows.view(1, -1)) ** 2 + (cols.view(-1, 1) - cols.view(1, -1)) ** 2
-        return d.float().to(device)
+    rows = torch.arange(h * w, device=device) // w
+    cols = torch.arange(h * w, device=device) % w
+    d = (rows.view(-1, 1) - rows.view(1, -1)) ** 2 + (cols.view(-1, 1) - cols.view(1, -1)) ** 2
+    return d.float()
+
+
+@lru_cache(maxsize=16)
+def _cached_distances(h: int, w: int, device: torch.device) -> Tensor:
+    with torch.inference_mode(False):  # cached: must be usable outside inference mode
+        return _grid_distances(h, w, device)
+
+
+def _squared_distances(h: int, w: int, device: torch.device) -> Tensor:
+    # Under torch.compile the table is part of the graph (a cache lookup cannot be traced).
+    return _grid_distances(h, w, device) if torch.compiler.is_compiling() else _cached_distances(h, w, device)
 
 
 def nearest_kept_fill(keep: Tensor, frames: int, grid_hw: tuple[int, int], chunk: int = 1 << 23) -> Tensor:
