@@ -87,13 +87,16 @@ def listing(names: Iterable[str]) -> str:
     return shown + (f", ... ({len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else "")
 
 
-def verify_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
+def verify_state_dict(
+    model: nn.Module, state: Mapping[str, Tensor], source: str, expected: Mapping[str, Tensor] | None = None
+) -> None:
     """Raise :class:`CheckpointError` unless ``state`` provides exactly the model's tensors.
 
-    Compares names (missing / unexpected) and shapes; buffers a model derives itself (Swin's
-    ``relative_position_index``) may be absent. Lists up to 10 names per kind of problem.
+    Compares names (missing / unexpected) and shapes with ``expected`` (default: the model's state
+    dict); buffers a model derives itself (Swin's ``relative_position_index``) may be absent. Lists
+    up to 10 names per kind of problem.
     """
-    expected = model.state_dict()
+    expected = model.state_dict() if expected is None else expected
     missing = [k for k in expected if k not in state and not _DERIVABLE.search(k)]
     unexpected = [k for k in state if k not in expected]
     shapes = [
@@ -156,12 +159,26 @@ def hf_preprocessing(folder: Path | None, image_size: int, default: Preprocessin
     return default
 
 
+def saved_layout(model: nn.Module) -> dict[str, Tensor]:
+    """The model's tensors under the names ``save_pretrained`` writes: transformers >= 5 renames some
+    models' weights on load (ViViT's ``encoder.layer.N.attention.attention.key`` -> ``layers.N.attention.k_proj``)
+    and back on save; older releases keep the state-dict names."""
+    state = dict(model.state_dict())
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return state
+    return dict(revert_weight_conversion(model, state))
+
+
 def load_hf_pretrained(cls, folder: Path, name: str, *, fix_state=None) -> nn.Module:
-    """``cls.from_pretrained(folder)``, then every stored tensor compared with the model's state dict
-    and loaded strictly, so nothing is left at its initial value (``fix_state`` renames old keys).
+    """``cls.from_pretrained(folder)``, then every stored tensor compared, name by name and value by
+    value, with what the model holds (in the folder's own naming, :func:`saved_layout`), so nothing is
+    left at its initial value. ``fix_state`` renames keys of an older layout first.
 
     Raises:
-        CheckpointError: weights that do not fit the folder's config, or names that do not match.
+        CheckpointError: weights that do not fit the folder's config, names that do not match, or
+            stored tensors that did not land in the model.
     """
     try:
         model = cls.from_pretrained(str(folder))
@@ -172,14 +189,17 @@ def load_hf_pretrained(cls, folder: Path, name: str, *, fix_state=None) -> nn.Mo
     state = read_hf_weights(folder)
     if fix_state is not None:
         state = fix_state(state)
-    verify_state_dict(model, state, f"checkpoint {name}")
     current = model.state_dict()
-    ignored = [k for k in state if not torch.equal(current[k], state[k].to(current[k].dtype))]
+    expected = current if set(state) <= set(current) else saved_layout(model)
+    verify_state_dict(model, state, f"checkpoint {name}", expected)
+    ignored = [k for k in state if not torch.equal(expected[k], state[k].to(expected[k].dtype))]
+    if ignored and expected is not current:
+        raise CheckpointError(f"{name}: {len(ignored)} stored tensors did not load into the model: {listing(ignored)}")
     if ignored:
         # This transformers release did not load these (typically q_bias/v_bias); we do.
         print(f"staprune: {len(ignored)} stored tensors were not loaded by transformers "
               f"({listing(ignored)}); loading them explicitly", file=sys.stderr)
-    load_verified(model, state, f"checkpoint {name}")
+        load_verified(model, state, f"checkpoint {name}")
     return model.eval()
 
 

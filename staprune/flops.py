@@ -364,8 +364,9 @@ def measure_flops(model: nn.Module, inputs: torch.Tensor | tuple | dict) -> Meas
 def measure_model(
     model: str | nn.Module, r: int = 0, *, frames: int | None = None, size: int | None = None, **options: object
 ) -> MeasuredFlops:
-    """Build (or take) a model, patch it with ``r`` and ``options`` (dense when ``r == 0`` and the
-    method is STA's), and count one forward pass on a random clip of batch 1."""
+    """Build (or take) a model, patch it with ``r`` and ``options`` (``r == 0``: staprune's dense
+    path, which is the stock model but for Video Swin's fused attention, see its family), and count
+    one forward pass on a random clip of batch 1."""
     import staprune
 
     from .families import family_of
@@ -374,9 +375,7 @@ def measure_model(
     net = load_model(model, frames, size) if isinstance(model, str) else model
     family = family_of(net)
     spec = family.spec_of(net, frames, size)
-    staprune.unpatch(net)
-    if r or options.get("method", "sta") == "tome":
-        staprune.patch(net, r=r, **options)
+    staprune.patch(net, r=r, **options)
     try:
         return measure_flops(net, family.example_input(spec))
     finally:

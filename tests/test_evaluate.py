@@ -223,9 +223,22 @@ def test_label_out_of_range_fails_before_work(assets, tmp_path):
 
 
 def test_frames_mismatch_fails_before_work(assets, tmp_path):
+    """The protocol's clip length follows a model built for a fixed one (8 frames here, not the
+    ViT protocol's 16); asking for another length explicitly fails before any video is read."""
     with pytest.raises(ValueError, match="pass --frames 8"):
         main(["eval", "--model", str(assets["model"]), "--data", str(assets["good"]), "--out", str(tmp_path),
-              "--r", "4", "--views", "2x2", "--quiet"])
+              "--r", "4", "--views", "2x2", "--frames", "16", "--quiet"])
+    assert not any(tmp_path.rglob("rank*.jsonl"))
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["eval", "--model", str(assets["model"]), "--data", str(assets["short"]), "--out",
+                     str(tmp_path), "--views", "2x2", "--stride", "2", "--method", "none", "--workers", "0",
+                     "--json", "--quiet"]) == 0
+    (row,) = json.loads(buf.getvalue())
+    assert row["frames"] == 8 and row["videos"] == 3
 
 
 def test_existing_results_need_resume(assets, tmp_path):
