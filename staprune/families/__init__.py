@@ -23,6 +23,9 @@ from .base import Family, FamilyModels, LoadedModel, ModelEntry, Spec, StageGrid
 FAMILY_MODULES: tuple[str, ...] = (
     "staprune.families.videomae",
     "staprune.families.swin3d",
+    "staprune.families.vivit",
+    "staprune.families.vjepa2",
+    "staprune.families.timesformer",
 )
 ENTRY_POINT_GROUP = "staprune.models"
 

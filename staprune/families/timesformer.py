@@ -1,0 +1,382 @@
+"""TimeSformer (Hugging Face ``TimesformerModel`` / ``TimesformerForVideoClassification``), divided
+space-time attention, pruned the way the paper prunes Video Swin.
+
+Divided attention needs full grids: each block first attends along time at every spatial position
+(``N`` sequences of ``T`` tokens), then within every frame (``T`` sequences of ``1 + N`` tokens, the
+CLS token copied into each). Dropping tokens breaks both grids, so (paper Sec. 4.1, Video Swin):
+
+* the residual stream holds only the kept tokens (and CLS); LayerNorms, the qkv projections, the
+  output projections, ``temporal_dense`` and the MLP run on kept tokens only;
+* for each of the two attentions, every dropped position takes a copy of the qkv of its
+  **nearest kept token in the same frame** (:func:`staprune.patch.common.nearest_kept_fill`),
+  attention runs on the full grid, and only kept positions' outputs are used (the CLS token's
+  per-frame outputs are averaged over frames, as in the stock block).
+
+Why this is sound: no position is lost from either attention's view; a dropped position's keys and
+values stand in for it as its neighbour's do in Video Swin's windows; the kept tokens' own
+computation is the stock block's. STA prunes after blocks 0, L/3, 2L/3 with the columnar schedule
+(tubelet-frames = frames), scoring with the block's spatial attention keys; the CLS token is never
+dropped and takes no part in scoring.
+
+Token layout: HF keeps the patch tokens space-major (index ``s * T + t``); staprune reports and
+selects in its usual ``t * N + s`` order (the block output is reordered before the first prune).
+Only ``attention_type="divided_space_time"`` (every released checkpoint) is pruned; the other two
+types get a clear error. The input must match the config (its blocks reshape with
+``config.num_frames`` and ``config.image_size``).
+
+Registry: ``TimeSformer-B`` (8x224²), ``TimeSformer-HR`` (16x448²), ``TimeSformer-L`` (96x224²),
+12 blocks of 768. Protocol: one temporal clip x 3 crops (the TimeSformer paper), 8 frames at
+sampling rate 32 for K400.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from types import MethodType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..checkpoints import hf_preprocessing, load_hf_pretrained
+from ..config import PruningPlan, STAConfig, resolve_plan
+from ..data.sampling import ViewProtocol
+from ..data.transforms import Preprocessing
+from ..flops import FlopCount, add_parts, metric_dim, sta_selection_flops, tokens_per_block
+from ..patch import final_kept
+from ..patch.common import Patch, current_stage, nearest_kept_fill
+from ..score import gather_tokens, head_mean
+from .base import Family, FamilyModels, LoadedModel, ModelEntry, Spec, StageGrid, TokenGeometry
+from .videomae import scaled_levels
+
+_QKV_PART = {"query": 0, "key": 1, "value": 2}
+
+
+@dataclass(frozen=True)
+class TimesformerSpec(Spec):
+    """A TimeSformer with divided space-time attention: ``frames`` frames of ``(size/patch)²`` tokens."""
+
+    family = "timesformer"
+    hidden: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_hidden: int = 3072
+    frames: int = 8
+    size: int = 224
+    patch: int = 16
+    num_classes: int = 400
+    in_chans: int = 3
+
+    @property
+    def grid_side(self) -> int:
+        return self.size // self.patch
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.grid_side**2
+
+
+def _backbone(model: nn.Module) -> nn.Module:
+    return model.timesformer if hasattr(model, "timesformer") else model
+
+
+def _check_input(config, pixels: Tensor) -> None:
+    size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+    expected = (config.num_frames, config.num_channels, size, size)
+    if pixels.dim() != 5 or tuple(pixels.shape[1:]) != expected:
+        raise ValueError(
+            f"this TimeSformer takes clips (B, {', '.join(map(str, expected))}) (B, T, 3, H, W): its blocks "
+            f"reshape with its config's {config.num_frames} frames and {size}x{size} pixels; got {tuple(pixels.shape)}"
+        )
+
+
+# --- tensors of a divided block -----------------------------------------------------------------
+def space_major_to_time_major(tokens: Tensor, frames: int) -> Tensor:
+    """Patch tokens ``(B, N*T, C)`` in HF's ``s * T + t`` order -> ``t * N + s`` order."""
+    bsz, length, channels = tokens.shape
+    return tokens.view(bsz, length // frames, frames, channels).transpose(1, 2).reshape(bsz, length, channels)
+
+
+def _attend(attn: nn.Module, qkv: Tensor) -> Tensor:
+    """``TimesformerSelfAttention`` on packed ``qkv`` rows ``(S, n, 3C)`` -> context ``(S, n, C)``
+    (before the output projection), through fused attention."""
+    seqs, n, three_c = qkv.shape
+    heads = attn.num_heads
+    q, k, v = qkv.view(seqs, n, 3, heads, three_c // (3 * heads)).permute(2, 0, 3, 1, 4)
+    dropout = attn.attn_drop.p if attn.training else 0.0
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=attn.scale)
+    return out.transpose(1, 2).reshape(seqs, n, three_c // 3)
+
+
+def pruned_block(layer: nn.Module, x: Tensor, source: Tensor, fill: Tensor, frames: int,
+                 tokens_per_frame: int) -> tuple[Tensor, Tensor]:
+    """One divided space-time block on kept tokens (the module docstring's recipe).
+
+    Args:
+        x: ``(B, 1 + K, C)``: CLS, then the kept tokens; ``source`` ``(B, K)`` their original
+            ``t * N + s`` positions; ``fill`` ``(B, T*N)`` the kept token each grid position takes.
+    Returns:
+        the block output ``(B, 1 + K, C)`` and the spatial attention's qkv of the kept tokens
+        ``(B, K, 3C)`` (the similarity metric when this block prunes).
+    """
+    bsz, _, channels = x.shape
+    t, n = frames, tokens_per_frame
+    cls, tokens = x[:, :1], x[:, 1:]
+    # Temporal attention: N sequences of T tokens, dropped positions copy their nearest kept token.
+    temporal = layer.temporal_attention
+    qkv = temporal.attention.qkv(layer.temporal_layernorm(tokens))
+    grid = gather_tokens(qkv, fill).view(bsz, t, n, -1).transpose(1, 2).reshape(bsz * n, t, -1)
+    out = _attend(temporal.attention, grid).view(bsz, n, t, channels).transpose(1, 2).reshape(bsz, t * n, channels)
+    out = temporal.output(gather_tokens(out, source))
+    tokens = tokens + layer.temporal_dense(layer.drop_path(out))
+    # Spatial attention: T sequences of 1 + N tokens (CLS copied into each frame).
+    spatial = layer.attention
+    qkv = spatial.attention.qkv(layer.layernorm_before(tokens))
+    qkv_cls = spatial.attention.qkv(layer.layernorm_before(cls))
+    grid = gather_tokens(qkv, fill).view(bsz * t, n, -1)
+    grid = torch.cat([qkv_cls.expand(bsz, t, -1).reshape(bsz * t, 1, -1), grid], dim=1)
+    out = _attend(spatial.attention, grid)  # (B*T, 1 + N, C)
+    cls_out = layer.drop_path(spatial.output(out[:, :1])).view(bsz, t, channels).mean(1, keepdim=True)
+    kept_out = layer.drop_path(spatial.output(gather_tokens(out[:, 1:].reshape(bsz, t * n, channels), source)))
+    hidden = torch.cat([cls + cls_out, tokens + kept_out], dim=1)
+    out = layer.output(layer.intermediate(layer.layernorm_after(hidden)))
+    return hidden + layer.drop_path(out), qkv
+
+
+def _metric(p: Patch, qkv: Tensor, heads: int) -> Tensor | None:
+    """Head-averaged key / query / value ``(B, K, d)`` from packed spatial qkv ``(B, K, 3C)``."""
+    cfg = p.config
+    if cfg.method != "sta" or cfg.similarity not in _QKV_PART:
+        return None
+    c = qkv.shape[-1] // 3
+    part = qkv[..., _QKV_PART[cfg.similarity] * c:(_QKV_PART[cfg.similarity] + 1) * c]
+    return head_mean(part.view(*part.shape[:2], heads, -1).transpose(1, 2))
+
+
+def _make_layer(p: Patch, index: int, frames: int, grid_hw: tuple[int, int], heads: int, captured: dict):
+    """A block's forward: stock until the first prune, the pruned block after; prune after it if
+    this block is a stage."""
+    n = grid_hw[0] * grid_hw[1]
+
+    def forward(self, hidden_states: Tensor, output_attentions: bool = False):
+        state = p.state
+        stage = current_stage(state, index)
+        if not state.kept:  # nothing pruned yet: the stock block on the full sequence
+            out = type(self).forward(self, hidden_states, output_attentions)
+            if stage is None or not stage.r:
+                return out
+            tokens = space_major_to_time_major(out[0][:, 1:], frames)
+            cls = out[0][:, :1]
+            qkv = captured.pop("qkv", None)
+            if qkv is not None:  # (B*T, 1 + N, 3C), frame-major: patch rows are already t * N + s
+                qkv = qkv[:, 1:].reshape(tokens.shape[0], frames * n, -1)
+        else:
+            if output_attentions:
+                raise ValueError("output_attentions is not available from a pruned TimeSformer block")
+            hidden, qkv = pruned_block(self, hidden_states, state.source, state.fill, frames, n)
+            if stage is None or not stage.r:
+                return (hidden,)
+            cls, tokens = hidden[:, :1], hidden[:, 1:]
+        metric = None if qkv is None else _metric(p, qkv, heads)
+        keep = p.keep_indices(stage, tokens, metric, state.source, grid_hw)
+        state.source = state.source.gather(1, keep)
+        state.record(stage, state.source)
+        state.fill = nearest_kept_fill(state.source, frames, grid_hw)
+        return (torch.cat([cls, gather_tokens(tokens, keep)], dim=1),)
+
+    return forward
+
+
+def patch_timesformer(model: nn.Module, config: STAConfig) -> nn.Module:
+    """Patch a TimeSformer in place (see :func:`staprune.patch`)."""
+    backbone = _backbone(model)
+    hf = backbone.config
+    if hf.attention_type != "divided_space_time":
+        raise ValueError(
+            f"staprune prunes TimeSformer's divided space-time attention; attention_type={hf.attention_type!r} "
+            "is not supported"
+        )
+    spec = FAMILY.spec_of(model)
+    plan = FAMILY.plan(spec, config)  # validate now, before any forward pass
+    p = Patch(config)
+    grid_hw = (spec.grid_side, spec.grid_side)
+
+    def start(module, args, kwargs):
+        pixels = args[0] if args else kwargs.get("pixel_values")
+        _check_input(hf, pixels)
+        p.start(plan, pixels, grid_hw, pixels.device)
+
+    p.add_hook(backbone.register_forward_pre_hook(start, with_kwargs=True))
+    stages = [s.layer for s in plan.stages if s.r]
+    if config.method != "none" and stages:
+        captured: dict = {}
+        if config.method == "sta" and config.similarity in _QKV_PART:
+            def keep_qkv(module, args, output):
+                captured["qkv"] = output
+
+            # The first stage runs the stock block: its spatial qkv is read off the projection.
+            p.add_hook(backbone.encoder.layer[stages[0]].attention.attention.qkv.register_forward_hook(keep_qkv))
+        for index, layer in enumerate(backbone.encoder.layer):
+            if index >= stages[0]:
+                forward = _make_layer(p, index, spec.frames, grid_hw, spec.heads, captured)
+                p.override_forward(layer, MethodType(forward, layer))
+    model._staprune = p
+    return model
+
+
+# --- the family ---------------------------------------------------------------------------------
+class TimesformerFamily(Family):
+    name = "timesformer"
+    title = "TimeSformer, divided space-time attention (transformers)"
+    classes = ("transformers TimesformerForVideoClassification", "transformers TimesformerModel")
+    hf_model_types = ("timesformer",)
+    protocols = {
+        "k400": ViewProtocol(clips=1, crops=3, frames=8, stride=32, sampling="uniform"),
+        "ssv2": ViewProtocol(clips=1, crops=3, frames=8, stride=2, sampling="segment"),
+    }
+
+    def recognizes(self, model: nn.Module) -> bool:
+        try:
+            from transformers import TimesformerForVideoClassification, TimesformerModel
+        except ImportError:
+            return False
+        return isinstance(model, TimesformerModel | TimesformerForVideoClassification)
+
+    def patch(self, model: nn.Module, config: STAConfig) -> nn.Module:
+        return patch_timesformer(model, config)
+
+    def spec_of(self, model: nn.Module, frames: int | None = None, size: int | None = None) -> TimesformerSpec:
+        hf = _backbone(model).config
+        image = hf.image_size if isinstance(hf.image_size, int) else hf.image_size[0]
+        patch = hf.patch_size if isinstance(hf.patch_size, int) else hf.patch_size[0]
+        classifier = getattr(model, "classifier", None)
+        return TimesformerSpec(
+            hidden=hf.hidden_size,
+            layers=hf.num_hidden_layers,
+            heads=hf.num_attention_heads,
+            mlp_hidden=hf.intermediate_size,
+            frames=hf.num_frames,
+            size=image,
+            patch=patch,
+            num_classes=getattr(classifier, "out_features", 0) or 0,
+            in_chans=hf.num_channels,
+        ).with_input(frames, size)
+
+    def geometry(self, spec: TimesformerSpec) -> TokenGeometry:
+        grid = StageGrid("tokens", spec.frames, spec.grid_side, spec.grid_side, spec.patch)
+        return TokenGeometry(spec.frames, spec.size, 1, (grid,), extra_tokens=1)
+
+    def plan(self, spec: TimesformerSpec, config: STAConfig) -> PruningPlan:
+        if config.method == "tome":
+            raise ValueError("method='tome' is not supported for TimeSformer (divided attention needs full grids)")
+        return resolve_plan(config, spec.layers, spec.frames, spec.tokens_per_frame)
+
+    def levels(self, spec: TimesformerSpec) -> tuple[int, ...]:
+        return scaled_levels(spec.tokens_per_frame)
+
+    def flops(self, spec: TimesformerSpec, config: STAConfig) -> FlopCount:
+        """What runs, block by block (``K`` patch tokens in the residual stream, ``T`` frames, ``N``
+        tokens per frame). Stock block: temporal qkv/proj/dense on ``TN`` tokens, spatial qkv/proj on
+        ``T(N+1)`` (CLS copied per frame), attention ``2NT²C + 2T(N+1)²C``, MLP on ``1 + TN``. Pruned
+        block: the same attention (full grids), linear layers on ``K`` tokens, the CLS's spatial qkv
+        once and its projection per frame (``K + T``), MLP on ``1 + K``."""
+        plan = self.plan(spec, config)
+        c, t, n = spec.hidden, spec.frames, spec.tokens_per_frame
+        parts: dict[str, float] = {"embed": t * n * c * spec.in_chans * spec.patch**2}
+        counts = tokens_per_block(plan)
+        stages = {s.layer: s for s in plan.stages} if config.method != "none" else {}
+        first = min((s.layer for s in plan.stages if s.r), default=None) if config.method != "none" else None
+        selection = 0.0
+        for layer, k in enumerate(counts):
+            add_parts(parts, attention=2 * n * t * t * c + 2 * t * (n + 1) ** 2 * c)
+            if first is None or layer <= first:  # stock block
+                add_parts(parts, qkv=3 * t * n * c * c + 3 * t * (n + 1) * c * c,
+                          proj=t * n * c * c + t * (n + 1) * c * c + t * n * c * c)
+                add_parts(parts, mlp=2 * (1 + t * n) * c * spec.mlp_hidden)
+            else:
+                add_parts(parts, qkv=3 * k * c * c + 3 * (k + 1) * c * c, proj=k * c * c + (k + t) * c * c + k * c * c)
+                add_parts(parts, mlp=2 * (1 + k) * c * spec.mlp_hidden)
+            if layer in stages:
+                selection += sta_selection_flops(stages[layer], metric_dim(config, c, spec.heads), config)
+        parts["head"] = c * spec.num_classes
+        return FlopCount(sum(parts.values()), selection, parts)
+
+    def build(self, spec: TimesformerSpec, attn_implementation: str = "sdpa") -> nn.Module:
+        from transformers import TimesformerConfig, TimesformerForVideoClassification
+
+        cfg = TimesformerConfig(
+            image_size=spec.size,
+            patch_size=spec.patch,
+            num_frames=spec.frames,
+            hidden_size=spec.hidden,
+            num_hidden_layers=spec.layers,
+            num_attention_heads=spec.heads,
+            intermediate_size=spec.mlp_hidden,
+            num_labels=spec.num_classes,
+        )
+        return TimesformerForVideoClassification(cfg).eval()
+
+    def preprocessing(self, size: int) -> Preprocessing:
+        """The released checkpoints' processor: ImageNet mean/std."""
+        return Preprocessing.imagenet_default(size)
+
+    def wrap(self, model: nn.Module, source: str, folder: Path | None = None) -> LoadedModel:
+        spec = self.spec_of(model)
+        return LoadedModel(model.eval(), self, hf_preprocessing(folder, spec.size, self.preprocessing(spec.size)),
+                           spec.num_classes, spec.frames, spec.size, source)
+
+    def load_folder(self, folder: Path, name: str) -> LoadedModel:
+        from transformers import TimesformerForVideoClassification
+
+        return self.wrap(load_hf_pretrained(TimesformerForVideoClassification, folder, name), f"hf:{name}", folder)
+
+    # analysis
+    def blocks(self, model: nn.Module) -> list[tuple[nn.Module, int]]:
+        return [(layer, 0) for layer in _backbone(model).encoder.layer]
+
+    def patch_tokens(self, output: Tensor, grid: StageGrid) -> Tensor:
+        return space_major_to_time_major(output[:, 1:], grid.frames)
+
+    def final_features(self, model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The last block's patch tokens (CLS removed, before the final norm), ``t * N + s`` order;
+        when pruned, the kept ones with their original indices."""
+        captured: list[Tensor] = []
+        handle = _backbone(model).encoder.layer[-1].register_forward_hook(lambda m, i, o: captured.append(o[0]))
+        try:
+            model(x)
+        finally:
+            handle.remove()
+        kept = final_kept(model)
+        tokens = captured[0][:, 1:]
+        return (tokens, kept) if kept is not None else (space_major_to_time_major(tokens, self.spec_of(model).frames), None)
+
+
+FAMILY = TimesformerFamily()
+
+
+def _entry(name: str, spec: TimesformerSpec, stride: int, description: str) -> ModelEntry:
+    clip = ViewProtocol(clips=1, crops=3, frames=spec.frames, stride=stride, sampling="uniform")
+    segments = ViewProtocol(clips=1, crops=3, frames=spec.frames, stride=2, sampling="segment")
+    return ModelEntry(name, FAMILY.name, spec, levels=scaled_levels(spec.tokens_per_frame),
+                      protocols={"k400": clip, "ssv2": segments}, description=description)
+
+
+REGISTRATION = FamilyModels(
+    FAMILY,
+    (
+        _entry("TimeSformer-B", TimesformerSpec(), 32, "TimeSformer (divided space-time), 8x224²"),
+        _entry("TimeSformer-HR", TimesformerSpec(frames=16, size=448), 16, "TimeSformer-HR, 16x448²"),
+        _entry("TimeSformer-L", TimesformerSpec(frames=96), 4, "TimeSformer-L, 96x224²"),
+    ),
+)
+
+__all__ = [
+    "FAMILY",
+    "REGISTRATION",
+    "TimesformerFamily",
+    "TimesformerSpec",
+    "patch_timesformer",
+    "pruned_block",
+    "space_major_to_time_major",
+]

@@ -1,0 +1,231 @@
+"""ViViT (Hugging Face ``VivitModel`` / ``VivitForVideoClassification``): joint space-time attention
+over tubelet tokens plus a CLS token.
+
+Token layout: CLS first, then ``T/t x (H/p)(W/p)`` tubelet tokens in ``t * N + s`` order (the Conv3d
+tubelet embedding flattened over time, rows, columns), the same order as VideoMAE. The CLS token is
+never dropped and takes no part in scoring; :func:`staprune.kept_tokens` reports patch tokens
+only. The classifier reads the CLS token, which every kept token still feeds, so pruning needs no
+change to the head.
+
+The adapter is the hook-based columnar one (:mod:`staprune.patch.columnar`): the chosen projection
+(``k_proj`` for the default key similarity) records the metric, the block's output is pruned. The
+stock attention (eager or SDPA, whatever the config selects) runs unchanged.
+
+Registry: ``ViViT-B`` (32x224², tubelet 2x16x16 -> 16 x 14x14 tokens, 12 layers, 768 wide: the
+released ``google/vivit-b-16x2-kinetics400``). Evaluation protocol: 4 clips x 3 crops of 32 frames
+at stride 2 (the ViViT paper's Kinetics views).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import Tensor, nn
+
+from ..checkpoints import hf_preprocessing, load_hf_pretrained
+from ..config import PruningPlan, STAConfig, resolve_plan
+from ..data.sampling import ViewProtocol
+from ..data.transforms import Preprocessing
+from ..flops import FlopCount, columnar_flops
+from ..patch import columnar, final_kept
+from ..patch.common import Patch
+from .base import Family, FamilyModels, LoadedModel, ModelEntry, Spec, StageGrid, TokenGeometry
+from .videomae import check_frames, scaled_levels
+
+
+@dataclass(frozen=True)
+class VivitSpec(Spec):
+    """A ViViT: ``frames`` x ``size``² input cut into ``tubelet`` x ``patch``² tubelets, plus a CLS token."""
+
+    family = "vivit"
+    hidden: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_hidden: int = 3072
+    frames: int = 32
+    size: int = 224
+    tubelet: int = 2
+    patch: int = 16
+    num_classes: int = 400
+    in_chans: int = 3
+
+    @property
+    def grid_side(self) -> int:
+        return self.size // self.patch
+
+
+def _backbone(model: nn.Module) -> nn.Module:
+    return model.vivit if hasattr(model, "vivit") else model
+
+
+def _input_geometry(config, pixels: Tensor) -> tuple[int, int, int]:
+    """Tubelet-frames, tokens per frame, grid width of an input ``(B, T, 3, H, W)``; the position
+    table fixes the clip (``ValueError`` naming the expected shape otherwise)."""
+    t_sub, ph, pw = config.tubelet_size
+    size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+    expected = (config.num_frames, config.num_channels, size, size)
+    if pixels.dim() != 5 or tuple(pixels.shape[1:]) != expected:
+        raise ValueError(
+            f"this ViViT takes clips (B, {', '.join(map(str, expected))}) (B, T, 3, H, W): its position table "
+            f"covers exactly {config.num_frames} frames at {size}x{size}; got {tuple(pixels.shape)}"
+        )
+    frames = check_frames(config.num_frames, t_sub, "this ViViT")
+    return frames, (size // ph) * (size // pw), size // pw
+
+
+def patch_vivit(model: nn.Module, config: STAConfig) -> nn.Module:
+    """Patch a ViViT in place (see :func:`staprune.patch`)."""
+    if config.method == "tome":
+        raise ValueError("method='tome' is supported for VideoMAE only; for ViViT use sta, random or none")
+    backbone = _backbone(model)
+    hf = backbone.config
+    spec = FAMILY.spec_of(model)
+    plan = FAMILY.plan(spec, config)  # validate now, before any forward pass
+    p = Patch(config)
+
+    def start(module, args, kwargs):
+        pixels = args[0] if args else kwargs.get("pixel_values")
+        if kwargs.get("interpolate_pos_encoding"):
+            raise ValueError("staprune prunes ViViT at its configured input; interpolate_pos_encoding is not supported")
+        t, n, w = _input_geometry(hf, pixels)
+        p.start(p.plan_for(t, n, lambda f, k: resolve_plan(config, hf.num_hidden_layers, f, k)), pixels,
+                (n // w, w), pixels.device)
+
+    p.add_hook(backbone.register_forward_pre_hook(start, with_kwargs=True))
+    layout = columnar.ColumnarModel(
+        layers=backbone.layers,
+        projections=lambda layer: {"query": layer.attention.q_proj, "key": layer.attention.k_proj,
+                                   "value": layer.attention.v_proj},
+        heads=hf.num_attention_heads,
+        extra_tokens=1,
+    )
+    columnar.install(p, layout, {s.layer for s in plan.stages})
+    model._staprune = p
+    return model
+
+
+class VivitFamily(Family):
+    name = "vivit"
+    title = "ViViT (transformers)"
+    classes = ("transformers VivitForVideoClassification", "transformers VivitModel")
+    hf_model_types = ("vivit",)
+    protocols = {
+        "k400": ViewProtocol(clips=4, crops=3, frames=32, stride=2, sampling="uniform"),
+        "ssv2": ViewProtocol(clips=2, crops=3, frames=32, stride=2, sampling="segment"),
+    }
+
+    def recognizes(self, model: nn.Module) -> bool:
+        try:
+            from transformers import VivitForVideoClassification, VivitModel
+        except ImportError:
+            return False
+        return isinstance(model, VivitModel | VivitForVideoClassification)
+
+    def patch(self, model: nn.Module, config: STAConfig) -> nn.Module:
+        return patch_vivit(model, config)
+
+    def spec_of(self, model: nn.Module, frames: int | None = None, size: int | None = None) -> VivitSpec:
+        hf = _backbone(model).config
+        t_sub, ph, pw = hf.tubelet_size
+        if ph != pw:
+            raise ValueError(f"staprune supports square ViViT patches; this one is {ph}x{pw}")
+        image = hf.image_size if isinstance(hf.image_size, int) else hf.image_size[0]
+        classifier = getattr(model, "classifier", None)
+        return VivitSpec(
+            hidden=hf.hidden_size,
+            layers=hf.num_hidden_layers,
+            heads=hf.num_attention_heads,
+            mlp_hidden=hf.intermediate_size,
+            frames=hf.num_frames,
+            size=image,
+            tubelet=t_sub,
+            patch=ph,
+            num_classes=getattr(classifier, "out_features", 0) or 0,
+            in_chans=hf.num_channels,
+        ).with_input(frames, size)
+
+    def geometry(self, spec: VivitSpec) -> TokenGeometry:
+        t = check_frames(spec.frames, spec.tubelet, "this ViViT")
+        grid = StageGrid("tokens", t, spec.grid_side, spec.grid_side, spec.patch)
+        return TokenGeometry(spec.frames, spec.size, spec.tubelet, (grid,), extra_tokens=1)
+
+    def plan(self, spec: VivitSpec, config: STAConfig) -> PruningPlan:
+        grid = self.geometry(spec).grids[0]
+        if config.method == "tome":
+            raise ValueError("method='tome' is supported for VideoMAE only; for ViViT use sta, random or none")
+        return resolve_plan(config, spec.layers, grid.frames, grid.tokens_per_frame)
+
+    def levels(self, spec: VivitSpec) -> tuple[int, ...]:
+        return scaled_levels(spec.grid_side**2)
+
+    def flops(self, spec: VivitSpec, config: STAConfig) -> FlopCount:
+        """Blocks as :func:`staprune.flops.columnar_flops` with the CLS token in every block;
+        tubelet embedding ``L·C·3·t·p²``; classifier on the CLS token ``C·classes``."""
+        plan = self.plan(spec, config)
+        c, length = spec.hidden, plan.frames * plan.tokens_per_frame
+        parts: dict[str, float] = {"embed": length * c * spec.in_chans * spec.tubelet * spec.patch**2}
+        parts, selection = columnar_flops(plan, channels=c, heads=spec.heads, mlp_hidden=spec.mlp_hidden,
+                                          extra_tokens=1, parts=parts)
+        parts["head"] = c * spec.num_classes
+        return FlopCount(sum(parts.values()), selection, parts)
+
+    def build(self, spec: VivitSpec, attn_implementation: str = "sdpa") -> nn.Module:
+        from transformers import VivitConfig, VivitForVideoClassification
+
+        cfg = VivitConfig(
+            image_size=spec.size,
+            num_frames=spec.frames,
+            tubelet_size=[spec.tubelet, spec.patch, spec.patch],
+            hidden_size=spec.hidden,
+            num_hidden_layers=spec.layers,
+            num_attention_heads=spec.heads,
+            intermediate_size=spec.mlp_hidden,
+            num_labels=spec.num_classes,
+            attn_implementation=attn_implementation,
+        )
+        return VivitForVideoClassification(cfg).eval()
+
+    def preprocessing(self, size: int) -> Preprocessing:
+        """The released ViViT's processor: pixels to [-1, 1] (x / 127.5 - 1), then mean/std 0.5."""
+        return Preprocessing(size=size, mean=(0.75, 0.75, 0.75), std=(0.25, 0.25, 0.25))
+
+    def wrap(self, model: nn.Module, source: str, folder: Path | None = None) -> LoadedModel:
+        spec = self.spec_of(model)
+        return LoadedModel(model.eval(), self, hf_preprocessing(folder, spec.size, self.preprocessing(spec.size)),
+                           spec.num_classes, spec.frames, spec.size, source)
+
+    def load_folder(self, folder: Path, name: str) -> LoadedModel:
+        from transformers import VivitForVideoClassification
+
+        return self.wrap(load_hf_pretrained(VivitForVideoClassification, folder, name), f"hf:{name}", folder)
+
+    # analysis
+    def blocks(self, model: nn.Module) -> list[tuple[nn.Module, int]]:
+        return [(layer, 0) for layer in _backbone(model).layers]
+
+    def patch_tokens(self, output: Tensor, grid: StageGrid) -> Tensor:
+        return output[:, 1:].reshape(output.shape[0], grid.tokens, output.shape[-1])
+
+    def final_features(self, model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The last block's patch tokens (before the final norm, CLS removed); when pruned, the
+        kept ones with their original indices."""
+        captured: list[Tensor] = []
+        handle = _backbone(model).layers[-1].register_forward_hook(lambda m, i, o: captured.append(o))
+        try:
+            model(x)
+        finally:
+            handle.remove()
+        return captured[0][:, 1:], final_kept(model)
+
+
+FAMILY = VivitFamily()
+REGISTRATION = FamilyModels(
+    FAMILY,
+    (
+        ModelEntry("ViViT-B", FAMILY.name, VivitSpec(), levels=scaled_levels(196),
+                   description="ViViT-B/16x2 (joint space-time), 32x224², CLS token"),
+    ),
+)
+
+__all__ = ["FAMILY", "REGISTRATION", "VivitFamily", "VivitSpec", "patch_vivit"]

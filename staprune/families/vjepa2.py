@@ -1,0 +1,295 @@
+"""V-JEPA 2 (Hugging Face ``VJEPA2Model`` / ``VJEPA2ForVideoClassification``): a columnar ViT with 3D
+rotary positions and, for classification, an attentive pooler.
+
+Token layout: ``T/2 x (H/16)(W/16)`` tubelet tokens in ``t * N + s`` order, no CLS token. Two
+things make pruning it different from VideoMAE:
+
+* **Rotary positions follow the kept tokens.** Every attention computes each token's (frame, row,
+  column) from its index in the sequence, or from the ``position_mask`` its layer is given. After
+  the first pruning stage every layer is given the kept tokens' original indices
+  (``staprune.kept_tokens`` of the last stage so far), so a kept token keeps the rotation of the
+  place it came from; the model's own rotary code then runs unchanged.
+* **The attentive pooler takes any token count**: its self-attention layers and its cross-attention
+  from one query token run on whatever the encoder leaves (they are counted in the FLOPs, and
+  shrink with pruning).
+
+**Similarity: keys before the rotation.** The metric is the key projection's output, averaged over
+heads, before the rotary rotation is applied. After the rotation, the cosine between two keys is
+their content similarity seen through a rotation by their *relative* position (frame, row and
+column offsets, on about 30% of the dims each), so the same content at the same place in the next
+frame no longer matches itself exactly, and a moved object matches its earlier self less than the
+static background at an unchanged place does. STA asks "has this content been seen in the previous
+frame?", a content question; measured side by side (``benchmarks/vjepa2_key_rotation.py``, README),
+keys before the rotation find the same token of a static clip in the previous frame far more
+often, and keep more of the moving object's tokens. ``rotated_keys=True`` of
+:func:`patch_vjepa2` selects the other choice for experiments.
+
+The predictor of ``VJEPA2Model`` (pre-training's masked prediction) is not pruned: a patched
+``VJEPA2Model`` must be called with ``skip_predictor=True`` (the classifier always does).
+
+Registry: ``VJEPA2-L``, ``VJEPA2-H``, ``VJEPA2-g`` at 16 and 64 frames of 256² (``-fpc16`` /
+``-fpc64``, the hub's "frames per clip"): 8 or 32 x 16x16 tokens, up to 8192.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import Tensor, nn
+
+from ..checkpoints import hf_preprocessing, load_hf_pretrained
+from ..config import PruningPlan, STAConfig, resolve_plan
+from ..data.sampling import ViewProtocol
+from ..data.transforms import Preprocessing
+from ..flops import FlopCount, add_parts, columnar_flops, final_tokens
+from ..patch import columnar, final_kept
+from ..patch.common import Patch
+from .base import Family, FamilyModels, LoadedModel, ModelEntry, Spec, StageGrid, TokenGeometry
+from .videomae import check_frames, scaled_levels
+
+
+@dataclass(frozen=True)
+class VJEPA2Spec(Spec):
+    """A V-JEPA 2 encoder (and its attentive-pooler classifier when ``num_classes`` > 0)."""
+
+    family = "vjepa2"
+    hidden: int = 1024
+    layers: int = 24
+    heads: int = 16
+    mlp_ratio: float = 4.0
+    frames: int = 16
+    size: int = 256
+    tubelet: int = 2
+    patch: int = 16
+    num_classes: int = 400
+    in_chans: int = 3
+    pooler_layers: int = 3
+
+    @property
+    def grid_side(self) -> int:
+        return self.size // self.patch
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden * self.mlp_ratio)
+
+
+def _backbone(model: nn.Module) -> nn.Module:
+    return model.vjepa2 if hasattr(model, "vjepa2") else model
+
+
+def _input_geometry(config, pixels: Tensor) -> tuple[int, int, int]:
+    """Tubelet-frames, tokens per frame and grid width of an input ``(B, T, 3, H, W)``; the rotary
+    positions decompose indices with the configured ``crop_size`` grid, so the side is fixed."""
+    size = config.crop_size
+    if pixels.dim() != 5 or tuple(pixels.shape[2:]) != (config.in_chans, size, size):
+        raise ValueError(
+            f"this V-JEPA 2 takes clips (B, T, {config.in_chans}, {size}, {size}) (its rotary positions assume a "
+            f"{size // config.patch_size}x{size // config.patch_size} grid); got {tuple(pixels.shape)}"
+        )
+    frames = check_frames(pixels.shape[1], config.tubelet_size, "V-JEPA 2")
+    side = size // config.patch_size
+    return frames, side * side, side
+
+
+def patch_vjepa2(model: nn.Module, config: STAConfig, *, rotated_keys: bool = False) -> nn.Module:
+    """Patch a V-JEPA 2 in place (see :func:`staprune.patch`).
+
+    Args:
+        rotated_keys: take the similarity from keys (or queries) *after* their rotary rotation
+            instead of before (the default; see the module docstring).
+    """
+    if config.method == "tome":
+        raise ValueError("method='tome' is supported for VideoMAE only; for V-JEPA 2 use sta, random or none")
+    backbone = _backbone(model)
+    hf = backbone.config
+    layers = backbone.encoder.layer
+    plan = FAMILY.plan(FAMILY.spec_of(model), config)  # validate now, before any forward pass
+    p = Patch(config)
+
+    def build(frames: int, tokens: int) -> PruningPlan:
+        return resolve_plan(config, len(layers), frames, tokens)
+
+    def start(module, args, kwargs):
+        pixels = args[0] if args else kwargs.get("pixel_values_videos")
+        t, n, w = _input_geometry(hf, pixels)
+        p.start(p.plan_for(t, n, build), pixels, (n // w, w), pixels.device)
+
+    def no_predictor(module, args, kwargs):
+        skip = kwargs.get("skip_predictor", args[3] if len(args) > 3 else False)
+        if config.method != "none" and config.r and not skip:
+            raise ValueError(
+                "a pruned V-JEPA 2 runs its encoder only: call VJEPA2Model with skip_predictor=True (the "
+                "predictor of masked pre-training would see pruned positions)"
+            )
+
+    def positions(module, args, kwargs):
+        # After a pruning stage, a layer's rotary positions are its tokens' original indices.
+        state = p.state
+        if state is None or not state.kept:
+            return None
+        if "position_mask" in kwargs or len(args) < 2:
+            return args, {**kwargs, "position_mask": state.source}
+        return (args[0], state.source, *args[2:]), kwargs
+
+    p.add_hook(backbone.encoder.register_forward_pre_hook(start, with_kwargs=True))
+    p.add_hook(backbone.register_forward_pre_hook(no_predictor, with_kwargs=True))
+    stage_layers = {s.layer for s in plan.stages}
+    for index, layer in enumerate(layers):
+        if index > min(stage_layers, default=len(layers)):
+            p.add_hook(layer.register_forward_pre_hook(positions, with_kwargs=True))
+
+    def rotate(index: int, per_head: Tensor, state) -> Tensor:
+        attn = layers[index].attention
+        return attn.apply_rotary_embeddings(per_head, attn.get_position_ids(per_head, masks=state.source))
+
+    layout = columnar.ColumnarModel(
+        layers=layers,
+        projections=lambda layer: {"query": layer.attention.query, "key": layer.attention.key,
+                                   "value": layer.attention.value},
+        heads=hf.num_attention_heads,
+        hidden_of=lambda output: output[0],
+        with_hidden=lambda output, hidden: (hidden, *output[1:]),
+        metric_of=rotate if rotated_keys and config.similarity in ("key", "query") else None,
+    )
+    columnar.install(p, layout, stage_layers)
+    model._staprune = p
+    return model
+
+
+class VJEPA2Family(Family):
+    name = "vjepa2"
+    title = "V-JEPA 2 (transformers)"
+    classes = ("transformers VJEPA2ForVideoClassification", "transformers VJEPA2Model")
+    hf_model_types = ("vjepa2",)
+    # As V-JEPA's attentive-probe evaluation: 16 frames; K400 8 clips x 3 crops at frame step 4,
+    # SSv2 2 x 3 (segments).
+    protocols = {
+        "k400": ViewProtocol(clips=8, crops=3, frames=16, stride=4, sampling="uniform"),
+        "ssv2": ViewProtocol(clips=2, crops=3, frames=16, stride=2, sampling="segment"),
+    }
+
+    def recognizes(self, model: nn.Module) -> bool:
+        try:
+            from transformers import VJEPA2ForVideoClassification, VJEPA2Model
+        except ImportError:
+            return False
+        return isinstance(model, VJEPA2Model | VJEPA2ForVideoClassification)
+
+    def patch(self, model: nn.Module, config: STAConfig) -> nn.Module:
+        return patch_vjepa2(model, config)
+
+    def spec_of(self, model: nn.Module, frames: int | None = None, size: int | None = None) -> VJEPA2Spec:
+        hf = _backbone(model).config
+        classifier = getattr(model, "classifier", None)
+        pooler = getattr(model, "pooler", None)
+        return VJEPA2Spec(
+            hidden=hf.hidden_size,
+            layers=hf.num_hidden_layers,
+            heads=hf.num_attention_heads,
+            mlp_ratio=float(hf.mlp_ratio),
+            frames=hf.frames_per_clip,
+            size=hf.crop_size,
+            tubelet=hf.tubelet_size,
+            patch=hf.patch_size,
+            num_classes=getattr(classifier, "out_features", 0) or 0,
+            in_chans=hf.in_chans,
+            pooler_layers=len(pooler.self_attention_layers) if pooler is not None else 0,
+        ).with_input(frames, size)
+
+    def geometry(self, spec: VJEPA2Spec) -> TokenGeometry:
+        t = check_frames(spec.frames, spec.tubelet, "V-JEPA 2")
+        grid = StageGrid("tokens", t, spec.grid_side, spec.grid_side, spec.patch)
+        return TokenGeometry(spec.frames, spec.size, spec.tubelet, (grid,))
+
+    def plan(self, spec: VJEPA2Spec, config: STAConfig) -> PruningPlan:
+        if config.method == "tome":
+            raise ValueError("method='tome' is supported for VideoMAE only; for V-JEPA 2 use sta, random or none")
+        grid = self.geometry(spec).grids[0]
+        return resolve_plan(config, spec.layers, grid.frames, grid.tokens_per_frame)
+
+    def levels(self, spec: VJEPA2Spec) -> tuple[int, ...]:
+        return scaled_levels(spec.grid_side**2)
+
+    def flops(self, spec: VJEPA2Spec, config: STAConfig) -> FlopCount:
+        """Encoder blocks as :func:`staprune.flops.columnar_flops` (the rotation is elementwise: not
+        counted); tubelet embedding ``L·C·3·2·p²``; the classifier's attentive pooler on the ``L_f``
+        tokens the encoder leaves: ``pooler_layers`` transformer blocks (MLP 4C) plus a cross
+        attention from one query (``C² + 2·L_f·C² + 2·L_f·C`` and a one-token MLP), then ``C·classes``."""
+        plan = self.plan(spec, config)
+        c, length = spec.hidden, plan.frames * plan.tokens_per_frame
+        parts: dict[str, float] = {"embed": length * c * spec.in_chans * spec.tubelet * spec.patch**2}
+        parts, selection = columnar_flops(plan, channels=c, heads=spec.heads, mlp_hidden=spec.mlp_hidden, parts=parts)
+        if spec.num_classes:
+            n = final_tokens(plan)
+            pooler = spec.pooler_layers * (4 * n * c * c + 2 * n * n * c + 2 * n * c * 4 * c)
+            cross = c * c + 2 * n * c * c + 2 * n * c + 2 * c * 4 * c
+            add_parts(parts, pooler=pooler + cross, head=c * spec.num_classes)
+        return FlopCount(sum(parts.values()), selection, parts)
+
+    def build(self, spec: VJEPA2Spec, attn_implementation: str = "sdpa") -> nn.Module:
+        from transformers import VJEPA2Config, VJEPA2ForVideoClassification
+
+        cfg = VJEPA2Config(
+            patch_size=spec.patch,
+            crop_size=spec.size,
+            frames_per_clip=spec.frames,
+            tubelet_size=spec.tubelet,
+            hidden_size=spec.hidden,
+            num_attention_heads=spec.heads,
+            num_hidden_layers=spec.layers,
+            mlp_ratio=spec.mlp_ratio,
+            num_pooler_layers=spec.pooler_layers,
+            num_labels=spec.num_classes,
+            pred_num_hidden_layers=1,  # the predictor is unused by the classifier
+            attn_implementation=attn_implementation,
+        )
+        return VJEPA2ForVideoClassification(cfg).eval()
+
+    def preprocessing(self, size: int) -> Preprocessing:
+        return Preprocessing.imagenet_default(size)
+
+    def wrap(self, model: nn.Module, source: str, folder: Path | None = None) -> LoadedModel:
+        spec = self.spec_of(model)
+        return LoadedModel(model.eval(), self, hf_preprocessing(folder, spec.size, self.preprocessing(spec.size)),
+                           spec.num_classes, None, spec.size, source)
+
+    def load_folder(self, folder: Path, name: str) -> LoadedModel:
+        from transformers import VJEPA2ForVideoClassification
+
+        return self.wrap(load_hf_pretrained(VJEPA2ForVideoClassification, folder, name), f"hf:{name}", folder)
+
+    # analysis
+    def blocks(self, model: nn.Module) -> list[tuple[nn.Module, int]]:
+        return [(layer, 0) for layer in _backbone(model).encoder.layer]
+
+    def final_features(self, model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The last encoder block's tokens (before the final norm); when pruned, the kept ones."""
+        captured: list[Tensor] = []
+        handle = _backbone(model).encoder.layer[-1].register_forward_hook(lambda m, i, o: captured.append(o[0]))
+        try:
+            model(x) if hasattr(model, "vjepa2") else model(x, skip_predictor=True)
+        finally:
+            handle.remove()
+        return captured[0], final_kept(model)
+
+
+FAMILY = VJEPA2Family()
+_SIZES = {"L": (1024, 24, 16, 4.0), "H": (1280, 32, 16, 4.0), "g": (1408, 40, 22, 48 / 11)}
+REGISTRATION = FamilyModels(
+    FAMILY,
+    tuple(
+        ModelEntry(
+            f"VJEPA2-{size}-fpc{frames}",
+            FAMILY.name,
+            VJEPA2Spec(hidden, layers, heads, ratio, frames=frames),
+            levels=scaled_levels(256),
+            description=f"V-JEPA 2 ViT-{size}/16, {frames}x256² ({frames // 2} x 16x16 tokens), attentive pooler",
+        )
+        for size, (hidden, layers, heads, ratio) in _SIZES.items()
+        for frames in (16, 64)
+    ),
+)
+
+__all__ = ["FAMILY", "REGISTRATION", "VJEPA2Family", "VJEPA2Spec", "patch_vjepa2"]
