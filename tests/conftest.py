@@ -69,3 +69,52 @@ def model_factory():
 @pytest.fixture
 def clip_factory():
     return clips
+
+
+def _distinct_tokens(projection: torch.nn.Module) -> None:
+    """Random init gives near-identical tokens; scale the patch embedding so tokens differ clearly."""
+    with torch.no_grad():
+        projection.weight.mul_(4.0)
+
+
+def tiny_vivit(layers: int = 6, hidden: int = 48, heads: int = 4, attn: str = "sdpa", seed: int = 0,
+               frames: int = 16, size: int = 112, **overrides):
+    """A ViViT with the released tubelet (2x16x16) but tiny width and depth: 8 x 7x7 tokens + CLS."""
+    from transformers import VivitConfig, VivitForVideoClassification
+
+    torch.manual_seed(seed)
+    cfg = VivitConfig(image_size=size, num_frames=frames, tubelet_size=[2, 16, 16], hidden_size=hidden,
+                      num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=4 * hidden,
+                      num_labels=7, attn_implementation=attn, **overrides)
+    model = VivitForVideoClassification(cfg)
+    _distinct_tokens(model.vivit.embeddings.patch_embeddings.projection)
+    return model.eval()
+
+
+def tiny_vjepa2(layers: int = 6, hidden: int = 48, heads: int = 4, attn: str = "sdpa", seed: int = 0,
+                frames: int = 16, size: int = 112, **overrides):
+    """A V-JEPA 2 classifier (tubelet 2, patch 16, rotary positions, attentive pooler) at tiny size."""
+    from transformers import VJEPA2Config, VJEPA2ForVideoClassification
+
+    torch.manual_seed(seed)
+    cfg = VJEPA2Config(patch_size=16, crop_size=size, frames_per_clip=frames, tubelet_size=2, hidden_size=hidden,
+                       num_attention_heads=heads, num_hidden_layers=layers, num_pooler_layers=1, num_labels=7,
+                       pred_num_hidden_layers=1, pred_hidden_size=32, pred_num_attention_heads=2,
+                       attn_implementation=attn, **overrides)
+    model = VJEPA2ForVideoClassification(cfg)
+    _distinct_tokens(model.vjepa2.encoder.embeddings.patch_embeddings.proj)
+    return model.eval()
+
+
+def tiny_timesformer(layers: int = 6, hidden: int = 48, heads: int = 4, seed: int = 0, frames: int = 8,
+                     size: int = 112, **overrides):
+    """A TimeSformer (divided space-time attention, patch 16) at tiny size: 8 frames x 7x7 tokens + CLS."""
+    from transformers import TimesformerConfig, TimesformerForVideoClassification
+
+    torch.manual_seed(seed)
+    cfg = TimesformerConfig(image_size=size, patch_size=16, num_frames=frames, hidden_size=hidden,
+                            num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=4 * hidden,
+                            num_labels=7, **overrides)
+    model = TimesformerForVideoClassification(cfg)
+    _distinct_tokens(model.timesformer.embeddings.patch_embeddings.projection)
+    return model.eval()

@@ -197,3 +197,106 @@ def test_swin_from_local_weights(swin_file, tmp_path):
     torch.save(state, tmp_path / "headless.pth")
     with pytest.raises(CheckpointError, match=re.escape("missing weight(s): head.bias")):
         load("swin3d_t", weights=str(tmp_path / "headless.pth"))
+
+
+# --- VideoMAE V2 release layout -----------------------------------------------------------------
+def _sinusoid_table(n: int, dim: int) -> torch.Tensor:
+    """The release code's fixed position table: sin on even channels, cos on odd, 10000^(2(i//2)/d)."""
+    position = torch.arange(n, dtype=torch.float64)[:, None]
+    channel = torch.arange(dim)[None, :]
+    angle = position / torch.pow(torch.tensor(10000.0, dtype=torch.float64), 2 * (channel // 2) / dim)
+    return torch.where(channel % 2 == 0, torch.sin(angle), torch.cos(angle)).float()[None]
+
+
+def _release_forward(state: dict, x: torch.Tensor, heads: int, eps: float = 1e-6) -> torch.Tensor:
+    """The original VideoMAE / VideoMAE V2 fine-tuning model's forward, written from its layout:
+    Conv3d tubelets + sinusoid table, pre-norm blocks with qkv bias (q_bias, 0, v_bias), mean
+    pooling, fc_norm, head."""
+    import torch.nn.functional as F
+
+    weight = state["patch_embed.proj.weight"]
+    tubelet, patch = weight.shape[2], weight.shape[3]
+    h = F.conv3d(x.transpose(1, 2), weight, state["patch_embed.proj.bias"], stride=(tubelet, patch, patch))
+    h = h.flatten(2).transpose(1, 2)
+    bsz, length, c = h.shape
+    h = h + _sinusoid_table(length, c)
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    for i in range(depth):
+        b = f"blocks.{i}."
+        y = F.layer_norm(h, (c,), state[b + "norm1.weight"], state[b + "norm1.bias"], eps)
+        bias = torch.cat([state[b + "attn.q_bias"], torch.zeros_like(state[b + "attn.q_bias"]), state[b + "attn.v_bias"]])
+        q, k, v = F.linear(y, state[b + "attn.qkv.weight"], bias).reshape(bsz, length, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        attn = ((q * (c // heads) ** -0.5) @ k.transpose(-2, -1)).softmax(-1)
+        y = (attn @ v).transpose(1, 2).reshape(bsz, length, c)
+        h = h + F.linear(y, state[b + "attn.proj.weight"], state[b + "attn.proj.bias"])
+        y = F.layer_norm(h, (c,), state[b + "norm2.weight"], state[b + "norm2.bias"], eps)
+        y = F.linear(F.gelu(F.linear(y, state[b + "mlp.fc1.weight"], state[b + "mlp.fc1.bias"])),
+                     state[b + "mlp.fc2.weight"], state[b + "mlp.fc2.bias"])
+        h = h + y
+    pooled = F.layer_norm(h.mean(1), (c,), state["fc_norm.weight"], state["fc_norm.bias"], eps)
+    return F.linear(pooled, state["head.weight"], state["head.bias"])
+
+
+def _v2_state(hidden: int = 128, depth: int = 3, mlp: int = 560, patch: int = 14, classes: int = 7,
+              seed: int = 0, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """A VideoMAE V2-layout fine-tuned state dict (ViT-g/14's layout at another size): random
+    weights, every bias non-zero (q/v biases included)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=0.05):
+        if device == "meta":
+            return torch.empty(*shape, device="meta")
+        return torch.randn(*shape, generator=g) * scale
+
+    state = {"patch_embed.proj.weight": rnd(hidden, 3, 2, patch, patch, scale=0.2),
+             "patch_embed.proj.bias": rnd(hidden), "fc_norm.weight": 1 + rnd(hidden), "fc_norm.bias": rnd(hidden),
+             "head.weight": rnd(classes, hidden, scale=0.5), "head.bias": rnd(classes)}
+    for i in range(depth):
+        b = f"blocks.{i}."
+        state.update({
+            b + "norm1.weight": 1 + rnd(hidden), b + "norm1.bias": rnd(hidden),
+            b + "attn.qkv.weight": rnd(3 * hidden, hidden, scale=0.2), b + "attn.q_bias": rnd(hidden, scale=0.3),
+            b + "attn.v_bias": rnd(hidden, scale=0.3), b + "attn.proj.weight": rnd(hidden, hidden),
+            b + "attn.proj.bias": rnd(hidden), b + "norm2.weight": 1 + rnd(hidden), b + "norm2.bias": rnd(hidden),
+            b + "mlp.fc1.weight": rnd(mlp, hidden), b + "mlp.fc1.bias": rnd(mlp),
+            b + "mlp.fc2.weight": rnd(hidden, mlp), b + "mlp.fc2.bias": rnd(hidden),
+        })
+    return state
+
+
+def test_videomae_v2_release_checkpoint_matches_the_reference_forward(tmp_path):
+    import staprune
+
+    state = _v2_state()
+    assert all(bool(v.ne(0).any()) for k, v in state.items() if k.endswith(("q_bias", "v_bias")))
+    path = tmp_path / "vit_g_hybrid_pt_1200e_k710_ft.pth"
+    torch.save({"module": {f"module.{k}": v for k, v in state.items()}}, path)  # DeepSpeed-style nesting
+    loaded = load(str(path), frames=16, image_size=112)  # dispatch: the VideoMAE family claims the layout
+    cfg = loaded.model.config
+    assert (cfg.patch_size, cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size) == (14, 128, 2, 560)
+    x = torch.randn(2, 16, 3, 112, 112, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ours = loaded.model(x).logits
+        reference = _release_forward(state, x, heads=2)
+    torch.testing.assert_close(ours, reference, atol=2e-5, rtol=1e-4)
+    # Patch 14 at 112²: 8x8 tokens per tubelet-frame; the model prunes at its own levels.
+    spec = loaded.family.spec_of(loaded.model)
+    assert (spec.patch, spec.tokens_per_frame) == (14, 64)
+    staprune.patch(loaded.model, r=loaded.default_levels()[0])
+    with torch.inference_mode():
+        loaded.model(x)
+    assert staprune.kept_tokens(loaded.model)[0].shape == (2, 8 * (64 - loaded.default_levels()[0]))
+
+
+def test_videomae_v2_g_geometry_is_read_from_the_shapes():
+    """ViT-g/14's shapes (no weights allocated): 1408 wide, 40 blocks, MLP 6144, 16 heads, patch 14,
+    so 16x16 tokens per frame at 224², as the VideoMAEv2-g registry entry."""
+    from staprune.families import model_entry
+    from staprune.families.videomae import videomae_release_config
+
+    cfg = videomae_release_config(_v2_state(hidden=1408, depth=40, mlp=6144, classes=710, device="meta"))
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size) == (1408, 40, 16, 6144)
+    assert (cfg.patch_size, cfg.image_size // cfg.patch_size, cfg.num_labels) == (14, 16, 710)
+    entry = model_entry("VideoMAEv2-g").spec
+    assert (entry.hidden, entry.layers, entry.heads, entry.mlp_hidden, entry.patch) == (1408, 40, 16, 6144, 14)
+    assert entry.tokens_per_frame == 256
