@@ -29,8 +29,10 @@ from torch import nn
 
 import staprune
 
+from .errors import UsageError
 from .flops import analytic_flops, wrapping_selection
 from .models import example_input, load_model, spec_of_model
+from .outputs import resolve_device
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -276,7 +278,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="sta", choices=("sta", "random", "tome"))
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds (every config once per round)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds")
     parser.add_argument("--frames", type=int)
@@ -289,42 +291,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``staprune bench``: dense vs each ``--r`` of ``--method``, round-robin in one run."""
+    for name in ("batch_size", "repeats"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("staprune bench: error: --device cuda but CUDA is not available", file=sys.stderr)
-        return 2
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     dtype = DTYPES[args.dtype]
-    try:
-        model = load_model(args.model, args.frames, args.size).to(device=device, dtype=dtype)
-        spec = spec_of_model(model, args.frames, args.size)
-        variants = [Variant()] + [Variant(r, args.method) for r in args.r if r or args.method == "tome"]
-        for variant in variants:  # validate every config before timing anything
-            variant.apply(model)
-        staprune.unpatch(model)
-    except (ValueError, TypeError) as err:
-        print(f"staprune bench: error: {err}", file=sys.stderr)
-        return 2
+    model = load_model(args.model, args.frames, args.size).to(device=device, dtype=dtype)
+    spec = spec_of_model(model, args.frames, args.size)
+    variants = [Variant()] + [Variant(r, args.method) for r in args.r if r or args.method == "tome"]
+    for variant in variants:  # validate every config before timing anything
+        variant.apply(model)
+    staprune.unpatch(model)
     inputs = example_input(spec, args.batch_size, dtype=dtype, device=device)
     times = time_variants(model, inputs, variants, warmup=args.warmup, repeats=args.repeats)
     memory: dict[Variant, float | None] = {}
     for variant in variants:
-        if args.device == "cuda":
+        if device.type == "cuda":
             memory[variant] = cuda_peak_memory_mb(model, inputs, variant)
         elif args.cpu_memory:
             memory[variant] = cpu_peak_memory_mb(args.model, variant, frames=args.frames, size=args.size,
                                                  batch_size=args.batch_size, dtype=args.dtype,
                                                  threads=torch.get_num_threads())
     rows = summarize(args.model, model, times, batch_size=args.batch_size, dtype=args.dtype,
-                     device=args.device, frames=args.frames, size=args.size, memory=memory)
+                     device=str(device), frames=args.frames, size=args.size, memory=memory)
     if args.json:
         print(json.dumps([asdict(r) for r in rows], indent=2))
     else:
         print(format_table(rows))
         print("speedup = dense median latency / config median latency; FLOPs ratio = dense / config "
               "GFLOPs (analytic). Peak memory: " + (
-                  "CUDA max allocated." if args.device == "cuda" else
+                  "CUDA max allocated." if device.type == "cuda" else
                   "peak RSS rise during one forward in a fresh process." if args.cpu_memory else
                   "n/a on CPU (use --cpu-memory)."))
     return 0

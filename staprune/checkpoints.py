@@ -30,16 +30,13 @@ import torch
 from torch import Tensor, nn
 
 from .data.transforms import Preprocessing
+from .errors import CheckpointError, NotFoundError, StapruneError, UnknownModelError, UsageError
 from .families.base import LoadedModel
 
 _STATE_DICT_SUFFIXES = frozenset({".pth", ".pt", ".bin", ".safetensors", ".ckpt"})
 # Buffers a model computes itself; a checkpoint may or may not store them.
 _DERIVABLE = re.compile(r"(^|\.)relative_position_index$")
 _MAX_LISTED = 10
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint does not match the model it is loaded into (or cannot be interpreted)."""
 
 
 # --- reading and checking state dicts -----------------------------------------------------------
@@ -52,18 +49,36 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     ``module.`` (DDP) or ``_orig_mod.`` (torch.compile) prefix shared by all keys.
 
     Raises:
-        FileNotFoundError: no such file. CheckpointError: no tensors inside.
+        FileNotFoundError: no such file. CheckpointError: unreadable (truncated, not a checkpoint,
+        pickled objects) or no tensors inside.
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise NotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        obj: object = load_file(str(path), device="cpu")
+        try:
+            obj: object = load_file(str(path), device="cpu")
+        except SafetensorError as err:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({err}); is it complete?") from err
     else:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        import pickle
+
+        try:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            if "GLOBAL" in str(err) or "Unsupported global" in str(err):  # pickled objects, not only tensors
+                found = re.search(r"GLOBAL ([\w.]+)", str(err))
+                what = f" ({found.group(1)})" if found else ""
+                raise CheckpointError(f"{path}: holds pickled Python objects{what}, which staprune does not load "
+                                      "(torch.load(weights_only=True)); save model.state_dict() instead") from err
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?)") from err
+        except (RuntimeError, EOFError, OSError) as err:
+            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first}); is it complete?") from err
     while isinstance(obj, Mapping):
         inner = next((obj[k] for k in ("model", "module", "state_dict", "model_state") if k in obj), None)
         if not isinstance(inner, Mapping):
@@ -152,7 +167,7 @@ def hf_preprocessing(folder: Path | None, image_size: int, default: Preprocessin
     if processor is not None and processor.is_file():
         prep = Preprocessing.from_hf_processor_config(processor)
         if prep.size != image_size:
-            raise ValueError(
+            raise CheckpointError(
                 f"{processor}: crop size {prep.size} differs from the model's image_size {image_size}"
             )
         return prep
@@ -253,22 +268,100 @@ def _hub_folder(repo_id: str) -> Path:
 
     from .families import model_names
 
+    if not _hub_offline():
+        try:  # already in the local cache: no network needed
+            return Path(snapshot_download(repo_id, local_files_only=True))
+        except (OSError, HFValidationError, ValueError):
+            pass
+        _check_hub_reachable(repo_id)
     try:
         return Path(snapshot_download(repo_id, local_files_only=_hub_offline()))
     except (OSError, HFValidationError, ValueError) as err:
         offline = " (HF_HUB_OFFLINE is set: only the local cache is used)" if _hub_offline() else ""
-        raise FileNotFoundError(
+        raise NotFoundError(
             f"cannot load model {repo_id!r}: not a registry name, not a local path and not a loadable "
             f"hub id{offline}. Registry names: {', '.join(model_names())}. ({str(err).splitlines()[0][:200]})"
         ) from err
 
 
+_EPOCH_CARD = re.compile(r"^epoch_(\d{3,})\.train\.json$")
+
+
+def model_card(path: Path) -> dict | None:
+    """What a weights file was made from, when staprune wrote it: ``{"model", "weights", "frames",
+    "image_size", "made"}`` from the training record of a ``staprune finetune`` checkpoint
+    (``epoch_NNN.train.json`` beside ``epoch_NNN.safetensors``) or the card of a bundled demo model
+    (``<name>.json`` naming its registry model); None for other files."""
+    record = path.with_name(path.name.removesuffix(".safetensors") + ".train.json")
+    try:
+        if path.suffix == ".safetensors" and record.is_file():
+            recipe = json.loads(record.read_text(encoding="utf-8"))["recipe"]
+            return {"model": recipe["model"], "weights": recipe.get("weights"), "frames": recipe.get("frames"),
+                    "image_size": recipe.get("image_size"),
+                    "made": f"fine-tuned by staprune finetune ({recipe.get('method')} r={recipe.get('r')}) from "
+                            f"{recipe.get('init') or recipe['model']}"}
+        card = path.with_suffix(".json")
+        if path.suffix == ".safetensors" and card.is_file():
+            doc = json.loads(card.read_text(encoding="utf-8"))
+            if isinstance(doc, dict) and isinstance(doc.get("model"), str):
+                return {"model": doc["model"], "weights": None, "frames": None, "image_size": None,
+                        "made": f"weights of {doc['model']} ({card.name})"}
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path}: its card next to it is damaged ({err}); it says how to rebuild the model") from err
+    return None
+
+
+def latest_epoch(folder: Path) -> Path | None:
+    """The weights of the last complete epoch of a ``staprune finetune`` run folder, or None."""
+    epochs = sorted(int(m.group(1)) for p in folder.iterdir() if (m := _EPOCH_CARD.match(p.name)))
+    complete = [e for e in epochs if (folder / f"epoch_{e:03d}.safetensors").is_file()]
+    return folder / f"epoch_{complete[-1]:03d}.safetensors" if complete else None
+
+
+def _load_from_card(path: Path, card: dict, state: Mapping[str, Tensor]) -> LoadedModel:
+    """Rebuild the architecture the card names, then load ``state`` into it, verified."""
+    base_spec = card["model"]
+    if Path(base_spec).expanduser().resolve() == path.resolve():
+        raise CheckpointError(f"{path}: its card names the file itself as the model it was made from")
+    try:
+        loaded = load(base_spec, card.get("weights"), frames=card.get("frames"), image_size=card.get("image_size"))
+    except StapruneError as err:
+        raise CheckpointError(f"{path} was {card['made']}; staprune rebuilds that architecture to load it, "
+                              f"but: {err}") from err
+    load_verified(loaded.model, state, f"checkpoint {path}")
+    loaded.source = f"{path} ({card['made']})"
+    return loaded
+
+
+def _check_hub_reachable(repo_id: str, timeout: float = 3.0) -> None:
+    """Fail at once, in one line, when the hub cannot be reached (instead of its retries)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    endpoint = urlparse(constants.ENDPOINT)
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        raise NotFoundError(
+            f"cannot load model {repo_id!r}: it is not a registry name or a local path, and the Hugging Face hub "
+            f"({host}) cannot be reached ({err.strerror or type(err).__name__}); pass a local folder, or set "
+            "HF_HUB_OFFLINE=1 to use only the local cache"
+        ) from err
+
+
 def load_file(path: Path, *, frames: int | None = None, image_size: int | None = None,
               num_heads: int | None = None) -> LoadedModel:
-    """A state-dict file, loaded by the family that recognises its key layout."""
+    """A state-dict file: one staprune wrote (its card says which architecture, see
+    :func:`model_card`), else loaded by the family that recognises its key layout."""
     from .families import families
 
     state = read_state_dict(path)
+    card = model_card(path)
+    if card is not None:
+        return _load_from_card(path, card, state)
     for family in families():
         if family.claims_file(state):
             return family.load_file(path, state, frames=frames, image_size=image_size, num_heads=num_heads)
@@ -325,20 +418,22 @@ def load(
         spec, weights = name, rest
     if spec in builders:
         if weights is None:
-            raise ValueError(f"{spec} needs local weights: --model {spec} --weights PATH (or {spec}:PATH)")
+            raise UsageError(f"{spec} needs local weights: --model {spec} --weights PATH (or {spec}:PATH)")
         return builders[spec].load_builder(spec, weights)
     if weights is not None:
-        raise ValueError(f"--weights is only for architecture names ({', '.join(builders)})")
+        raise UsageError(f"--weights is only for architecture names ({', '.join(builders)})")
     if find_model(spec) is not None:
         return load_registry(spec, frames, image_size)
     path = Path(spec).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file() and latest_epoch(path) is not None:
+        return load_file(latest_epoch(path))  # a `staprune finetune` run folder: its last epoch
     if path.is_dir():
         return load_hf(str(path))
     if path.is_file():
         return load_file(path, frames=frames, image_size=image_size, num_heads=num_heads)
     if _looks_like_path(spec):
-        raise FileNotFoundError(f"checkpoint not found: {spec}")
+        raise NotFoundError(f"checkpoint not found: {spec}")
     hint = suggest(spec)
     if hint is not None and "/" not in spec:  # a near-miss of a registry name, not a hub id: no network
-        raise ValueError(f"unknown model {spec!r}; did you mean {hint!r}? Registry names: {', '.join(model_names())}")
+        raise UnknownModelError(f"unknown model {spec!r}; did you mean {hint!r}? Registry names: {', '.join(model_names())}")
     return load_hf(spec)

@@ -8,6 +8,8 @@ import importlib
 import os
 import sys
 
+from .errors import StapruneError
+
 # name -> (module, one-line help)
 COMMANDS = {
     "flops": ("staprune.flops", "GFLOPs per view of a model under a pruning config (paper Tables 2, 3)"),
@@ -33,25 +35,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Errors that mean "the user asked for something impossible": print the message, not a traceback.
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
-
-
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A :class:`~staprune.errors.StapruneError` (something the user can fix) is one
+    line on stderr and exit status 2; Ctrl-C says what was kept and how to go on, exit 130. Set
+    ``STAPRUNE_TRACEBACK=1`` to get the traceback instead."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    from .checkpoints import CheckpointError  # a checkpoint that does not fit its model
-
+    module = importlib.import_module(args._module)
+    keep_traceback = bool(os.environ.get("STAPRUNE_TRACEBACK"))
     try:
-        return int(importlib.import_module(args._module).run(args) or 0)
-    except (*USER_ERRORS, CheckpointError) as error:
-        if os.environ.get("STAPRUNE_TRACEBACK"):
+        return int(module.run(args) or 0)
+    except StapruneError as error:
+        if keep_traceback:
             raise
         print(f"staprune {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if keep_traceback:
+            raise
+        kept = getattr(module, "interrupted", None)
+        print(f"staprune {args.command}: interrupted; " + (kept(args) if kept else "nothing was written"),
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

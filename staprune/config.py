@@ -11,6 +11,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+from .errors import ConfigError, UnknownOptionError
+
 METHODS = ("sta", "random", "tome", "none")
 SCHEDULES = ("decreasing", "constant", "increasing", "per_frame")
 FIRST_UNIT = ("bipartite", "random", "grid")
@@ -22,7 +24,7 @@ TOME_MODES = ("locations", "every_block")
 
 def _check_choice(name: str, value: object, valid: Sequence[str]) -> None:
     if value not in valid:
-        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, valid))}")
+        raise ConfigError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, valid))}")
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ class STAConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 0:
-            raise ValueError(f"r={self.r!r} must be a non-negative integer (tokens dropped per unit)")
+            raise ConfigError(f"r={self.r!r} must be a non-negative integer (tokens dropped per unit)")
         _check_choice("method", self.method, METHODS)
         _check_choice("first_unit", self.first_unit, FIRST_UNIT)
         _check_choice("similarity", self.similarity, SIMILARITY)
@@ -83,21 +85,21 @@ class STAConfig:
         else:
             stages = tuple(tuple(int(v) for v in s) for s in self.schedule)
             if not stages or any(len(s) != 2 or s[0] < 1 or s[1] < 0 for s in stages):
-                raise ValueError(
+                raise ConfigError(
                     f"schedule={self.schedule!r}: an explicit schedule is a non-empty list of "
                     "(units >= 1, r_per_unit >= 0) pairs, one per stage"
                 )
             object.__setattr__(self, "schedule", stages)
         if self.order is not None:
             if not isinstance(self.order, str) or not self.order or set(self.order.upper()) - {"F", "B"}:
-                raise ValueError(
+                raise ConfigError(
                     f"order={self.order!r} must be a string of 'F' and 'B', one per stage, e.g. 'FBF'"
                 )
             object.__setattr__(self, "order", self.order.upper())
         if self.locations is not None:
             locs = tuple(int(i) for i in self.locations)
             if not locs or any(b <= a for a, b in zip(locs, locs[1:], strict=False)) or locs[0] < 0:
-                raise ValueError(
+                raise ConfigError(
                     f"locations={self.locations!r} must be strictly increasing block indices >= 0"
                 )
             object.__setattr__(self, "locations", locs)
@@ -107,7 +109,7 @@ class STAConfig:
         valid = set(self.__dataclass_fields__)
         unknown = set(options) - valid
         if unknown:
-            raise TypeError(f"unknown option(s) {sorted(unknown)}; valid options: {sorted(valid)}")
+            raise UnknownOptionError(f"unknown option(s) {sorted(unknown)}; valid options: {sorted(valid)}")
         return replace(self, **options)
 
 
@@ -167,7 +169,7 @@ def _preset_stages(schedule: str, r: int, frames: int, num_stages: int) -> list[
             stages.append((frames, r // 2**k))
             continue
         if frames % 2**k:
-            raise ValueError(
+            raise ConfigError(
                 f"{frames} tubelet-frames cannot be grouped into {num_stages} stages of 1, 2, 4, ... frames "
                 f"per unit (stage {k} needs frames divisible by {2**k}); use a frame count divisible by "
                 f"{2 ** (num_stages - 1)}, fewer locations, or an explicit schedule"
@@ -183,7 +185,7 @@ def stage_directions(config: STAConfig, num_stages: int) -> str:
         return ("FB" * num_stages)[:num_stages]
     order = config.order * num_stages if len(config.order) == 1 else config.order
     if len(order) != num_stages:
-        raise ValueError(f"order={config.order!r} has {len(order)} letters for {num_stages} stages")
+        raise ConfigError(f"order={config.order!r} has {len(order)} letters for {num_stages} stages")
     return order
 
 
@@ -191,7 +193,7 @@ def _stages_for(config: STAConfig, r: int, depth: int, frames: int, n: int) -> l
     """Build stages for a given first-stage r, raising ValueError for infeasible geometry."""
     locations = config.locations if config.locations is not None else default_locations(depth)
     if locations[-1] >= depth:
-        raise ValueError(
+        raise ConfigError(
             f"locations={locations} reach past the model's {depth} blocks (valid: 0..{depth - 1})"
         )
     if isinstance(config.schedule, str):
@@ -199,7 +201,7 @@ def _stages_for(config: STAConfig, r: int, depth: int, frames: int, n: int) -> l
     else:
         pairs = list(config.schedule)
         if len(pairs) != len(locations):
-            raise ValueError(
+            raise ConfigError(
                 f"explicit schedule has {len(pairs)} stages but there are {len(locations)} locations {locations}"
             )
     order = stage_directions(config, len(pairs))
@@ -207,7 +209,7 @@ def _stages_for(config: STAConfig, r: int, depth: int, frames: int, n: int) -> l
     prev_units, per_unit = frames, n
     for layer, (units, r_k), direction in zip(locations, pairs, order, strict=True):
         if prev_units % units:
-            raise ValueError(
+            raise ConfigError(
                 f"cannot regroup {prev_units} temporal units into {units} at block {layer}: each unit must be "
                 f"whole consecutive units of the previous stage (frames={frames}); adjust the frame count or "
                 "the schedule"
@@ -253,7 +255,7 @@ def resolve_plan(config: STAConfig, depth: int, frames: int, tokens_per_frame: i
     if not all(stage_feasible(config, s) for s in stages):
         largest = _largest_valid_r(config, depth, frames, tokens_per_frame)
         bad = next(s for s in stages if not stage_feasible(config, s))
-        raise ValueError(
+        raise ConfigError(
             f"r={config.r} is too large for this input: at block {bad.layer} each of the {bad.units} units has "
             f"{bad.tokens_in} tokens and would drop {bad.r} (method={config.method}, "
             f"first_unit={config.first_unit}, schedule={config.schedule!r}). The largest valid r for "

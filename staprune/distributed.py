@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .errors import RankError
+
 # Shards can be unbalanced (a few long videos); the default 30 min would kill a slow but healthy run.
 _TIMEOUT = datetime.timedelta(hours=4)
 
@@ -91,11 +93,11 @@ def shard(indices: list[int], info: DistInfo) -> list[int]:
 def raise_if_any(info: DistInfo, error: BaseException | None) -> None:
     """Collective error check: if any rank failed, every rank raises (no rank left waiting).
 
-    The local exception is re-raised as is; other ranks raise a RuntimeError naming the rank.
+    The local exception is re-raised as is; other ranks raise a :class:`RankError` naming the rank.
     """
     errors = all_gather(info, None if error is None else f"{type(error).__name__}: {error}")
     if error is not None:
         raise error
     for rank, message in enumerate(errors):
         if message is not None:
-            raise RuntimeError(f"rank {rank} failed: {message}")
+            raise RankError(f"rank {rank} failed: {message}")

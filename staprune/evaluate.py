@@ -50,6 +50,8 @@ from .data.lists import VideoItem, load_items
 from .data.sampling import ViewProtocol, parse_views
 from .data.transforms import Preprocessing
 from .data.video import VideoReadError, probe, read_frames
+from .errors import ExistingResultsError, StapruneError, UsageError
+from .outputs import atomic_write_text, resolve_device, writable_dir, write_error
 
 SLEEP_ENV = "STAPRUNE_EVAL_SLEEP"
 METHODS = ("sta", "random", "tome", "none")
@@ -106,14 +108,27 @@ class Entry:
         return f"{self.method}_r{self.r}"
 
 
+def model_dirname(source: str) -> str:
+    """A folder name for one model's runs inside ``--out``: readable, and unique per source (two
+    models evaluated into one ``--out`` never share a folder, a results row or a plot line)."""
+    import re
+
+    name = source.split(":", 1)[-1].split(" (", 1)[0].rstrip("/\\")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name or name)[:40].strip("._") or "model"
+    return f"{name}-{hashlib.sha1(source.encode()).hexdigest()[:8]}"
+
+
 def entries_from_args(method: str, rs: Sequence[int] | None) -> list[Entry]:
     """The sweep: one entry per r (method ``none`` runs once, as r=0)."""
     if method == "none":
+        if rs and any(rs):
+            raise UsageError(f"--method none evaluates the dense model and takes no --r (got {list(rs)}); drop --r, "
+                             "or give a pruning method (--method sta)")
         return [Entry("none", 0)]
     if not rs:
-        raise ValueError(f"--r is required for --method {method} (e.g. --r 64, or several for a sweep)")
+        raise UsageError(f"--r is required for --method {method} (e.g. --r 64, or several for a sweep)")
     if any(r < 0 for r in rs):
-        raise ValueError(f"--r values must be >= 0, got {list(rs)}")
+        raise UsageError(f"--r values must be >= 0, got {list(rs)}")
     return [Entry(method, r) for r in dict.fromkeys(rs)]
 
 
@@ -123,7 +138,7 @@ def resolve_protocol(base: ViewProtocol, views: str | None, frames: int | None,
     clips, crops = parse_views(views) if views else (base.clips, base.crops)
     for name, value in (("frames", frames), ("stride", stride)):
         if value is not None and value < 1:
-            raise ValueError(f"--{name} must be positive, got {value}")
+            raise UsageError(f"--{name} must be positive, got {value}")
     return ViewProtocol(clips, crops, frames or base.frames, stride or base.stride, base.sampling)
 
 
@@ -134,16 +149,16 @@ def check_compatible(loaded: LoadedModel, proto: ViewProtocol, items: Sequence[V
         ValueError: no videos; a label outside the classifier; clip length the model cannot take.
     """
     if not items:
-        raise ValueError("the dataset list is empty")
+        raise UsageError("the dataset list is empty")
     bad = [it for it in items if it.label >= loaded.num_classes]
     if bad:
         shown = ", ".join(f"{it.path.name}:{it.label}" for it in bad[:5])
-        raise ValueError(
+        raise UsageError(
             f"{len(bad)} video(s) have a label >= the model's {loaded.num_classes} classes ({shown}); "
             "wrong model for this dataset, or labels not 0-based?"
         )
     if loaded.frames is not None and proto.frames != loaded.frames:
-        raise ValueError(
+        raise UsageError(
             f"the model takes {loaded.frames}-frame clips but the protocol asks for {proto.frames}; "
             f"pass --frames {loaded.frames}"
         )
@@ -165,9 +180,19 @@ def video_views(path: Path, proto: ViewProtocol, prep: Preprocessing) -> torch.T
     View ``c * crops + k`` is clip ``c``, crop ``k``. The clips' frames are decoded in one pass
     (``read_frames`` takes any index order). Raises VideoReadError for missing/undecodable/empty videos.
     """
-    clips = clip_frame_indices(proto, probe(path).num_frames)
+    return _views_and_length(path, proto, prep)[0]
+
+
+def clip_span(proto: ViewProtocol) -> int:
+    """Frames one clip covers: ``(frames - 1) * stride + 1`` for uniform clips, ``frames`` for segments."""
+    return proto.frames if proto.sampling == "segment" else (proto.frames - 1) * proto.stride + 1
+
+
+def _views_and_length(path: Path, proto: ViewProtocol, prep: Preprocessing) -> tuple[torch.Tensor, int]:
+    num_frames = probe(path).num_frames
+    clips = clip_frame_indices(proto, num_frames)
     frames = read_frames(path, [i for clip in clips for i in clip])
-    return torch.cat([prep.views(part, proto.crops) for part in frames.split(proto.frames)])
+    return torch.cat([prep.views(part, proto.crops) for part in frames.split(proto.frames)]), num_frames
 
 
 class VideoViewsDataset(Dataset):
@@ -186,9 +211,10 @@ class VideoViewsDataset(Dataset):
     def __getitem__(self, k: int) -> dict[str, Any]:
         index, item = self.videos[k]
         sample: dict[str, Any] = {"index": index, "path": str(item.path), "label": item.label,
-                                  "views": None, "error": None}
+                                  "views": None, "error": None, "short": False}
         try:
-            sample["views"] = video_views(item.path, self.proto, self.prep)
+            sample["views"], num_frames = _views_and_length(item.path, self.proto, self.prep)
+            sample["short"] = num_frames < clip_span(self.proto)  # its last frame repeats (the protocol's rule)
         except VideoReadError as e:
             sample["error"] = e.reason
         return sample
@@ -236,7 +262,7 @@ def read_records(run_dir: Path) -> dict[int, dict[str, Any]]:
 def compact(rec: dict[str, Any]) -> dict[str, Any]:
     """What metrics and merging need from a record (scores stay in the files)."""
     return {"index": int(rec["index"]), "path": rec["path"], "label": int(rec["label"]),
-            "top5": rec.get("top5"), "error": rec.get("error")}
+            "top5": rec.get("top5"), "error": rec.get("error"), "short": bool(rec.get("short"))}
 
 
 class RecordWriter:
@@ -282,7 +308,7 @@ def finish_video(sample: dict[str, Any], probs: torch.Tensor) -> dict[str, Any]:
     scores = probs.mean(dim=0)
     top = scores.topk(min(5, scores.numel())).indices.tolist()
     return {"index": sample["index"], "path": sample["path"], "label": sample["label"],
-            "views": int(probs.shape[0]), "top5": top, "scores": scores.tolist()}
+            "views": int(probs.shape[0]), "top5": top, "scores": scores.tolist(), "short": bool(sample.get("short"))}
 
 
 @dataclass
@@ -388,6 +414,7 @@ def metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "videos": n,
         "failed": [r["path"] for r in failed],
         "failed_reasons": {r["path"]: r["error"] for r in failed},
+        "short_videos": sum(bool(r.get("short")) for r in ok),
     }
 
 
@@ -428,20 +455,22 @@ def _fingerprint(items: Sequence[VideoItem]) -> str:
 def _check_run_dir(run_dir: Path, meta: dict[str, Any], resume: bool) -> None:
     has_records = any(p.stat().st_size > 0 for p in _rank_files(run_dir))
     if has_records and not resume:
-        raise FileExistsError(f"{run_dir} already holds results; pass --resume to continue, or use another --out")
+        raise ExistingResultsError(f"{run_dir} already holds results; pass --resume to continue, or use another --out")
     meta_path = run_dir / "meta.json"
     if resume and meta_path.is_file():
-        old = json.loads(meta_path.read_text(encoding="utf-8"))
+        try:
+            old = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UsageError(f"cannot resume: {meta_path} is damaged ({err}); delete {meta_path.parent} to start "
+                             "this run over, or use another --out") from err
         diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
         if diff:
             shown = ", ".join(f"{k}: {old.get(k)!r} -> {meta.get(k)!r}" for k in diff)
-            raise ValueError(f"cannot resume {run_dir}: settings changed ({shown})")
+            raise UsageError(f"cannot resume {run_dir}: settings changed ({shown})")
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 @dataclass
@@ -486,7 +515,8 @@ def evaluate_entry(ctx: Context, entry: Entry) -> dict[str, Any]:
         # No adapter for this backbone yet, or r infeasible for it: report, go on with the sweep.
         row["error"] = f"cannot patch {type(ctx.loaded.model).__name__} with method={entry.method}: {e}"
         return row
-    run_dir = ctx.out / entry.dirname
+    run_dir = ctx.out / model_dirname(ctx.loaded.source) / entry.dirname
+    row["run_dir"] = str(run_dir.relative_to(ctx.out))
     meta = {"model": ctx.loaded.source, "data": str(ctx.args.data), "videos": len(ctx.items),
             "list_sha1": _fingerprint(ctx.items), "method": entry.method, "r": entry.r, "views": row["views"],
             "frames": ctx.proto.frames, "stride": ctx.proto.stride, "sampling": ctx.proto.sampling,
@@ -495,8 +525,10 @@ def evaluate_entry(ctx: Context, entry: Entry) -> dict[str, Any]:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         _check_run_dir(run_dir, meta, ctx.args.resume)
-    except (OSError, ValueError) as e:
+    except StapruneError as e:  # (before OSError: ExistingResultsError is a FileExistsError)
         error = e
+    except OSError as e:
+        error = write_error(run_dir, e)
     dist_utils.raise_if_any(info, error)
     dist_utils.barrier(info)  # everyone has read meta.json before rank 0 rewrites it
     if info.is_main:
@@ -512,12 +544,12 @@ def evaluate_entry(ctx: Context, entry: Entry) -> dict[str, Any]:
             done.setdefault(index, rec)
     for index, rec in done.items():
         if index >= len(ctx.items) or rec["path"] != str(ctx.items[index].path):
-            raise ValueError(f"{run_dir}: record {index} ({rec['path']}) does not match the list; "
+            raise UsageError(f"{run_dir}: record {index} ({rec['path']}) does not match the list; "
                              "the list changed since these results were written")
     todo = [i for i in range(len(ctx.items)) if i not in done]
     mine = dist_utils.shard(todo, info)
     if info.is_main and done:
-        _log(ctx, f"{entry.dirname}: resuming, {len(done)} of {len(ctx.items)} videos already done")
+        _log(ctx, f"{row['run_dir']}: resuming, {len(done)} of {len(ctx.items)} videos already done")
 
     gflops = gflops_per_view(ctx.loaded, entry, ctx.proto) if info.is_main else None
     new: list[dict[str, Any]] = []
@@ -594,17 +626,39 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+ROW_KEY = ("model", "method", "r", "views", "frames", "stride", "sampling")
+
+
+def row_key(row: dict[str, Any]) -> tuple:
+    """What identifies a result: the model and its full evaluation config."""
+    return tuple(json.dumps(row.get(k), sort_keys=True) for k in ROW_KEY)
+
+
+def complete(row: dict[str, Any]) -> bool:
+    """A row that scored videos without an error (a failed run's row is not)."""
+    return row.get("error") is None and bool(row.get("videos"))
+
+
 def merge_results(path: Path, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows of an existing ``results.json`` updated with ``rows`` (same (method, r) replaced)."""
+    """Rows of an existing ``results.json`` updated with ``rows``: a row replaces the one with the same
+    model and config (:func:`row_key`), unless it failed and the stored one is complete; rows of
+    other models and configs are kept."""
     old: list[dict[str, Any]] = []
     if path.is_file():
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            print(f"staprune: {path} is damaged; writing a new one", file=sys.stderr)
             old = []
-    by_key = {(r["method"], r["r"]): r for r in old if isinstance(r, dict) and "method" in r}
-    by_key.update({(r["method"], r["r"]): r for r in rows})
-    return sorted(by_key.values(), key=lambda r: (r["method"], r["r"]))
+    by_key = {row_key(r): r for r in old if isinstance(r, dict) and "method" in r}
+    for r in rows:
+        previous = by_key.get(row_key(r))
+        if previous is not None and complete(previous) and not complete(r):
+            print(f"staprune: kept the earlier complete row for {r['method']} r={r['r']} in {path.name} "
+                  "(this run's failed)", file=sys.stderr)
+            continue
+        by_key[row_key(r)] = r
+    return sorted(by_key.values(), key=lambda r: (str(r.get("model")), r["method"], r["r"]))
 
 
 def plot_accuracy_vs_gflops(rows: Sequence[dict[str, Any]], path: Path) -> bool:
@@ -618,9 +672,12 @@ def plot_accuracy_vs_gflops(rows: Sequence[dict[str, Any]], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
-    for method in sorted({r["method"] for r in points}):
-        pts = sorted((r for r in points if r["method"] == method), key=lambda r: r["gflops"])
-        ax.plot([r["gflops"] for r in pts], [r["top1"] for r in pts], marker="o", label=method)
+    models = sorted({str(r.get("model")) for r in points})
+    for model, method in sorted({(str(r.get("model")), r["method"]) for r in points}):
+        pts = sorted((r for r in points if (str(r.get("model")), r["method"]) == (model, method)),
+                     key=lambda r: r["gflops"])
+        label = method if len(models) == 1 else f"{model_dirname(model)[:-9]}: {method}"
+        ax.plot([r["gflops"] for r in pts], [r["top1"] for r in pts], marker="o", label=label)
         for r in pts:
             ax.annotate(f"r={r['r']}", (r["gflops"], r["top1"]), textcoords="offset points", xytext=(3, 3),
                         fontsize=7)
@@ -635,7 +692,10 @@ def plot_accuracy_vs_gflops(rows: Sequence[dict[str, Any]], path: Path) -> bool:
 
 
 def _report(ctx: Context, rows: list[dict[str, Any]]) -> None:
-    ctx.out.mkdir(parents=True, exist_ok=True)
+    try:
+        ctx.out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise write_error(ctx.out, err) from err
     merged = merge_results(ctx.out / "results.json", rows)
     _write_json_atomic(ctx.out / "results.json", merged)
     plotted = plot_accuracy_vs_gflops(merged, ctx.out / "accuracy_vs_gflops.png")
@@ -651,16 +711,18 @@ def _report(ctx: Context, rows: list[dict[str, Any]]) -> None:
 
 # --- entry point --------------------------------------------------------------------------------
 def _device(requested: str | None, info: dist_utils.DistInfo) -> torch.device:
-    name = requested or ("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and info.distributed:
-        name = f"cuda:{info.local_rank}"
-    return torch.device(name)
+    device = resolve_device(requested)
+    if device.type == "cuda" and device.index is None and info.distributed:
+        device = torch.device(f"cuda:{info.local_rank}")
+    return device
 
 
 def _setup(args: argparse.Namespace, info: dist_utils.DistInfo) -> Context:
     if args.batch_size < 1 or args.workers < 0:
-        raise ValueError("--batch-size must be >= 1 and --workers >= 0")
+        raise UsageError("--batch-size must be >= 1 and --workers >= 0")
     device = _device(args.device, info)
+    if info.is_main:
+        writable_dir(args.out)  # before any model is loaded or video decoded
     loaded = load(args.model, args.weights, frames=args.frames, image_size=args.image_size)
     proto = resolve_protocol(loaded.protocol(args.dataset), args.views, args.frames, args.stride)
     items, _ = load_items(args.data, args.root)
@@ -670,8 +732,26 @@ def _setup(args: argparse.Namespace, info: dist_utils.DistInfo) -> Context:
     return Context(args, info, loaded, items, proto, device, dtype, Path(args.out))
 
 
+def summary(row: dict[str, Any], listed: int) -> str:
+    """One line per result: how many videos were scored, failed, and repeated frames."""
+    line = f"{row['method']} r={row['r']}: {row['videos']} of {listed} videos scored"
+    if row["failed"]:
+        first = next(iter(row["failed_reasons"].items()))
+        line += f", {len(row['failed'])} failed (first: {first[0]}: {first[1]})"
+    if row.get("short_videos"):
+        line += (f"; {row['short_videos']} shorter than one clip ({row['frames']} frames at stride {row['stride']}) "
+                 "repeated their last frame")
+    return line
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    """What Ctrl-C leaves behind (printed by the CLI)."""
+    return (f"every finished video is recorded under {args.out}; run the same command with --resume to "
+            "evaluate only the rest")
+
+
 def run(args: argparse.Namespace) -> int:
-    """``staprune eval``: returns 0, or 1 if any (method, r) could not be evaluated."""
+    """``staprune eval``: returns 0; 1 if a (method, r) could not be evaluated or scored no video."""
     if args.model is None and args.data is None:  # nothing to evaluate given: the bundled demo
         from .demo import runner
 
@@ -680,9 +760,9 @@ def run(args: argparse.Namespace) -> int:
             demo_args += ["--out", args.out]
         return runner.main(demo_args)
     if args.model is None or args.data is None:
-        raise ValueError("give both --model and --data (or neither, to run the bundled demo)")
+        raise UsageError("give both --model and --data (or neither, to run the bundled demo)")
     entries = entries_from_args(args.method, args.r)
-    info = dist_utils.init(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    info = dist_utils.init(resolve_device(args.device).type)
     try:
         error: BaseException | None = None
         try:
@@ -700,8 +780,16 @@ def run(args: argparse.Namespace) -> int:
                 _log(ctx, f"ERROR {row['method']} r={row['r']}: {row['error']}")
         if info.is_main:
             _report(ctx, rows)
+            for row in rows:
+                if not row["error"]:
+                    _log(ctx, summary(row, len(ctx.items)))
         dist_utils.barrier(info)
-        return 1 if any(row["error"] for row in rows) else 0
+        # (Only rank 0 holds the merged metrics.)
+        unscored = [row for row in rows if not row["error"] and not row["videos"]] if info.is_main else []
+        if unscored:
+            _log(ctx, f"ERROR: no video could be scored ({len(unscored[0]['failed'])} failed); check --data and "
+                      "--root (the first failure above says why)")
+        return 1 if any(row["error"] for row in rows) or unscored else 0
     finally:
         dist_utils.shutdown(info)
 

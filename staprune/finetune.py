@@ -74,7 +74,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import distributed as dist_utils
 from .data.transforms import Preprocessing
+from .errors import DataError, ExistingResultsError, UsageError
 from .families import Family, LoadedModel
+from .outputs import resolve_device, writable_dir
 
 METHODS = ("sta", "random", "none")
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
@@ -248,7 +250,7 @@ def epoch_plan(num_items: int, epoch: int, seed: int, global_batch: int) -> tupl
     """
     steps = num_items // global_batch
     if steps == 0:
-        raise ValueError(f"{num_items} training clips cannot fill one global batch of {global_batch}")
+        raise UsageError(f"{num_items} training clips cannot fill one global batch of {global_batch}")
     g = torch.Generator().manual_seed(mix_seed(seed, epoch, 0xDA7A))
     order = torch.randperm(num_items, generator=g)[: steps * global_batch]
     seeds = torch.randint(0, 2**62, (steps * global_batch,), generator=g)
@@ -297,7 +299,7 @@ class ListClipSet(Dataset):
                 return self._clip(item.path, seed), item.label
             except VideoReadError as e:
                 warnings.warn(f"skipping unreadable training video {item.path}: {e.reason}", stacklevel=2)
-        raise RuntimeError("no training video could be decoded")
+        raise DataError("no training video of the list could be decoded; check --data and --root")
 
     def _clip(self, path: Path, seed: int) -> Tensor:
         from .data.transforms import normalize, resize_short_side
@@ -371,7 +373,7 @@ def load_model(
         loaded = entry.loader(init)
     else:
         if init == "bundled":
-            raise ValueError(f"--init bundled is for models with weights of their own (the demo models), not {spec}")
+            raise UsageError(f"--init bundled is for models with weights of their own (the demo models), not {spec}")
         loaded = load(spec, weights, frames=frames, image_size=image_size)
     loaded.model.train()
     return loaded
@@ -408,7 +410,7 @@ def enable_checkpointing(model: nn.Module) -> None:
         model, "gradient_checkpointing_enable", None
     )
     if enable is None:
-        raise ValueError("--gradient-checkpointing needs a Hugging Face model (VideoMAE)")
+        raise UsageError("--gradient-checkpointing needs a Hugging Face model (VideoMAE)")
     enable()
 
 
@@ -435,7 +437,7 @@ def check_gradient_checkpointing(model: nn.Module) -> None:
     if cfg is None or cfg.method == "none":
         return
     if cfg.method == "tome":
-        raise ValueError(
+        raise UsageError(
             "gradient checkpointing cannot be combined with ToMe: the re-run layers read merge "
             "sizes that later layers have already changed; turn one of them off"
         )
@@ -443,7 +445,7 @@ def check_gradient_checkpointing(model: nn.Module) -> None:
 
     layer_cls = type(family_of(model).blocks(model)[0][0])
     if not hasattr(layer_cls.forward, "__wrapped__"):
-        raise ValueError(
+        raise UsageError(
             "gradient checkpointing with pruning needs transformers >= 5 (checkpointing inside each layer's "
             "forward, which the pruning layers replace); this version would re-run the pruning step in "
             "backward. Turn off --gradient-checkpointing."
@@ -612,7 +614,7 @@ def check_recipe(stored: dict[str, Any], current: dict[str, Any], where: Path) -
     diff = [k for k in RECIPE_KEYS if stored.get(k) != current.get(k)]
     if diff:
         shown = ", ".join(f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in diff)
-        raise ValueError(f"cannot resume from {where}: the recipe changed ({shown})")
+        raise UsageError(f"cannot resume from {where}: the recipe changed ({shown})")
 
 
 # --- evaluation ---------------------------------------------------------------------------------
@@ -702,14 +704,14 @@ def _log(info: dist_utils.DistInfo, message: str) -> None:
 
 def _check_args(args: argparse.Namespace) -> None:
     if args.method != "none" and not args.r:
-        raise ValueError(f"--r is required for --method {args.method} (e.g. --r 12); or --method none")
+        raise UsageError(f"--r is required for --method {args.method} (e.g. --r 12); or --method none")
     for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
     if args.stop_after is not None and not 1 <= args.stop_after <= args.epochs:
-        raise ValueError("--stop-after must be between 1 and --epochs")
+        raise UsageError("--stop-after must be between 1 and --epochs")
     if args.demo and args.val:
-        raise ValueError("--val goes with --data; --demo evaluates on generated held-out clips")
+        raise UsageError("--val goes with --data; --demo evaluates on generated held-out clips")
 
 
 def _datasets(args: argparse.Namespace, loaded: LoadedModel) -> tuple[Any, ClipTensorSet | None, int, int]:
@@ -718,7 +720,7 @@ def _datasets(args: argparse.Namespace, loaded: LoadedModel) -> tuple[Any, ClipT
         from .demo.data import NUM_CLASSES, generate
 
         if loaded.num_classes < NUM_CLASSES:
-            raise ValueError(f"--demo has {NUM_CLASSES} classes; the model has {loaded.num_classes}")
+            raise UsageError(f"--demo has {NUM_CLASSES} classes; the model has {loaded.num_classes}")
         frames = args.frames or loaded.frames or 16
         size = loaded.image_size or loaded.preprocessing.size
         train = ClipTensorSet(*generate(args.train_clips, args.data_seed, frames, size), loaded.preprocessing)
@@ -733,7 +735,7 @@ def _datasets(args: argparse.Namespace, loaded: LoadedModel) -> tuple[Any, ClipT
     items, _ = load_items(args.data, args.root)
     bad = [it for it in items if it.label >= loaded.num_classes]
     if not items or bad:
-        raise ValueError(f"training list is empty or has labels >= the model's {loaded.num_classes} classes")
+        raise UsageError(f"training list is empty or has labels >= the model's {loaded.num_classes} classes")
     return ListClipSet(items, frames, stride, loaded.preprocessing, args.flip), None, frames, stride
 
 
@@ -765,6 +767,9 @@ def _recipe(
         "stride": stride,
         "flip": bool(args.flip) if args.data else None,
         "init": None,  # filled in by setup: where the initial weights came from
+        # Not compared on resume; what `staprune.checkpoints.load` needs to rebuild the architecture.
+        "weights": args.weights,
+        "image_size": args.image_size,
     }
 
 
@@ -773,12 +778,14 @@ def setup(args: argparse.Namespace, info: dist_utils.DistInfo) -> Run:
     _check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and info.distributed:
+    device = resolve_device(args.device)
+    if device.type == "cuda" and device.index is None and info.distributed:
         device = torch.device(f"cuda:{info.local_rank}")
     args.model = args.model or ("demo-vit" if args.demo else None)
     if args.model is None:
-        raise ValueError("--model is required with --data")
+        raise UsageError("--model is required with --data")
+    if info.is_main:
+        writable_dir(args.out)  # before the model is loaded or a clip decoded
     loaded = load_model(
         args.model,
         init=args.init,
@@ -791,7 +798,7 @@ def setup(args: argparse.Namespace, info: dist_utils.DistInfo) -> Run:
     global_batch = args.batch_size * info.world_size
     steps_per_epoch = len(train_set) // global_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_set)} training clips cannot fill one global batch of {global_batch}")
+        raise UsageError(f"{len(train_set)} training clips cannot fill one global batch of {global_batch}")
     recipe = _recipe(args, info, steps_per_epoch, frames, stride)
     recipe["init"] = loaded.source
     model = apply_pruning(loaded.model, args.method, args.r)
@@ -829,7 +836,7 @@ def _restore(run: Run) -> None:
     info, out = run.info, run.out
     latest = latest_checkpoint(out)
     if latest is not None and not run.args.resume:
-        raise FileExistsError(
+        raise ExistingResultsError(
             f"{out} already holds checkpoints (epoch {latest}); pass --resume or use another --out"
         )
     torch.manual_seed(mix_seed(run.args.seed, info.rank, 0xD20))  # dropout / drop-path stream of this rank
@@ -1005,7 +1012,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """``staprune finetune``: 0 on success."""
-    info = dist_utils.init(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    info = dist_utils.init(resolve_device(args.device).type)
     try:
         error: BaseException | None = None
         try:
@@ -1030,6 +1037,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     finally:
         dist_utils.shutdown(info)
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    """What Ctrl-C leaves behind (printed by the CLI)."""
+    return (f"every finished epoch is checkpointed in {args.out}; run the same command with --resume to "
+            "continue from the last one")
 
 
 def main(argv: list[str] | None = None) -> int:

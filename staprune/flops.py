@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .config import PruningPlan, STAConfig, Stage, as_config
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -213,7 +214,7 @@ def r_for_budget(
             message states the lowest achievable fraction).
     """
     if not 0 < fraction:
-        raise ValueError(f"fraction={fraction} must be positive (a share of the dense FLOPs, e.g. 0.6)")
+        raise ConfigError(f"fraction={fraction} must be positive (a share of the dense FLOPs, e.g. 0.6)")
     spec = resolve_spec(model_or_name, frames, size)
     dense = analytic_flops(spec, 0, **config_options).backbone
     lowest, r = 1.0, 0
@@ -225,7 +226,7 @@ def r_for_budget(
         if ratio <= fraction:
             return r
         lowest, r = min(lowest, ratio), r + 1
-    raise ValueError(
+    raise ConfigError(
         f"a budget of {fraction:.3f} x dense FLOPs is unreachable for this model and config: the lowest "
         f"achievable fraction is {lowest:.3f} (r={r - 1})"
     )
@@ -473,21 +474,17 @@ def _print_tables(rows: list[dict]) -> None:
 def run(args: argparse.Namespace) -> int:
     """``staprune flops``: the paper's tables, one model's GFLOPs for some r, or r for a budget."""
     names = [args.model] if args.model else list(paper_tables())
-    try:
-        specs = {name: resolve_spec(name, args.frames, args.size) for name in names}
-        if args.target is not None:
-            return _run_target(args, specs)
-        rows = []
-        for name, spec in specs.items():
-            net = None
-            if args.measured:
-                from .models import load_model
+    specs = {name: resolve_spec(name, args.frames, args.size) for name in names}
+    if args.target is not None:
+        return _run_target(args, specs)
+    rows = []
+    for name, spec in specs.items():
+        net = None
+        if args.measured:
+            from .models import load_model
 
-                net = load_model(name, args.frames, args.size)
-            rows += [_row(args, name, spec, net, r) for r in (args.r or default_levels(name, spec))]
-    except ValueError as err:
-        print(f"staprune flops: error: {err}", file=sys.stderr)
-        return 2
+            net = load_model(name, args.frames, args.size)
+        rows += [_row(args, name, spec, net, r) for r in (args.r or default_levels(name, spec))]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

@@ -190,10 +190,10 @@ def test_visualize_cli_png_and_gif(assets, tmp_path, capsys):
     with Image.open(gif) as anim:
         assert anim.format == "GIF" and anim.n_frames == 4
         assert anim.size[::-1] == grid_size(1, 4, tile, tile, header=True)
-    bad = _parse(
-        visualize_cli, [str(assets["videos"][1]), "--model", assets["model"], "--r", "99", "-o", str(png)]
-    )
-    assert visualize_cli.run(bad) == 2  # r too large: a message, not a traceback
+    from staprune.cli import main
+
+    assert main(["visualize", str(assets["videos"][1]), "--model", assets["model"], "--r", "99", "-o", str(png)]) == 2
+    assert "too large" in capsys.readouterr().err  # r too large: a message, not a traceback
 
 
 def test_tome_masks_non_representatives(assets):

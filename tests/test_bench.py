@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 import torch
 
 import staprune
-from staprune import bench
 from staprune.bench import BenchRow, Variant, summarize, time_variants
 from staprune.flops import analytic_flops
 from staprune.models import example_input, spec_of_model
@@ -25,9 +23,9 @@ def _tiny_vit():
 
 
 def _run_cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
-    return bench.run(parser.parse_args(list(argv)))
+    from staprune.cli import main
+
+    return main(["bench", *argv])
 
 
 def test_variants_alternate_round_robin():

@@ -10,6 +10,7 @@ import torch
 
 import staprune
 from staprune.demo import models
+from staprune.errors import CheckpointError
 from staprune.demo.data import NUM_CLASSES, generate, to_model_input
 from staprune.demo.train import HFLIP, REVERSE, VFLIP
 
@@ -203,7 +204,7 @@ def test_training_can_continue_from_earlier_weights(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="--init-from"):
         train.main([*args, "--steps", "1", "--init-from", str(tmp_path / "none.safetensors")])
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(CheckpointError, match="does not fit"):
         train.main(["--model", "demo-swin", *args[2:], "--steps", "1", "--init-from", str(first)])
 
 
@@ -266,7 +267,7 @@ def test_training_can_start_the_swin_from_a_vit(tmp_path):
     swin_args = ["--model", "demo-swin", *common, "--steps", "1"]
     with pytest.raises(FileNotFoundError, match="--init-stage1-from-vit"):
         train.main([*swin_args, "--init-stage1-from-vit", str(tmp_path / "none.safetensors")])
-    with pytest.raises(ValueError, match="not demo-vit weights"):
+    with pytest.raises(CheckpointError, match="not demo-vit weights"):
         train.main([*swin_args, "--init-stage1-from-vit", str(tmp_path / "swin" / "demo-swin.safetensors")])
     for wrong in (["--model", "demo-vit", *common], [*swin_args, "--init-from", str(vit_weights)]):
         with pytest.raises(SystemExit):

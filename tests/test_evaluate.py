@@ -55,6 +55,7 @@ def _videos(root: Path) -> list[str]:
 def assets(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("eval_assets")
     _tiny_model(root / "model")
+    ASSET_MODEL[:] = [root / "model"]
     lines = _videos(root)
     (root / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a real video")
     (root / "list.txt").write_text("\n".join([*lines[:4], "corrupt.mp4 1", *lines[4:], "missing.mp4 2"]) + "\n")
@@ -87,6 +88,16 @@ def _cli_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+def _run(out: Path, name: str, model: Path | None = None) -> Path:
+    """The records folder of one (method, r) of the test model inside ``--out``."""
+    from staprune.evaluate import model_dirname
+
+    return out / model_dirname(f"hf:{model or ASSET_MODEL[0]}") / name
+
+
+ASSET_MODEL: list[Path] = []  # the module's model folder, set by the assets fixture
 
 
 def _records(run_dir: Path) -> dict[str, dict]:
@@ -167,7 +178,7 @@ def test_metrics_and_failed_videos(assets, reference):
     root = assets["root"]
     assert sorted(row["failed"]) == sorted([str(root / "corrupt.mp4"), str(root / "missing.mp4")])
     assert row["gflops"] > 0 and row["clips_per_s"] > 0
-    records = _records(out / "sta_r4")
+    records = _records(_run(out, "sta_r4"))
     assert len(records) == NUM_VIDEOS + 2
     ok = [r for r in records.values() if r.get("error") is None]
     # Metrics recomputed independently from the stored mean scores.
@@ -189,7 +200,7 @@ def test_scores_are_mean_softmax_over_views(assets, reference):
     loaded = load(str(assets["model"]))
     staprune.patch(loaded.model, r=4, method="sta")
     proto = resolve_protocol(VIDEOMAE.protocol("k400"), "2x2", 8, 2)
-    records = _records(out / "sta_r4")
+    records = _records(_run(out, "sta_r4"))
     for name in ("v0.mp4", "v7.mp4"):
         path = assets["root"] / name
         views = video_views(path, proto, loaded.preprocessing)
@@ -247,7 +258,7 @@ def test_existing_results_need_resume(assets, tmp_path):
         _eval(assets, tmp_path, "--method", "none", "--workers", "0", data="short")
     rows = _eval(assets, tmp_path, "--method", "none", "--workers", "0", "--resume", data="short")
     assert rows[0]["videos"] == 3 and rows[0]["clips_per_s"] is None  # nothing left to run
-    assert len(read_records(tmp_path / "none_r0")) == 3
+    assert len(read_records(_run(tmp_path, "none_r0"))) == 3
     with pytest.raises(ValueError, match="settings changed"):
         _eval(assets, tmp_path, "--method", "none", "--workers", "0", "--resume", data="good")
 
@@ -269,7 +280,7 @@ def test_kill_and_resume_matches_uninterrupted(assets, reference, tmp_path):
            "--out", str(tmp_path), "--method", "sta", "--r", "4", "--workers", "1", *COMMON]
     proc = subprocess.Popen(cmd, env=_cli_env(STAPRUNE_EVAL_SLEEP="0.4"), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    jsonl = tmp_path / "sta_r4" / "rank0.jsonl"
+    jsonl = _run(tmp_path, "sta_r4") / "rank0.jsonl"
     deadline = time.monotonic() + 60
     try:
         while not (jsonl.is_file() and len(jsonl.read_text().splitlines()) >= 3):
@@ -284,7 +295,7 @@ def test_kill_and_resume_matches_uninterrupted(assets, reference, tmp_path):
 
     rows = _eval(assets, tmp_path, "--method", "sta", "--r", "4", "--workers", "0", "--resume")
     assert _metrics(rows[0]) == _metrics(ref_rows[0])
-    _same_predictions(_records(tmp_path / "sta_r4"), _records(ref_out / "sta_r4"))
+    _same_predictions(_records(_run(tmp_path, "sta_r4")), _records(_run(ref_out, "sta_r4")))
 
 
 # --- torchrun -----------------------------------------------------------------------------------
@@ -298,10 +309,10 @@ def test_torchrun_two_processes_match_single(assets, reference, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(done.stdout)  # only rank 0 prints
     assert _metrics(rows[0]) == _metrics(ref_rows[0])
-    files = sorted(p.name for p in (tmp_path / "sta_r4").glob("rank*.jsonl"))
+    files = sorted(p.name for p in (_run(tmp_path, "sta_r4")).glob("rank*.jsonl"))
     assert files == ["rank0.jsonl", "rank1.jsonl"]
-    assert all((tmp_path / "sta_r4" / f).read_text() for f in files), "both ranks did work"
-    _same_predictions(_records(tmp_path / "sta_r4"), _records(ref_out / "sta_r4"))
+    assert all((_run(tmp_path, "sta_r4") / f).read_text() for f in files), "both ranks did work"
+    _same_predictions(_records(_run(tmp_path, "sta_r4")), _records(_run(ref_out, "sta_r4")))
     # Resuming with another world size (2 -> 1) reads both rank files and has nothing left to do.
     resumed = _eval(assets, tmp_path, "--method", "sta", "--r", "4", "--workers", "0", "--resume")
     assert _metrics(resumed[0]) == _metrics(ref_rows[0]) and resumed[0]["clips_per_s"] is None

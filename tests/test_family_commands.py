@@ -117,8 +117,10 @@ def test_eval_one_process_and_torchrun_agree(saved, videos, tmp_path):
         return {rec["path"]: rec["top5"] for f in run_dir.glob("rank*.jsonl")
                 for rec in map(json.loads, f.read_text().splitlines())}
 
-    assert predictions(tmp_path / "torchrun" / f"sta_r{R}") == predictions(tmp_path / "single" / f"sta_r{R}")
-    assert len(list((tmp_path / "torchrun" / f"sta_r{R}").glob("rank*.jsonl"))) == 2
+    run_dir = Path(single["run_dir"])
+    assert multi["run_dir"] == single["run_dir"] and run_dir.name == f"sta_r{R}"
+    assert predictions(tmp_path / "torchrun" / run_dir) == predictions(tmp_path / "single" / run_dir)
+    assert len(list((tmp_path / "torchrun" / run_dir).glob("rank*.jsonl"))) == 2
 
 
 def test_visualize_and_analyze(saved, videos, tmp_path):

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 import torch
 
 import staprune
-from staprune import flops
 from staprune.config import STAConfig, resolve_plan
 from staprune.flops import analytic_flops, flop_counter, measure_flops, paper_tables, r_for_budget
 from staprune.models import build_model, example_input, get_spec, load_model, names, spec_of_model
@@ -30,9 +28,9 @@ def _tiny_vit(frames: int = 8, size: int = 64, layers: int = 6, **overrides):
 
 
 def _run_cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser()
-    flops.add_arguments(parser)
-    return flops.run(parser.parse_args(list(argv)))
+    from staprune.cli import main
+
+    return main(["flops", *argv])
 
 
 # --- analytic: the paper's numbers --------------------------------------------------------------

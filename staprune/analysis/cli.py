@@ -21,11 +21,13 @@ from torch import Tensor
 import staprune
 
 from ..data import VideoReadError, load_items
+from ..outputs import writable_file, write_error
 from .backbones import StageGrid
 from .gradnorm import gradnorm, mass_fraction, random_mass_fraction
 from .inputs import LoadedModel, add_clip_arguments, load_model, read_clip
 from .redundancy import clip_trajectory_sums
 from .visualize import (
+    IMAGE_FORMATS,
     default_tile_side,
     heatmap_overlay,
     kept_mask,
@@ -207,13 +209,17 @@ def gradnorm_figure(images: np.ndarray, frame_ids: list[int], result: dict, laye
 
 
 def run_gradnorm(args: argparse.Namespace) -> int:
+    output = writable_file(args.output, "-o", tuple(IMAGE_FORMATS))  # before any work
     loaded = load_model(args.model, args.frames, args.size)
     clip = read_clip(args.video, loaded, args.dataset)
     result = gradnorm_report(loaded, clip.x, args.r, args.draws, args.seed)
     tubelet = loaded.backbone.tubelet
     layers = len(loaded.backbone.blocks(loaded.model))
     image = gradnorm_figure(clip.tubelet_images(tubelet), clip.indices[::tubelet], result, layers)
-    path = save_png(image, args.output)
+    try:
+        path = save_png(image, output)
+    except OSError as err:
+        raise write_error(output, err) from err
     summary = {k: v for k, v in result.items() if k not in ("heat", "mask", "grid")}
     summary.update(model=args.model, video=str(args.video), r=args.r, output=str(path), X="block outputs")
     if args.json:
@@ -261,18 +267,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     grad.add_argument("video")
     _model_arguments(grad)
-    grad.add_argument("-o", "--output", required=True, help="PNG to write")
+    grad.add_argument("-o", "--output", required=True, help="picture to write (.png, .jpg or .webp)")
     grad.add_argument("--draws", type=int, default=32, help="random token sets for the baseline share")
     grad.add_argument("--seed", type=int, default=0)
     grad.set_defaults(_analysis=run_gradnorm)
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return int(args._analysis(args) or 0)
-    except (ValueError, TypeError, OSError, ImportError, VideoReadError) as err:
-        print(f"staprune analyze {args.analysis}: {err}", file=sys.stderr)
-        return 2
+    return int(args._analysis(args) or 0)
 
 
 __all__ = ["add_arguments", "gradnorm_report", "measure_redundancy", "run", "sta_kept", "trajectory_sums"]

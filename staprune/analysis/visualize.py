@@ -183,13 +183,18 @@ def render_grid(
     return np.asarray(agg.buffer_rgba())[..., :3].copy()
 
 
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
 def save_png(image: np.ndarray, path: str | Path) -> Path:
-    """Write a uint8 ``(H, W, 3)`` array as PNG."""
+    """Write a uint8 ``(H, W, 3)`` array as a picture, in the format its suffix names (PNG, JPEG,
+    WebP; the name is kept from when PNG was the only one)."""
     from PIL import Image
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path, format="PNG")
+    fmt = IMAGE_FORMATS.get(path.suffix.lower(), "PNG")
+    Image.fromarray(image).save(path, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
     return path
 
 

@@ -10,7 +10,6 @@ Under ToMe, tokens that are not a merged token's representative are painted whit
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,10 +17,12 @@ import torch
 
 import staprune
 
-from ..data import VideoReadError
+from ..errors import UsageError
+from ..outputs import writable_file, write_error
 from .backbones import Backbone
 from .inputs import Clip, add_clip_arguments, load_model, read_clip
 from .visualize import (
+    IMAGE_FORMATS,
     default_tile_side,
     kept_mask,
     mask_dropped,
@@ -48,7 +49,7 @@ def parse_options(pairs: list[str] | None) -> dict[str, object]:
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"--option expects KEY=VALUE, got {pair!r}")
+            raise UsageError(f"--option expects KEY=VALUE, got {pair!r}")
         options[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
     return options
 
@@ -124,7 +125,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--r", type=int, required=True, help="tokens dropped per unit at the first stage (r1 for Swin)"
     )
     parser.add_argument("--method", choices=("sta", "random", "tome"), default="sta")
-    parser.add_argument("-o", "--output", required=True, help="PNG to write")
+    parser.add_argument("-o", "--output", required=True, help="picture to write (.png, .jpg or .webp)")
     parser.add_argument("--gif", help="also write an animated GIF, one frame per temporal position")
     add_clip_arguments(parser)
     parser.add_argument(
@@ -136,21 +137,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    output = writable_file(args.output, "-o", tuple(IMAGE_FORMATS))  # before any work
+    gif = writable_file(args.gif, "--gif", (".gif",)) if args.gif else None
+    loaded = load_model(args.model, args.frames, args.size)
+    clip = read_clip(args.video, loaded, args.dataset)
+    views = stage_views(loaded.model, loaded.backbone, clip, args.r, args.method, **parse_options(args.option))
     try:
-        loaded = load_model(args.model, args.frames, args.size)
-        clip = read_clip(args.video, loaded, args.dataset)
-        views = stage_views(
-            loaded.model, loaded.backbone, clip, args.r, args.method, **parse_options(args.option)
-        )
-    except (ValueError, TypeError, OSError, VideoReadError) as err:
-        print(f"staprune visualize: {err}", file=sys.stderr)
-        return 2
-    path = save_png(figure(clip, loaded.backbone, views, args.tile_size), args.output)
-    print(f"wrote {path}")
-    for v in views:
-        print(f"  {v.title}")
-    if args.gif:
-        print(f"wrote {save_gif(animation(clip, loaded.backbone, views, args.tile_size), args.gif)}")
+        path = save_png(figure(clip, loaded.backbone, views, args.tile_size), output)
+        print(f"wrote {path}")
+        for v in views:
+            print(f"  {v.title}")
+        if gif is not None:
+            print(f"wrote {save_gif(animation(clip, loaded.backbone, views, args.tile_size), gif)}")
+    except OSError as err:
+        raise write_error(args.output, err) from err
     return 0
 
 

@@ -2,7 +2,9 @@
 
 Two layouts are supported:
 
-* a list file in the VideoMAE release format, one ``path label`` (or ``path,label``) per line;
+* a list file, one video per line: ``path label`` (the VideoMAE release format), ``path,label``, or
+  ``path frames label`` (the frame-count column of MMAction-style lists; the count is ignored,
+  staprune probes every video itself);
 * a folder per class, ``root/<class_name>/<video>.{mp4,avi,webm,mkv,mov}``.
 """
 
@@ -10,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..errors import DataError, NotFoundError
 
 VIDEO_SUFFIXES: frozenset[str] = frozenset({".mp4", ".avi", ".webm", ".mkv", ".mov"})
 
@@ -28,7 +32,13 @@ def _parse_label(text: str) -> int | None:
     return int(text) if text.isascii() and text.isdigit() else None
 
 
-def _split_line(line: str) -> tuple[str, int] | None:
+def _split_line(line: str, base: Path) -> tuple[str, int] | None:
+    fields = line.split()
+    # "path frames label": two integer columns after a path, unless "path frames" is itself a
+    # file (a two-column line whose path ends in " <digits>").
+    if len(fields) == 3 and _parse_label(fields[1]) is not None and _parse_label(fields[2]) is not None:
+        if not (base / f"{fields[0]} {fields[1]}").exists():
+            return fields[0], int(fields[2])
     # Comma form first: "a.mp4, 3" would otherwise split on the space into ("a.mp4,", 3).
     for parts in (line.rsplit(",", 1), line.rsplit(None, 1)):
         if len(parts) == 2:
@@ -43,30 +53,37 @@ def read_list(list_file: str | Path, root: str | Path | None = None) -> list[Vid
     """Parse a VideoMAE-style list file.
 
     Each non-blank line that does not start with ``#`` is ``<path> <label>`` (split on the LAST
-    run of whitespace, so paths may contain spaces) or ``<path>,<label>``. Relative paths are
-    resolved against ``root`` (default: the list file's directory); absolute paths are kept.
+    run of whitespace, so paths may contain spaces), ``<path>,<label>`` or ``<path> <frames>
+    <label>``. Relative paths are resolved against ``root`` (default: the list file's directory);
+    absolute paths are kept.
 
     Raises:
-        ValueError: a malformed line, reported as ``file:line``.
+        DataError: a malformed line (reported as ``file:line``), or a file that is not UTF-8 text.
         FileNotFoundError: ``list_file`` does not exist.
     """
     list_file = Path(list_file)
     base = Path(root) if root is not None else list_file.parent
     items: list[VideoItem] = []
     # utf-8-sig: lists saved by Windows tools often start with a byte-order mark.
-    with list_file.open(encoding="utf-8-sig") as f:
-        for lineno, raw in enumerate(f, start=1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            parsed = _split_line(line)
-            if parsed is None:
-                raise ValueError(
-                    f"{list_file}:{lineno}: expected '<path> <label>' or '<path>,<label>' "
-                    f"with a non-negative integer label, got {line!r}"
-                )
-            path, label = parsed
-            items.append(VideoItem(path=base / path, label=label))  # base / absolute == absolute
+    try:
+        text = list_file.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = list_file.read_bytes()[: err.start].count(b"\n") + 1
+        raise DataError(f"{list_file}:{line}: not UTF-8 text ({err.reason}); save the list as UTF-8") from err
+    except FileNotFoundError as err:
+        raise NotFoundError(f"dataset list not found: {list_file}") from err
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        parsed = _split_line(line, base)
+        if parsed is None:
+            raise DataError(
+                f"{list_file}:{lineno}: expected '<path> <label>', '<path>,<label>' or '<path> <frames> <label>' "
+                f"with a non-negative integer label, got {line!r}"
+            )
+        path, label = parsed
+        items.append(VideoItem(path=base / path, label=label))  # base / absolute == absolute
     return items
 
 
@@ -85,7 +102,7 @@ def scan_folders(root: str | Path) -> tuple[list[VideoItem], list[str]]:
     """
     root = Path(root)
     if not root.is_dir():
-        raise ValueError(f"{root} is not a directory")
+        raise DataError(f"{root} is not a directory")
     class_names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     items = [
         VideoItem(path=file, label=label)
@@ -95,7 +112,7 @@ def scan_folders(root: str | Path) -> tuple[list[VideoItem], list[str]]:
     ]
     if not items:
         suffixes = ", ".join(sorted(VIDEO_SUFFIXES))
-        raise ValueError(f"no videos ({suffixes}) found in class folders under {root}")
+        raise DataError(f"no videos ({suffixes}) found in class folders under {root}")
     return items, class_names
 
 
@@ -114,4 +131,4 @@ def load_items(data: str | Path, root: str | Path | None = None) -> tuple[list[V
         return scan_folders(data)
     if data.is_file():
         return read_list(data, root=root), None
-    raise FileNotFoundError(f"dataset list or folder not found: {data}")
+    raise NotFoundError(f"dataset list or folder not found: {data}")

@@ -10,11 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from ..errors import UsageError
+
 
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if int(value) != value or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise UsageError(f"{name} must be a positive integer, got {value!r}")
 
 
 def uniform_clip_indices(num_frames: int, clip_len: int, stride: int, num_clips: int) -> list[list[int]]:
@@ -133,6 +135,6 @@ def parse_views(text: str) -> tuple[int, int]:
         else:
             if clips >= 1 and crops >= 1:
                 return clips, crops
-    raise ValueError(
+    raise UsageError(
         f"views must look like '<clips>x<crops>' with positive integers, e.g. '5x3'; got {text!r}"
     )

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..errors import DataError
 from .sampling import spatial_crop_boxes
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -111,11 +112,11 @@ def _side(value: Any, key: str) -> int:
             return int(value["shortest_edge"])
         if "height" in value and "width" in value:
             if value["height"] != value["width"]:
-                raise ValueError(
+                raise DataError(
                     f"{key} {dict(value)} is not square; the multi-crop protocol needs square crops"
                 )
             return int(value["height"])
-    raise ValueError(f"unsupported {key} entry in preprocessor config: {value!r}")
+    raise DataError(f"unsupported {key} entry in preprocessor config: {value!r}")
 
 
 @dataclass(frozen=True)
@@ -169,14 +170,14 @@ class Preprocessing:
         elif "size" in config:
             size = _side(config["size"], "size")
         else:
-            raise ValueError("preprocessor config has neither 'crop_size' nor 'size'")
+            raise DataError("preprocessor config has neither 'crop_size' nor 'size'")
         if config.get("do_normalize", True):
             mean = tuple(float(v) for v in config.get("image_mean", IMAGENET_MEAN))
             std = tuple(float(v) for v in config.get("image_std", IMAGENET_STD))
         else:
             mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
         if len(mean) != 3 or len(std) != 3:
-            raise ValueError(f"image_mean/image_std must have 3 values, got {mean} / {std}")
+            raise DataError(f"image_mean/image_std must have 3 values, got {mean} / {std}")
         scale = float(config.get("rescale_factor", 1 / 255)) if config.get("do_rescale", True) else 1.0
         # ViViT's video processor always offsets; its image processor says so in "offset".
         always_offset = "Vivit" in str(config.get("video_processor_type", ""))

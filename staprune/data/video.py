@@ -18,8 +18,10 @@ import av
 import numpy as np
 import torch
 
+from ..errors import DataError
 
-class VideoReadError(Exception):
+
+class VideoReadError(DataError):
     """A video could not be read. ``path`` is the file, ``reason`` says what went wrong."""
 
     def __init__(self, path: str | Path, reason: str) -> None:

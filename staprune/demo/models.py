@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import ConfigError, NotFoundError, UnknownModelError, UsageError
 from .data import NUM_CLASSES
 
 FRAMES = 16
@@ -74,7 +75,7 @@ class SinusoidalPositions(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1:] != self.table.shape[1:]:
-            raise ValueError(
+            raise ConfigError(
                 f"demo-swin takes {FRAMES}x{SIZE}x{SIZE} clips (token grid {tuple(self.table.shape[1:4])}); "
                 f"got token grid {tuple(x.shape[1:4])}"
             )
@@ -119,7 +120,7 @@ def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _check_name(name: str) -> None:
     if name not in BUILDERS:
-        raise ValueError(f"unknown demo model {name!r}; choose from {', '.join(DEMO_MODELS)}")
+        raise UnknownModelError(f"unknown demo model {name!r}; choose from {', '.join(DEMO_MODELS)}")
 
 
 def weights_path(name: str) -> Path:
@@ -147,7 +148,7 @@ def load_demo_model(name: str) -> tuple[nn.Module, str]:
     _check_name(name)
     path = weights_path(name)
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; train it with `python -m staprune.demo.train --model {name}`")
+        raise NotFoundError(f"{path} is missing; train it with `python -m staprune.demo.train --model {name}`")
     return load_weights(BUILDERS[name](), path).eval(), LAYOUTS[name]
 
 
@@ -227,7 +228,7 @@ def loaded_demo_model(name: str, weights: str = "auto"):
         model = BUILDERS[name]().eval()
         how = "random init" if weights == "random" else "UNTRAINED: weights not bundled"
     else:
-        raise ValueError(f"weights={weights!r}; choose auto, bundled or random")
+        raise UsageError(f"weights={weights!r}; choose auto, bundled or random")
     return LoadedModel(model, family_of(model), preprocessing(), NUM_CLASSES, FRAMES, SIZE, f"{name} ({how})",
                        protocols=protocols(), levels=LEVELS[name])
 

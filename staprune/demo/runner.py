@@ -22,7 +22,9 @@ from torch import nn
 
 import staprune
 
+from ..errors import UsageError
 from ..flops import measure_flops
+from ..outputs import atomic_write_text, writable_dir, write_error
 from .data import generate, to_model_input
 from .models import DEMO_MODELS, LEVELS, load_demo_model, logits_of, model_card, weights_path
 
@@ -159,7 +161,8 @@ def run(args: argparse.Namespace) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     if args.clips < 1:
-        raise SystemExit("--clips must be >= 1")
+        raise UsageError(f"--clips must be >= 1, got {args.clips}")
+    out = writable_dir(args.out)  # before the work, not after it
     names = args.models or list(DEMO_MODELS)
     missing = [name for name in names if not weights_path(name).exists()]
     hint = "train them with `python -m staprune.demo.train --model NAME`"
@@ -180,8 +183,6 @@ def run(args: argparse.Namespace) -> int:
         rows += evaluate_model(name, clips, labels, args.batch, log)
     runtime = time.time() - start
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     results = {
         "seed": args.seed,
         "clips": args.clips,
@@ -193,9 +194,16 @@ def run(args: argparse.Namespace) -> int:
         "skipped": missing,
         "rows": [asdict(r) for r in rows],
     }
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise write_error(out, err) from err
     json_path, png_path = out / "results.json", out / "accuracy_vs_gflops.png"
-    json_path.write_text(json.dumps(results, indent=2) + "\n")
-    plot(rows, png_path)
+    atomic_write_text(json_path, json.dumps(results, indent=2) + "\n")
+    try:
+        plot(rows, png_path)
+    except OSError as err:
+        raise write_error(png_path, err) from err
     print(format_table(rows), file=report)
     print(f"{args.clips} clips, seed {args.seed}, {torch.get_num_threads()} threads, {runtime:.0f} s", file=report)
     print(f"wrote {json_path}\nwrote {png_path}", file=report)

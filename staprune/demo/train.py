@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 import staprune
 
+from ..errors import CheckpointError, NotFoundError
 from .data import NUM_CLASSES, generate, to_model_input
 from .models import (
     BUILDERS,
@@ -106,11 +107,11 @@ def load_init_weights(model: nn.Module, path: Path) -> str | dict:
         FileNotFoundError: no such file. ValueError: the weights do not fit ``model``.
     """
     if not path.exists():
-        raise FileNotFoundError(f"--init-from {path}: no such file (a .safetensors written by this trainer)")
+        raise NotFoundError(f"--init-from {path}: no such file (a .safetensors written by this trainer)")
     try:
         load_weights(model, path)
     except RuntimeError as err:
-        raise ValueError(f"--init-from {path} does not fit this model's architecture: {err}") from err
+        raise CheckpointError(f"--init-from {path} does not fit this model's architecture: {err}") from err
     return _card_of(path)
 
 
@@ -127,13 +128,13 @@ def init_stage1_from_vit(swin: nn.Module, path: Path) -> dict:
         FileNotFoundError: no such file. ValueError: not demo-ViT weights.
     """
     if not path.exists():
-        raise FileNotFoundError(f"--init-stage1-from-vit {path}: no such file (demo-vit weights, "
+        raise NotFoundError(f"--init-stage1-from-vit {path}: no such file (demo-vit weights, "
                                 f"e.g. {WEIGHTS_DIR / 'demo-vit.safetensors'})")
     vit = BUILDERS["demo-vit"]()
     try:
         load_weights(vit, path)
     except RuntimeError as err:
-        raise ValueError(f"--init-stage1-from-vit {path} are not demo-vit weights: {err}") from err
+        raise CheckpointError(f"--init-stage1-from-vit {path} are not demo-vit weights: {err}") from err
     init_swin_stage1_from_vit(swin, vit)
     return {"patch embedding and stage 1": "demo-vit tubelet embedding and layers 0-3 "
                                            "(relative-position tables 0; patch norm, stage 2, head fresh)",

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from ..errors import UnknownModelError, UnsupportedModelError, UsageError
 from .base import Family, FamilyModels, LoadedModel, ModelEntry, Spec, StageGrid, TokenGeometry
 
 # One line per family, in the order the registry lists them.
@@ -45,7 +46,7 @@ def register_model(entry: ModelEntry) -> None:
     """Add a named model; its family must be registered (built-in families always are)."""
     _load_builtins()
     if entry.family not in _families:
-        raise ValueError(f"model {entry.name!r} names unknown family {entry.family!r}")
+        raise UsageError(f"model {entry.name!r} names unknown family {entry.family!r}")
     _models[entry.name] = entry
 
 
@@ -80,7 +81,7 @@ def families() -> list[Family]:
 def family_named(name: str) -> Family:
     _load_plugins()
     if name not in _families:
-        raise ValueError(f"unknown model family {name!r}; known: {', '.join(_families)}")
+        raise UsageError(f"unknown model family {name!r}; known: {', '.join(_families)}")
     return _families[name]
 
 
@@ -99,7 +100,7 @@ def family_of(model: nn.Module) -> Family:
         for family in families():
             if family.recognizes(model):
                 return family
-    raise TypeError(
+    raise UnsupportedModelError(
         f"staprune cannot patch {type(model).__name__}; supported models: {', '.join(supported_classes())}"
     )
 
@@ -141,7 +142,7 @@ def model_entry(name: str) -> ModelEntry:
     if entry is None:
         hint = suggest(name)
         did_you_mean = f"; did you mean {hint!r}?" if hint else ""
-        raise ValueError(f"unknown model {name!r}{did_you_mean} Valid names: {', '.join(model_names())}")
+        raise UnknownModelError(f"unknown model {name!r}{did_you_mean} Valid names: {', '.join(model_names())}")
     return entry
 
 

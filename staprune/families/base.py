@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from ..config import PruningPlan, STAConfig, Stage
 from ..data.sampling import ViewProtocol
 from ..data.transforms import Preprocessing
+from ..errors import ConfigError, UsageError
 
 
 # --- geometry -----------------------------------------------------------------------------------
@@ -98,7 +99,7 @@ class Spec:
         changes = {k: v for k, v in (("frames", frames), ("size", size)) if v is not None}
         for key, value in changes.items():
             if isinstance(value, bool) or int(value) != value or value < 1:
-                raise ValueError(f"--{key} must be a positive integer, got {value!r}")
+                raise ConfigError(f"--{key} must be a positive integer, got {value!r}")
         return replace(self, **changes) if changes else self
 
 
@@ -193,7 +194,7 @@ class ModelEntry:
             self.spec.frames,
             self.spec.size,
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"{self.name} takes {self.spec.frames}x{self.spec.size}x{self.spec.size} clips only "
                 f"(got frames={frames}, size={size}); drop --frames/--size"
             )
@@ -307,7 +308,7 @@ class Family:
         """Test view protocol for ``dataset``."""
         key = dataset.strip().lower()
         if key not in self.protocols:
-            raise ValueError(f"unknown dataset {dataset!r}; valid: {', '.join(self.protocols)}")
+            raise UsageError(f"unknown dataset {dataset!r}; valid: {', '.join(self.protocols)}")
         return self.protocols[key]
 
     # analysis ----------------------------------------------------------------------------------

@@ -64,6 +64,7 @@ from ..checkpoints import CheckpointError, listing, load_verified, read_state_di
 from ..config import PruningPlan, STAConfig, Stage, stage_directions, stage_feasible
 from ..data.sampling import ViewProtocol
 from ..data.transforms import Preprocessing
+from ..errors import ConfigError, UnknownModelError, UnsupportedModelError
 from ..flops import FlopCount, add_parts, metric_dim, sta_selection_flops
 from ..patch.common import Patch, current_stage, nearest_kept_fill
 from ..score import gather_tokens, head_mean
@@ -159,7 +160,7 @@ def window_layout(
     key = (size, window, shift, device)
     if key not in _LAYOUTS:
         if torch.compiler.is_compiling():
-            raise ValueError(
+            raise ConfigError(
                 f"no window layout for grid {size} yet: run the patched model once eagerly at this input "
                 "size before torch.compile (staprune builds its window bookkeeping outside the graph)"
             )
@@ -506,7 +507,7 @@ def _make_stage(p: Patch, index: int, helpers: dict[nn.Module, FusedWindowAttent
             return nn.Sequential.forward(self, x)
         bsz, t, h, w, c = x.shape
         if t * h * w != stage.units * stage.tokens_in:
-            raise ValueError(f"Swin stage {index + 1} got a {t}x{h}x{w} grid, the plan expected other geometry")
+            raise ConfigError(f"Swin stage {index + 1} got a {t}x{h}x{w} grid, the plan expected other geometry")
         tokens = x.reshape(bsz, t * h * w, c)
         blocks = list(self)
         first_qkv = metric = None
@@ -543,7 +544,7 @@ def _check_structure(model: nn.Module) -> None:
                 type(b) is SwinTransformerBlock and type(b.attn) is ShiftedWindowAttention3d for b in m
             )
     if not ok:
-        raise TypeError(
+        raise UnsupportedModelError(
             "staprune supports SwinTransformer3d built from torchvision's SwinTransformerBlock, "
             "ShiftedWindowAttention3d and PatchMerging (features = stage, merge, stage, ...)"
         )
@@ -575,7 +576,7 @@ def patch_swin3d(model: nn.Module, config: STAConfig) -> nn.Module:
         _, grids = stage_grids(model, *pixels.shape[-3:])
         p.start(plan, pixels, grids[1], pixels.device)
 
-    p.add_hook(model.register_forward_pre_hook(start))
+    p.hook(model, start, pre=True)
     helpers: dict[nn.Module, FusedWindowAttention] = {}
     for stage in _stages(model):
         for block in stage:
@@ -603,7 +604,7 @@ def _swin_stages(config: STAConfig, r1: int, frames: int, grids: Sequence[tuple[
         # Smaller Swins (2 or 3 stages) prune after each of their patch mergings with the first
         # drops of the paper's schedule; a deeper one has no published drops for stage 5 on.
         if len(grids) > 3:
-            raise ValueError(
+            raise ConfigError(
                 f"this Video Swin has {len(grids) + 1} stages; the paper's r1 schedule covers stages 2-4 "
                 f"only: pass schedule=[(units, r), ...] with {len(grids)} pairs"
             )
@@ -611,7 +612,7 @@ def _swin_stages(config: STAConfig, r1: int, frames: int, grids: Sequence[tuple[
         units = [frames] * len(drops)
     else:
         if len(config.schedule) != len(grids):
-            raise ValueError(
+            raise ConfigError(
                 f"explicit Swin schedule needs {len(grids)} (units, r) pairs, got {config.schedule}"
             )
         units = [u for u, _ in config.schedule]
@@ -620,7 +621,7 @@ def _swin_stages(config: STAConfig, r1: int, frames: int, grids: Sequence[tuple[
     stages = []
     for k, ((h, w), u, r_k, direction) in enumerate(zip(grids, units, drops, order, strict=True)):
         if frames % u:
-            raise ValueError(
+            raise ConfigError(
                 f"{frames} temporal positions cannot be split into {u} units at Swin stage {k + 2}"
             )
         stages.append(Stage(k + 1, u, r_k, direction == "F", frames // u * h * w))
@@ -640,12 +641,12 @@ def resolve_swin_plan(config: STAConfig, frames: int, grids: Sequence[tuple[int,
             first, for models with fewer stages).
     """
     if config.method == "tome":
-        raise ValueError("method='tome' is not supported for Video Swin (window attention needs a full grid)")
+        raise ConfigError("method='tome' is not supported for Video Swin (window attention needs a full grid)")
     stages = _swin_stages(config, config.r, frames, grids)
     for stage in stages:
         if not stage_feasible(config, stage):
             h, w = grids[stage.layer - 1]
-            raise ValueError(
+            raise ConfigError(
                 f"r={config.r} is too large for this Video Swin input: stage {stage.layer + 1} has {h}x{w} "
                 f"tokens per frame and would drop {stage.r} per unit; the largest valid r1 is "
                 f"{_largest_valid_swin_r(config, frames, grids)}"
@@ -789,7 +790,7 @@ def load_torchvision_swin(name: str | None, weights: str | Path, state: Mapping[
         raise CheckpointError(f"{weights}: not a torchvision Swin3D state dict (keys: {listing(state)})")
     name = name or swin_name_from_state(state)
     if name not in SWIN_NAMES:
-        raise ValueError(f"unknown Swin3D {name!r}; valid: {', '.join(SWIN_NAMES)}")
+        raise UnknownModelError(f"unknown Swin3D {name!r}; valid: {', '.join(SWIN_NAMES)}")
     model = getattr(tvv, name)(weights=None, num_classes=int(state["head.weight"].shape[0]))
     load_verified(model, state, f"checkpoint {weights}")
     return FAMILY.wrap(model, f"torchvision:{name}:{weights}")

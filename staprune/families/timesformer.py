@@ -43,6 +43,7 @@ from ..checkpoints import hf_preprocessing, load_hf_pretrained
 from ..config import PruningPlan, STAConfig, resolve_plan
 from ..data.sampling import ViewProtocol
 from ..data.transforms import Preprocessing
+from ..errors import ConfigError
 from ..flops import FlopCount, add_parts, metric_dim, sta_selection_flops, tokens_per_block
 from ..patch import final_kept
 from ..patch.common import Patch, current_stage, nearest_kept_fill
@@ -85,7 +86,7 @@ def _check_input(config, pixels: Tensor) -> None:
     size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
     expected = (config.num_frames, config.num_channels, size, size)
     if pixels.dim() != 5 or tuple(pixels.shape[1:]) != expected:
-        raise ValueError(
+        raise ConfigError(
             f"this TimeSformer takes clips (B, {', '.join(map(str, expected))}) (B, T, 3, H, W): its blocks "
             f"reshape with its config's {config.num_frames} frames and {size}x{size} pixels; got {tuple(pixels.shape)}"
         )
@@ -173,7 +174,7 @@ def _make_layer(p: Patch, index: int, frames: int, grid_hw: tuple[int, int], hea
                 qkv = qkv[:, 1:].reshape(tokens.shape[0], frames * n, -1)
         else:
             if output_attentions:
-                raise ValueError("output_attentions is not available from a pruned TimeSformer block")
+                raise ConfigError("output_attentions is not available from a pruned TimeSformer block")
             hidden, qkv = pruned_block(self, hidden_states, state.source, state.fill, frames, n)
             if stage is None or not stage.r:
                 return (hidden,)
@@ -193,7 +194,7 @@ def patch_timesformer(model: nn.Module, config: STAConfig) -> nn.Module:
     backbone = _backbone(model)
     hf = backbone.config
     if hf.attention_type != "divided_space_time":
-        raise ValueError(
+        raise ConfigError(
             f"staprune prunes TimeSformer's divided space-time attention; attention_type={hf.attention_type!r} "
             "is not supported"
         )
@@ -207,7 +208,7 @@ def patch_timesformer(model: nn.Module, config: STAConfig) -> nn.Module:
         _check_input(hf, pixels)
         p.start(plan, pixels, grid_hw, pixels.device)
 
-    p.add_hook(backbone.register_forward_pre_hook(start, with_kwargs=True))
+    p.hook(backbone, start, pre=True, with_kwargs=True)
     stages = [s.layer for s in plan.stages if s.r]
     if config.method != "none" and stages:
         captured: dict = {}
@@ -216,7 +217,7 @@ def patch_timesformer(model: nn.Module, config: STAConfig) -> nn.Module:
                 captured["qkv"] = output
 
             # The first stage runs the stock block: its spatial qkv is read off the projection.
-            p.add_hook(backbone.encoder.layer[stages[0]].attention.attention.qkv.register_forward_hook(keep_qkv))
+            p.hook(backbone.encoder.layer[stages[0]].attention.attention.qkv, keep_qkv)
         for index, layer in enumerate(backbone.encoder.layer):
             if index >= stages[0]:
                 forward = _make_layer(p, index, spec.frames, grid_hw, spec.heads, captured)
@@ -269,7 +270,7 @@ class TimesformerFamily(Family):
 
     def plan(self, spec: TimesformerSpec, config: STAConfig) -> PruningPlan:
         if config.method == "tome":
-            raise ValueError("method='tome' is not supported for TimeSformer (divided attention needs full grids)")
+            raise ConfigError("method='tome' is not supported for TimeSformer (divided attention needs full grids)")
         return resolve_plan(config, spec.layers, spec.frames, spec.tokens_per_frame)
 
     def levels(self, spec: TimesformerSpec) -> tuple[int, ...]:

@@ -35,6 +35,7 @@ from ..baselines import tome_merge
 from ..checkpoints import CheckpointError, hf_preprocessing, listing, load_hf_pretrained, load_verified
 from ..config import PruningPlan, STAConfig, resolve_plan
 from ..data.sampling import ViewProtocol
+from ..errors import ConfigError
 from ..flops import FlopCount, columnar_flops
 from ..patch.common import Patch, current_stage
 from ..score import gather_tokens, head_mean
@@ -85,7 +86,7 @@ def scaled_levels(tokens_per_frame: int, reference: tuple[int, ...] = PAPER_R[1:
 def check_frames(spec_frames: int, tubelet: int, what: str) -> int:
     """Tubelet-frames of a clip, refusing a clip length the tubelet does not divide."""
     if spec_frames % tubelet:
-        raise ValueError(
+        raise ConfigError(
             f"{what} cuts clips into tubelets of {tubelet} frames: {spec_frames} frames is not a multiple of "
             f"{tubelet}; use {spec_frames - spec_frames % tubelet or tubelet} or {spec_frames + tubelet - spec_frames % tubelet} frames"
         )
@@ -104,10 +105,10 @@ def _pair(size) -> tuple[int, int]:
 def _input_geometry(config, pixels: Tensor) -> tuple[int, int, int]:
     """Tubelet-frames, tokens per frame and the token grid width of an input ``(B, T, 3, H, W)``."""
     if pixels.dim() != 5:
-        raise ValueError(f"VideoMAE takes clips (B, T, 3, H, W); got a tensor of shape {tuple(pixels.shape)}")
+        raise ConfigError(f"VideoMAE takes clips (B, T, 3, H, W); got a tensor of shape {tuple(pixels.shape)}")
     frames, channels, height, width = pixels.shape[1:]
     if channels != config.num_channels and frames == config.num_channels:
-        raise ValueError(
+        raise ConfigError(
             f"VideoMAE takes (B, T, 3, H, W) clips; this input {tuple(pixels.shape)} looks like (B, 3, T, H, W): "
             "transpose dims 1 and 2"
         )
@@ -219,7 +220,7 @@ def patch_videomae(model: nn.Module, config: STAConfig) -> nn.Module:
     hf = backbone.config
     layers = backbone.encoder.layer
     if config.method != "none" and getattr(model, "fc_norm", "absent") is None:
-        raise ValueError(
+        raise ConfigError(
             "this VideoMAE classifier represents the video by its first token (use_mean_pooling=False); "
             "pruning could drop that token. Only mean-pooling heads (all released VideoMAE "
             "checkpoints) are supported."
@@ -236,13 +237,13 @@ def patch_videomae(model: nn.Module, config: STAConfig) -> nn.Module:
     def start(module, args, kwargs):
         pixels = args[0] if args else kwargs.get("pixel_values")
         if kwargs.get("bool_masked_pos") is not None or (len(args) > 1 and args[1] is not None):
-            raise ValueError(
+            raise ConfigError(
                 "staprune cannot prune a VideoMAE run with bool_masked_pos (masked pre-training)"
             )
         t, n, w = _input_geometry(hf, pixels)
         p.start(p.plan_for(t, n, build), pixels, (n // w, w), pixels.device)
 
-    p.add_hook(backbone.register_forward_pre_hook(start, with_kwargs=True))
+    p.hook(backbone, start, pre=True, with_kwargs=True)
 
     stage_layers = {s.layer for s in plan.stages}
     uses_attention_metric = config.method == "tome" or (
@@ -380,7 +381,7 @@ def videomae_release_config(
         if not num_heads:
             raise CheckpointError(f"cannot infer attention heads for hidden size {hidden}; pass num_heads")
     if image_size % patch:
-        raise ValueError(f"image size {image_size} is not a multiple of the checkpoint's patch size {patch}")
+        raise ConfigError(f"image size {image_size} is not a multiple of the checkpoint's patch size {patch}")
     return VideoMAEConfig(
         image_size=image_size,
         patch_size=int(patch),

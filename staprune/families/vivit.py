@@ -27,6 +27,7 @@ from ..checkpoints import hf_preprocessing, load_hf_pretrained
 from ..config import PruningPlan, STAConfig, resolve_plan
 from ..data.sampling import ViewProtocol
 from ..data.transforms import Preprocessing
+from ..errors import ConfigError
 from ..flops import FlopCount, columnar_flops
 from ..patch import columnar, final_kept
 from ..patch.common import Patch
@@ -66,7 +67,7 @@ def _input_geometry(config, pixels: Tensor) -> tuple[int, int, int]:
     size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
     expected = (config.num_frames, config.num_channels, size, size)
     if pixels.dim() != 5 or tuple(pixels.shape[1:]) != expected:
-        raise ValueError(
+        raise ConfigError(
             f"this ViViT takes clips (B, {', '.join(map(str, expected))}) (B, T, 3, H, W): its position table "
             f"covers exactly {config.num_frames} frames at {size}x{size}; got {tuple(pixels.shape)}"
         )
@@ -77,7 +78,7 @@ def _input_geometry(config, pixels: Tensor) -> tuple[int, int, int]:
 def patch_vivit(model: nn.Module, config: STAConfig) -> nn.Module:
     """Patch a ViViT in place (see :func:`staprune.patch`)."""
     if config.method == "tome":
-        raise ValueError("method='tome' is supported for VideoMAE only; for ViViT use sta, random or none")
+        raise ConfigError("method='tome' is supported for VideoMAE only; for ViViT use sta, random or none")
     backbone = _backbone(model)
     hf = backbone.config
     spec = FAMILY.spec_of(model)
@@ -87,12 +88,12 @@ def patch_vivit(model: nn.Module, config: STAConfig) -> nn.Module:
     def start(module, args, kwargs):
         pixels = args[0] if args else kwargs.get("pixel_values")
         if kwargs.get("interpolate_pos_encoding"):
-            raise ValueError("staprune prunes ViViT at its configured input; interpolate_pos_encoding is not supported")
+            raise ConfigError("staprune prunes ViViT at its configured input; interpolate_pos_encoding is not supported")
         t, n, w = _input_geometry(hf, pixels)
         p.start(p.plan_for(t, n, lambda f, k: resolve_plan(config, hf.num_hidden_layers, f, k)), pixels,
                 (n // w, w), pixels.device)
 
-    p.add_hook(backbone.register_forward_pre_hook(start, with_kwargs=True))
+    p.hook(backbone, start, pre=True, with_kwargs=True)
     layout = columnar.ColumnarModel(
         layers=backbone.layers,
         projections=lambda layer: {"query": layer.attention.q_proj, "key": layer.attention.k_proj,
@@ -129,7 +130,7 @@ class VivitFamily(Family):
         hf = _backbone(model).config
         t_sub, ph, pw = hf.tubelet_size
         if ph != pw:
-            raise ValueError(f"staprune supports square ViViT patches; this one is {ph}x{pw}")
+            raise ConfigError(f"staprune supports square ViViT patches; this one is {ph}x{pw}")
         image = hf.image_size if isinstance(hf.image_size, int) else hf.image_size[0]
         classifier = getattr(model, "classifier", None)
         return VivitSpec(
@@ -153,7 +154,7 @@ class VivitFamily(Family):
     def plan(self, spec: VivitSpec, config: STAConfig) -> PruningPlan:
         grid = self.geometry(spec).grids[0]
         if config.method == "tome":
-            raise ValueError("method='tome' is supported for VideoMAE only; for ViViT use sta, random or none")
+            raise ConfigError("method='tome' is supported for VideoMAE only; for ViViT use sta, random or none")
         return resolve_plan(config, spec.layers, grid.frames, grid.tokens_per_frame)
 
     def levels(self, spec: VivitSpec) -> tuple[int, ...]:

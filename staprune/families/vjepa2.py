@@ -42,6 +42,7 @@ from ..checkpoints import hf_preprocessing, load_hf_pretrained
 from ..config import PruningPlan, STAConfig, resolve_plan
 from ..data.sampling import ViewProtocol
 from ..data.transforms import Preprocessing
+from ..errors import ConfigError
 from ..flops import FlopCount, add_parts, columnar_flops, final_tokens
 from ..patch import columnar, final_kept
 from ..patch.common import Patch
@@ -84,7 +85,7 @@ def _input_geometry(config, pixels: Tensor) -> tuple[int, int, int]:
     positions decompose indices with the configured ``crop_size`` grid, so the side is fixed."""
     size = config.crop_size
     if pixels.dim() != 5 or tuple(pixels.shape[2:]) != (config.in_chans, size, size):
-        raise ValueError(
+        raise ConfigError(
             f"this V-JEPA 2 takes clips (B, T, {config.in_chans}, {size}, {size}) (its rotary positions assume a "
             f"{size // config.patch_size}x{size // config.patch_size} grid); got {tuple(pixels.shape)}"
         )
@@ -101,7 +102,7 @@ def patch_vjepa2(model: nn.Module, config: STAConfig, *, rotated_keys: bool = Fa
             instead of before (the default; see the module docstring).
     """
     if config.method == "tome":
-        raise ValueError("method='tome' is supported for VideoMAE only; for V-JEPA 2 use sta, random or none")
+        raise ConfigError("method='tome' is supported for VideoMAE only; for V-JEPA 2 use sta, random or none")
     backbone = _backbone(model)
     hf = backbone.config
     layers = backbone.encoder.layer
@@ -119,7 +120,7 @@ def patch_vjepa2(model: nn.Module, config: STAConfig, *, rotated_keys: bool = Fa
     def no_predictor(module, args, kwargs):
         skip = kwargs.get("skip_predictor", args[3] if len(args) > 3 else False)
         if config.method != "none" and config.r and not skip:
-            raise ValueError(
+            raise ConfigError(
                 "a pruned V-JEPA 2 runs its encoder only: call VJEPA2Model with skip_predictor=True (the "
                 "predictor of masked pre-training would see pruned positions)"
             )
@@ -133,12 +134,12 @@ def patch_vjepa2(model: nn.Module, config: STAConfig, *, rotated_keys: bool = Fa
             return args, {**kwargs, "position_mask": state.source}
         return (args[0], state.source, *args[2:]), kwargs
 
-    p.add_hook(backbone.encoder.register_forward_pre_hook(start, with_kwargs=True))
-    p.add_hook(backbone.register_forward_pre_hook(no_predictor, with_kwargs=True))
+    p.hook(backbone.encoder, start, pre=True, with_kwargs=True)
+    p.hook(backbone, no_predictor, pre=True, with_kwargs=True)
     stage_layers = {s.layer for s in plan.stages}
     for index, layer in enumerate(layers):
         if index > min(stage_layers, default=len(layers)):
-            p.add_hook(layer.register_forward_pre_hook(positions, with_kwargs=True))
+            p.hook(layer, positions, pre=True, with_kwargs=True)
 
     def rotate(index: int, per_head: Tensor, state) -> Tensor:
         attn = layers[index].attention
@@ -205,7 +206,7 @@ class VJEPA2Family(Family):
 
     def plan(self, spec: VJEPA2Spec, config: STAConfig) -> PruningPlan:
         if config.method == "tome":
-            raise ValueError("method='tome' is supported for VideoMAE only; for V-JEPA 2 use sta, random or none")
+            raise ConfigError("method='tome' is supported for VideoMAE only; for V-JEPA 2 use sta, random or none")
         grid = self.geometry(spec).grids[0]
         return resolve_plan(config, spec.layers, grid.frames, grid.tokens_per_frame)
 

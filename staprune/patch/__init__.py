@@ -9,6 +9,7 @@ from types import MethodType
 from torch import Tensor, nn
 
 from ..config import STAConfig, Stage, as_config
+from ..errors import UsageError
 from .common import PATCH_ATTR
 
 
@@ -34,8 +35,17 @@ def patch(model: nn.Module, r: int | None = None, *, config: STAConfig | None = 
     """
     from ..families import family_of
 
-    cfg = as_config(config, r, **options)
     family = family_of(model)  # TypeError naming the supported families
+    if r is None and config is None and "r" not in options:
+        try:
+            levels = ", ".join(map(str, family.levels(family.spec_of(model))))
+        except (ValueError, TypeError):  # a geometry the levels do not fit: the message still helps
+            levels = "see `staprune flops --model ...`"
+        raise UsageError(
+            f"staprune.patch({type(model).__name__}) needs r, the tokens dropped per temporal unit at the first "
+            f"stage, e.g. staprune.patch(model, r=...) with this model's levels {levels} (r=0 keeps every token)"
+        )
+    cfg = as_config(config, r, **options)
     unpatch(model)
     patched = family.patch(model, cfg)
     # An instance attribute is what copy.deepcopy looks up first (EMA copies, benchmark copies).
@@ -78,9 +88,9 @@ def kept_tokens(model: nn.Module) -> list[Tensor]:
     """
     p = model.__dict__.get(PATCH_ATTR)
     if p is None:
-        raise ValueError("model is not patched by staprune; call staprune.patch(model, r=...) first")
+        raise UsageError("model is not patched by staprune; call staprune.patch(model, r=...) first")
     if p.state is None:
-        raise ValueError("no forward pass has run since the model was patched")
+        raise UsageError("no forward pass has run since the model was patched")
     return list(p.state.kept)
 
 

@@ -62,8 +62,8 @@ def install(p: Patch, model: ColumnarModel, stage_layers: set[int]) -> None:
         layer = model.layers[index]
         if taps:
             projection = model.projections(layer)[cfg.similarity]
-            p.add_hook(projection.register_forward_hook(_metric_hook(p, index)))
-        p.add_hook(layer.register_forward_hook(_prune_hook(p, model, index, taps)))
+            p.hook(projection, _metric_hook(p, index))
+        p.hook(layer, _prune_hook(p, model, index, taps))
 
 
 def _metric_hook(p: Patch, index: int):

@@ -11,9 +11,33 @@ from torch import Tensor, nn
 
 from ..baselines import random_keep_indices
 from ..config import PruningPlan, STAConfig, Stage
+from ..errors import ConfigError, UsageError
 from ..score import PerSampleRandom, normalize_metric, sample_seeds, sta_keep_indices
 
 PATCH_ATTR = "_staprune"
+
+
+def _not_picklable() -> UsageError:
+    return UsageError(
+        "a patched model cannot be pickled (torch.save(model)): its patched forwards belong to this process. "
+        "Save model.state_dict() (it equals the stock model's), or call staprune.unpatch(model) before "
+        "torch.save and, after loading, staprune.patch(model, config=config) with config = "
+        "staprune.get_config(model) taken before unpatching"
+    )
+
+
+class PatchCallable:
+    """A forward or hook that staprune installed: a plain call, refusing to be pickled with a message
+    (a closure would fail with "Can't pickle local object")."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __reduce__(self):
+        raise _not_picklable()
 
 
 @dataclass
@@ -61,11 +85,16 @@ class Patch:
 
     def override_forward(self, module: nn.Module, forward) -> None:
         """Shadow ``module.forward`` with an instance attribute; :meth:`undo` deletes it again."""
-        module.forward = forward
+        module.forward = PatchCallable(forward)
         self._forwards.append(module)
 
-    def add_hook(self, handle: torch.utils.hooks.RemovableHandle) -> None:
-        self._hooks.append(handle)
+    def hook(self, module: nn.Module, fn, *, pre: bool = False, with_kwargs: bool = False) -> None:
+        """Register ``fn`` as a forward (``pre``: forward-pre) hook of ``module`` until :meth:`undo`."""
+        register = module.register_forward_pre_hook if pre else module.register_forward_hook
+        self._hooks.append(register(PatchCallable(fn), with_kwargs=with_kwargs))
+
+    def __reduce__(self):
+        raise _not_picklable()
 
     def plan_for(self, frames: int, tokens_per_frame: int, build) -> PruningPlan:
         key = (frames, tokens_per_frame)
@@ -171,7 +200,7 @@ def nearest_kept_fill(keep: Tensor, frames: int, grid_hw: tuple[int, int], chunk
     kept = torch.zeros(bsz, frames * n, dtype=torch.bool, device=keep.device).scatter_(1, keep, True)
     kept = kept.view(bsz * frames, n)
     if not torch.compiler.is_compiling() and not bool(kept.any(-1).all()):
-        raise ValueError("a frame has no kept token; nearest-kept filling needs at least one per frame")
+        raise ConfigError("a frame has no kept token; nearest-kept filling needs at least one per frame")
     dist = _squared_distances(h, w, keep.device)
     nearest = torch.empty(bsz * frames, n, dtype=torch.long, device=keep.device)
     step = max(1, chunk // (n * n))

@@ -1,0 +1,104 @@
+"""Where commands write: output folders and files checked before any work, and the device to run on.
+
+A run that cannot write its results should say so at once, not after an hour of evaluation, and
+in words (a read-only disk, a file where a folder should be, a folder where a picture should go).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import OutputError, UsageError
+
+
+def _reason(err: OSError) -> str:
+    if err.errno == errno.EROFS:
+        return "the file system is read-only"
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    if err.errno == errno.ENOSPC:
+        return "no space left on the device"
+    return err.strerror or str(err)
+
+
+def writable_dir(path: str | Path, what: str = "--out") -> Path:
+    """Check that ``path`` is, or can be created as, a folder files can be written in; nothing is
+    left behind (the folder itself is created when the command first writes).
+
+    Raises:
+        OutputError: it (or the nearest existing folder above it) is a file, or cannot be written,
+            with the reason.
+    """
+    path = Path(path).expanduser()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{what} {path}: {existing} is a file; give a folder for the results")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".staprune-write-test-"):
+            pass
+    except OSError as err:
+        raise OutputError(f"cannot write to {what} {path}: {_reason(err)}; choose another folder") from err
+    return path
+
+
+def writable_file(path: str | Path, what: str, suffixes: tuple[str, ...] | None = None) -> Path:
+    """Check that a file can be written at ``path`` (its folder is created), before the work.
+
+    Raises:
+        OutputError: ``path`` is a folder, or its folder cannot be written.
+        UsageError: a suffix outside ``suffixes`` (e.g. ``.txt`` for a picture).
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise OutputError(f"{what} {path} is a folder; give a file name, e.g. {path / ('out' + (suffixes or ('',))[0])}")
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise UsageError(f"{what} {path}: unknown file type {path.suffix or '(none)'}; use one of {', '.join(suffixes)}")
+    writable_dir(path.parent if str(path.parent) else Path("."), f"the folder of {what}")
+    return path
+
+
+def write_error(path: str | Path, err: OSError) -> OutputError:
+    """The :class:`OutputError` for a write to ``path`` that failed with ``err``."""
+    return OutputError(f"cannot write {path}: {_reason(err)}")
+
+
+def resolve_device(requested: str | None) -> torch.device:
+    """The device to run on: ``requested`` (``cpu``, ``cuda``, ``cuda:1``, ...), or cuda when available.
+
+    Raises:
+        UsageError: not a device name, or a GPU that this machine does not have.
+    """
+    name = requested or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as err:
+        raise UsageError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from err
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name!r}: staprune runs on cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}, but this machine has no CUDA GPU (or torch was built without CUDA); "
+                             "use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, so a reader never sees half of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as err:
+        raise write_error(path, err) from err
+
+
+__all__ = ["atomic_write_text", "resolve_device", "writable_dir", "writable_file", "write_error"]
