@@ -19,6 +19,7 @@ the model's state dict and any difference raises :class:`CheckpointError`, then 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -174,6 +175,20 @@ def hf_preprocessing(folder: Path | None, image_size: int, default: Preprocessin
     return default
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No "Loading weights" progress bar from transformers: staprune reports what it loaded itself."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def saved_layout(model: nn.Module) -> dict[str, Tensor]:
     """The model's tensors under the names ``save_pretrained`` writes: transformers >= 5 renames some
     models' weights on load (ViViT's ``encoder.layer.N.attention.attention.key`` -> ``layers.N.attention.k_proj``)
@@ -196,7 +211,8 @@ def load_hf_pretrained(cls, folder: Path, name: str, *, fix_state=None) -> nn.Mo
             stored tensors that did not land in the model.
     """
     try:
-        model = cls.from_pretrained(str(folder))
+        with _quiet_transformers():
+            model = cls.from_pretrained(str(folder))
     except (OSError, RuntimeError, ValueError) as err:
         raise CheckpointError(
             f"{name}: the weights in {folder} do not fit its config.json ({str(err).splitlines()[0][:300]})"

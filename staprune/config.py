@@ -169,10 +169,12 @@ def _preset_stages(schedule: str, r: int, frames: int, num_stages: int) -> list[
             stages.append((frames, r // 2**k))
             continue
         if frames % 2**k:
+            multiple = 2 ** (num_stages - 1)
+            units = ", ".join(str(2**i) for i in range(num_stages))
             raise ConfigError(
-                f"{frames} tubelet-frames cannot be grouped into {num_stages} stages of 1, 2, 4, ... frames "
-                f"per unit (stage {k} needs frames divisible by {2**k}); use a frame count divisible by "
-                f"{2 ** (num_stages - 1)}, fewer locations, or an explicit schedule"
+                f"{frames} temporal positions (tubelet-frames) cannot be grouped into the {num_stages} stages' units "
+                f"of {units} tubelet-frames: their number must be a multiple of {multiple}; change the clip length, "
+                "prune at fewer --locations, or give an explicit schedule"
             )
         per_unit = {"decreasing": r, "constant": r * 2**k, "increasing": r * 4**k}[schedule]
         stages.append((frames // 2**k, per_unit))
@@ -230,8 +232,13 @@ def stage_feasible(config: STAConfig, stage: Stage) -> bool:
     return stage.r < stage.tokens_in
 
 
-def resolve_plan(config: STAConfig, depth: int, frames: int, tokens_per_frame: int) -> PruningPlan:
+def resolve_plan(
+    config: STAConfig, depth: int, frames: int, tokens_per_frame: int, *, tubelet: int | None = None
+) -> PruningPlan:
     """Check ``config`` against a geometry and return the concrete stages.
+
+    ``tubelet``: input frames per tubelet-frame, for error messages in input frames (None: say
+    tubelet-frames only).
 
     Args:
         depth: number of transformer blocks.
@@ -251,7 +258,16 @@ def resolve_plan(config: STAConfig, depth: int, frames: int, tokens_per_frame: i
             n -= r_k
         return PruningPlan(config, depth, frames, tokens_per_frame, tuple(stages))
 
-    stages = _stages_for(config, config.r, depth, frames, tokens_per_frame)
+    try:
+        stages = _stages_for(config, config.r, depth, frames, tokens_per_frame)
+    except ConfigError as err:
+        if tubelet is None or "multiple of" not in str(err):
+            raise
+        multiple = int(str(err).split("multiple of ")[1].split(";")[0])
+        lower, upper = frames // multiple * multiple, (frames // multiple + 1) * multiple
+        fits = " or ".join(str(f * tubelet) for f in (lower, upper) if f)
+        raise ConfigError(f"a clip of {frames * tubelet} frames is {frames} tubelet-frames of {tubelet}: {err} "
+                          f"(e.g. {fits} frames)") from None
     if not all(stage_feasible(config, s) for s in stages):
         largest = _largest_valid_r(config, depth, frames, tokens_per_frame)
         bad = next(s for s in stages if not stage_feasible(config, s))

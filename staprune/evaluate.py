@@ -75,8 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # --rs: under torchrun, torchrun's own parser rejects "--r" as an ambiguous abbreviation of its
     # --rdzv-*/--role/--run-path options before our CLI ever sees it.
     parser.add_argument("--r", "--rs", dest="r", type=int, nargs="+", metavar="R",
-                        help="tokens dropped per unit (ViT) / r1 (Swin); several values = a sweep "
-                        "(spell it --rs under torchrun)")
+                        help="tokens dropped per unit (ViT) / r1 (Swin); several values = a sweep (spell it --rs "
+                        "under torchrun); default: the model's three levels")
     parser.add_argument("--views", help="CLIPSxCROPS (default: the protocol's, e.g. 5x3 for ViT on K400)")
     parser.add_argument("--frames", type=int, help="frames per clip (default: the protocol's)")
     parser.add_argument("--stride", type=int, help="temporal stride of uniform clips (default: the protocol's)")
@@ -118,13 +118,15 @@ def model_dirname(source: str) -> str:
     return f"{name}-{hashlib.sha1(source.encode()).hexdigest()[:8]}"
 
 
-def entries_from_args(method: str, rs: Sequence[int] | None) -> list[Entry]:
-    """The sweep: one entry per r (method ``none`` runs once, as r=0)."""
+def entries_from_args(method: str, rs: Sequence[int] | None, levels: Sequence[int] = ()) -> list[Entry]:
+    """The sweep: one entry per r (method ``none`` runs once, as r=0); without ``rs``, the model's
+    ``levels``."""
     if method == "none":
         if rs and any(rs):
             raise UsageError(f"--method none evaluates the dense model and takes no --r (got {list(rs)}); drop --r, "
                              "or give a pruning method (--method sta)")
         return [Entry("none", 0)]
+    rs = rs or list(levels)
     if not rs:
         raise UsageError(f"--r is required for --method {method} (e.g. --r 64, or several for a sweep)")
     if any(r < 0 for r in rs):
@@ -509,12 +511,7 @@ def evaluate_entry(ctx: Context, entry: Entry) -> dict[str, Any]:
     Returns the result row on every rank (metrics are filled in on rank 0 only).
     """
     info, row = ctx.info, _row_base(ctx, entry)
-    try:
-        _apply_patch(ctx, entry)
-    except (TypeError, ValueError, NotImplementedError) as e:
-        # No adapter for this backbone yet, or r infeasible for it: report, go on with the sweep.
-        row["error"] = f"cannot patch {type(ctx.loaded.model).__name__} with method={entry.method}: {e}"
-        return row
+    _apply_patch(ctx, entry)  # every entry was checked by run() before any video was read
     run_dir = ctx.out / model_dirname(ctx.loaded.source) / entry.dirname
     row["run_dir"] = str(run_dir.relative_to(ctx.out))
     meta = {"model": ctx.loaded.source, "data": str(ctx.args.data), "videos": len(ctx.items),
@@ -761,7 +758,7 @@ def run(args: argparse.Namespace) -> int:
         return runner.main(demo_args)
     if args.model is None or args.data is None:
         raise UsageError("give both --model and --data (or neither, to run the bundled demo)")
-    entries = entries_from_args(args.method, args.r)
+    entries_from_args(args.method, args.r, levels=(1,))  # option errors before anything is loaded
     info = dist_utils.init(resolve_device(args.device).type)
     try:
         error: BaseException | None = None
@@ -770,6 +767,10 @@ def run(args: argparse.Namespace) -> int:
         except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
             error = e
         dist_utils.raise_if_any(info, error)
+        # Without --r: the model's own levels (a sweep over its three pruning levels).
+        entries = entries_from_args(args.method, args.r, ctx.loaded.default_levels(ctx.proto.frames, ctx.loaded.image_size))
+        for entry in entries:  # every (method, r) must fit the model before any video is read
+            _apply_patch(ctx, entry)
         p = ctx.proto
         _log(ctx, f"{ctx.loaded.source}: {len(ctx.items)} videos, {p.clips}x{p.crops} views of {p.frames} "
                   f"frames ({p.sampling}, stride {p.stride}), {ctx.loaded.preprocessing.size}px, "

@@ -160,7 +160,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         dest="r",
         type=int,
         metavar="R",
-        help="tokens dropped per unit at the first stage (spell it --rs under torchrun)",
+        help="tokens dropped per unit at the first stage (spell it --rs under torchrun); default: the middle of "
+        "the model's three levels",
     )
     parser.add_argument(
         "--eval-r",
@@ -703,8 +704,10 @@ def _log(info: dist_utils.DistInfo, message: str) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    if args.method != "none" and not args.r:
-        raise UsageError(f"--r is required for --method {args.method} (e.g. --r 12); or --method none")
+    if args.method == "none" and args.r:
+        raise UsageError(f"--method none trains the dense model and takes no --r (got {args.r}); drop --r")
+    if args.r is not None and args.r < 0:
+        raise UsageError(f"--r must be >= 0, got {args.r}")
     for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
@@ -794,6 +797,10 @@ def setup(args: argparse.Namespace, info: dist_utils.DistInfo) -> Run:
         frames=args.frames,
         image_size=args.image_size,
     )
+    if args.method != "none" and not args.r:
+        # The model's middle level, as the paper trains STA48-ViT-B (levels 32/48/64).
+        args.r = loaded.default_levels()[1]
+        _log(info, f"--r not given: training at r={args.r}, the middle of this model's levels {loaded.default_levels()}")
     train_set, val_set, frames, stride = _datasets(args, loaded)
     global_batch = args.batch_size * info.world_size
     steps_per_epoch = len(train_set) // global_batch

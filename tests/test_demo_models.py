@@ -10,9 +10,9 @@ import torch
 
 import staprune
 from staprune.demo import models
-from staprune.errors import CheckpointError
 from staprune.demo.data import NUM_CLASSES, generate, to_model_input
 from staprune.demo.train import HFLIP, REVERSE, VFLIP
+from staprune.errors import CheckpointError
 
 
 def test_vit_geometry_and_pruning():

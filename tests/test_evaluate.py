@@ -320,9 +320,9 @@ def test_torchrun_two_processes_match_single(assets, reference, tmp_path):
 
 # --- Video Swin layout --------------------------------------------------------------------------
 @pytest.mark.slow
-def test_swin_dense_evaluates_and_pruned_reports(assets, tmp_path, monkeypatch, capsys):
-    """A (tiny) torchvision Swin3D gets (B, 3, T, H, W) input; a pruned method either runs or, without
-    a Swin adapter, is reported as an error row while the dense row is still evaluated."""
+def test_swin_dense_and_pruned_evaluate(assets, tmp_path, monkeypatch, capsys):
+    """A (tiny) torchvision Swin3D gets (B, 3, T, H, W) input (its family's layout), dense and pruned;
+    an r its grid cannot take is refused before any video is read."""
     from torchvision.models.video.swin_transformer import SwinTransformer3d
 
     from staprune.families import LoadedModel
@@ -336,19 +336,9 @@ def test_swin_dense_evaluates_and_pruned_reports(assets, tmp_path, monkeypatch, 
     assert main([*base, "--out", str(tmp_path / "dense"), "--method", "none"]) == 0
     (dense,) = json.loads(capsys.readouterr().out)
     assert dense["videos"] == NUM_VIDEOS and dense["top1"] is not None and dense["error"] is None
-    rc = main([*base, "--out", str(tmp_path / "sta"), "--method", "sta", "--r", "4"])
+    assert main([*base, "--out", str(tmp_path / "sta"), "--method", "sta", "--r", "4"]) == 0
     (pruned,) = json.loads(capsys.readouterr().out)
-    if pruned["error"] is not None:
-        assert rc == 1 and "cannot patch SwinTransformer3d" in pruned["error"]
-    else:
-        assert rc == 0 and pruned["videos"] == NUM_VIDEOS
-    # Without an adapter (forced here), the pruned entry is an error row and the exit code is 1.
-    import staprune
-
-    def no_adapter(model, **_):
-        raise TypeError(f"staprune cannot patch {type(model).__name__}")
-
-    monkeypatch.setattr(staprune, "patch", no_adapter)
-    rc = main([*base, "--out", str(tmp_path / "none_adapter"), "--method", "sta", "--r", "4"])
-    (row,) = json.loads(capsys.readouterr().out)
-    assert rc == 1 and "cannot patch SwinTransformer3d" in row["error"] and row["top1"] is None
+    assert pruned["videos"] == NUM_VIDEOS and pruned["gflops"] < dense["gflops"]
+    with pytest.raises(ValueError, match="too large"):  # stage 2 of a 64² clip is 8x8: r1=64 cannot drop 64
+        main([*base, "--out", str(tmp_path / "big"), "--method", "sta", "--r", "4", "64"])
+    assert not (tmp_path / "big").exists()

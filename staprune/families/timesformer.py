@@ -271,7 +271,7 @@ class TimesformerFamily(Family):
     def plan(self, spec: TimesformerSpec, config: STAConfig) -> PruningPlan:
         if config.method == "tome":
             raise ConfigError("method='tome' is not supported for TimeSformer (divided attention needs full grids)")
-        return resolve_plan(config, spec.layers, spec.frames, spec.tokens_per_frame)
+        return resolve_plan(config, spec.layers, spec.frames, spec.tokens_per_frame, tubelet=1)
 
     def levels(self, spec: TimesformerSpec) -> tuple[int, ...]:
         return scaled_levels(spec.tokens_per_frame)

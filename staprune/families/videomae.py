@@ -227,7 +227,7 @@ def patch_videomae(model: nn.Module, config: STAConfig) -> nn.Module:
         )
 
     def build(frames: int, tokens: int) -> PruningPlan:
-        return resolve_plan(config, len(layers), frames, tokens)
+        return resolve_plan(config, len(layers), frames, tokens, tubelet=hf.tubelet_size)
 
     p = Patch(config)
     height, width = _pair(hf.image_size)
@@ -478,7 +478,7 @@ class VideoMAEFamily(Family):
 
     def plan(self, spec: ViTSpec, config: STAConfig) -> PruningPlan:
         grid = self.geometry(spec).grids[0]
-        return resolve_plan(config, spec.layers, grid.frames, grid.tokens_per_frame)
+        return resolve_plan(config, spec.layers, grid.frames, grid.tokens_per_frame, tubelet=spec.tubelet)
 
     def levels(self, spec: ViTSpec) -> tuple[int, ...]:
         return scaled_levels(spec.tokens_per_frame)

@@ -90,7 +90,7 @@ def patch_vivit(model: nn.Module, config: STAConfig) -> nn.Module:
         if kwargs.get("interpolate_pos_encoding"):
             raise ConfigError("staprune prunes ViViT at its configured input; interpolate_pos_encoding is not supported")
         t, n, w = _input_geometry(hf, pixels)
-        p.start(p.plan_for(t, n, lambda f, k: resolve_plan(config, hf.num_hidden_layers, f, k)), pixels,
+        p.start(p.plan_for(t, n, lambda f, k: resolve_plan(config, hf.num_hidden_layers, f, k, tubelet=hf.tubelet_size[0])), pixels,
                 (n // w, w), pixels.device)
 
     p.hook(backbone, start, pre=True, with_kwargs=True)
@@ -155,7 +155,7 @@ class VivitFamily(Family):
         grid = self.geometry(spec).grids[0]
         if config.method == "tome":
             raise ConfigError("method='tome' is supported for VideoMAE only; for ViViT use sta, random or none")
-        return resolve_plan(config, spec.layers, grid.frames, grid.tokens_per_frame)
+        return resolve_plan(config, spec.layers, grid.frames, grid.tokens_per_frame, tubelet=spec.tubelet)
 
     def levels(self, spec: VivitSpec) -> tuple[int, ...]:
         return scaled_levels(spec.grid_side**2)

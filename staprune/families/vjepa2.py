@@ -110,7 +110,7 @@ def patch_vjepa2(model: nn.Module, config: STAConfig, *, rotated_keys: bool = Fa
     p = Patch(config)
 
     def build(frames: int, tokens: int) -> PruningPlan:
-        return resolve_plan(config, len(layers), frames, tokens)
+        return resolve_plan(config, len(layers), frames, tokens, tubelet=hf.tubelet_size)
 
     def start(module, args, kwargs):
         pixels = args[0] if args else kwargs.get("pixel_values_videos")
@@ -208,7 +208,7 @@ class VJEPA2Family(Family):
         if config.method == "tome":
             raise ConfigError("method='tome' is supported for VideoMAE only; for V-JEPA 2 use sta, random or none")
         grid = self.geometry(spec).grids[0]
-        return resolve_plan(config, spec.layers, grid.frames, grid.tokens_per_frame)
+        return resolve_plan(config, spec.layers, grid.frames, grid.tokens_per_frame, tubelet=spec.tubelet)
 
     def levels(self, spec: VJEPA2Spec) -> tuple[int, ...]:
         return scaled_levels(spec.grid_side**2)
