@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -30,8 +30,10 @@ from torch import nn
 import staprune
 
 from .errors import UsageError
+from .families import family_of, find_model
 from .flops import analytic_flops, wrapping_selection
 from .models import example_input, load_model, spec_of_model
+from .options import add_pruning_arguments, check_pruning_options, pruning_options, recorded
 from .outputs import resolve_device
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -43,6 +45,7 @@ class Variant:
 
     r: int = 0
     method: str = "sta"
+    options: tuple[tuple[str, object], ...] = ()  # other STAConfig fields, as (name, value) pairs
 
     @property
     def dense(self) -> bool:
@@ -55,7 +58,7 @@ class Variant:
     def apply(self, model: nn.Module) -> None:
         staprune.unpatch(model)
         if not self.dense:
-            staprune.patch(model, r=self.r, method=self.method)
+            staprune.patch(model, r=self.r, method=self.method, **dict(self.options))
 
 
 @dataclass
@@ -88,6 +91,7 @@ class BenchRow:
     selection_median_s: float
     selection_pct: float
     peak_memory_mb: float | None
+    options: dict = field(default_factory=dict)
 
 
 def _sync(device: torch.device) -> None:
@@ -185,7 +189,7 @@ def _memory_probe(spec_json: str) -> None:
     model = load_model(spec["model"], spec["frames"], spec["size"]).to(DTYPES[spec["dtype"]])
     inputs = example_input(spec_of_model(model, spec["frames"], spec["size"]), spec["batch_size"],
                            dtype=DTYPES[spec["dtype"]])
-    Variant(spec["r"], spec["method"]).apply(model)
+    Variant(spec["r"], spec["method"], tuple(spec.get("options", {}).items())).apply(model)
     gc.collect()
     try:  # reset VmHWM to the current RSS (Linux >= 4.0) so building the model does not count
         with open("/proc/self/clear_refs", "w") as f:
@@ -202,7 +206,7 @@ def cpu_peak_memory_mb(model: str, variant: Variant, *, frames: int | None, size
                        batch_size: int, dtype: str, threads: int) -> float | None:
     """Rise of peak RSS (MiB) during one forward in a fresh process (``None`` if it fails)."""
     spec = {"model": model, "frames": frames, "size": size, "batch_size": batch_size, "dtype": dtype,
-            "threads": threads, "r": variant.r, "method": variant.method}
+            "threads": threads, "r": variant.r, "method": variant.method, "options": recorded(dict(variant.options))}
     code = f"from staprune.bench import _memory_probe; _memory_probe({json.dumps(json.dumps(spec))})"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     try:
@@ -235,12 +239,12 @@ def summarize(
     reference = next((v for v in times if v.dense), next(iter(times)))
     ref_latency = statistics.median(times[reference]["latency"])
     ref_min = min(times[reference]["latency"])
-    ref_gflops = analytic_flops(spec, reference.r, method=reference.method).gflops
+    ref_gflops = analytic_flops(spec, reference.r, method=reference.method, **dict(reference.options)).gflops
     rows = []
     for variant, t in times.items():
         latency = statistics.median(t["latency"])
         q1, q3 = _quartiles(t["latency"])
-        gflops = analytic_flops(spec, variant.r, method=variant.method).gflops
+        gflops = analytic_flops(spec, variant.r, method=variant.method, **dict(variant.options)).gflops
         selection = statistics.median(t["selection"])
         rows.append(BenchRow(
             model=name, config=variant.label, method=variant.method, r=variant.r, batch_size=batch_size,
@@ -249,7 +253,7 @@ def summarize(
             latency_q1_s=q1, latency_q3_s=q3, throughput_clips_s=batch_size / latency,
             speedup=ref_latency / latency, speedup_min=ref_min / min(t["latency"]), gflops=gflops, flops_ratio=ref_gflops / gflops,
             selection_median_s=selection, selection_pct=100 * selection / latency,
-            peak_memory_mb=(memory or {}).get(variant),
+            peak_memory_mb=(memory or {}).get(variant), options=recorded(dict(variant.options)),
         ))
     return rows
 
@@ -274,7 +278,8 @@ def format_table(rows: Sequence[BenchRow]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``staprune bench``."""
     parser.add_argument("--model", default="ViT-S", help="registry name (e.g. ViT-S, ViT-B) or local HF directory")
-    parser.add_argument("--r", type=int, nargs="+", default=[64], help="pruned configurations to time against dense")
+    parser.add_argument("--r", type=int, nargs="+", help="pruned configurations to time against dense (default: "
+                        "the model's three levels)")
     parser.add_argument("--method", default="sta", choices=("sta", "random", "tome"))
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
@@ -287,10 +292,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu-memory", action="store_true",
                         help="on CPU, measure peak RSS rise per config in a fresh subprocess (slower)")
     parser.add_argument("--json", action="store_true", help="print a JSON list of every field instead of a table")
+    add_pruning_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """``staprune bench``: dense vs each ``--r`` of ``--method``, round-robin in one run."""
+    check_pruning_options(args)
     for name in ("batch_size", "repeats"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -302,7 +309,10 @@ def run(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype]
     model = load_model(args.model, args.frames, args.size).to(device=device, dtype=dtype)
     spec = spec_of_model(model, args.frames, args.size)
-    variants = [Variant()] + [Variant(r, args.method) for r in args.r if r or args.method == "tome"]
+    options = tuple(pruning_options(args).items())
+    entry = find_model(args.model)
+    rs = args.r or (entry.levels if entry is not None and entry.levels else family_of(model).levels(spec))
+    variants = [Variant()] + [Variant(r, args.method, options) for r in rs if r or args.method == "tome"]
     for variant in variants:  # validate every config before timing anything
         variant.apply(model)
     staprune.unpatch(model)

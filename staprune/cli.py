@@ -19,6 +19,7 @@ COMMANDS = {
     "demo": ("staprune.demo.runner", "dense vs STA vs baselines on the bundled demo models (needs their weights)"),
     "finetune": ("staprune.finetune", "fine-tune dense or pruned (STA/random) models; resumable; torchrun"),
     "eval": ("staprune.evaluate", "multi-view accuracy on a video list (one machine or torchrun), resumable"),
+    "ablate": ("staprune.ablate", "the paper's ablation tables (6a-e, supp. 2-3) on a model and data, resumable"),
 }
 
 

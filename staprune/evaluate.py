@@ -46,12 +46,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import distributed as dist_utils
 from .checkpoints import LoadedModel, load
+from .config import STAConfig
 from .data.lists import VideoItem, load_items
 from .data.sampling import ViewProtocol, parse_views
 from .data.transforms import Preprocessing
 from .data.video import VideoReadError, probe, read_frames
 from .errors import ExistingResultsError, StapruneError, UsageError
+from .options import add_pruning_arguments, check_pruning_options, pruning_options, recorded
 from .outputs import atomic_write_text, resolve_device, writable_dir, write_error
+from .patch import get_config, kept_tokens
 
 SLEEP_ENV = "STAPRUNE_EVAL_SLEEP"
 METHODS = ("sta", "random", "tome", "none")
@@ -90,22 +93,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="skip videos already recorded in --out")
     parser.add_argument("--json", action="store_true", help="print results as JSON to stdout (logs to stderr)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_pruning_arguments(parser)
 
 
 @dataclass(frozen=True)
 class Entry:
-    """One (method, r) point of a sweep."""
+    """One point of a sweep: (method, r) and the other STAConfig fields set (``options``)."""
 
     method: str
     r: int
+    options: tuple[tuple[str, Any], ...] = ()
 
     @property
     def dense(self) -> bool:
-        return self.method == "none" or self.r == 0
+        return self.method == "none" or (self.r == 0 and self.method != "tome")
 
     @property
     def dirname(self) -> str:
-        return f"{self.method}_r{self.r}"
+        """``<method>_r<r>``, then each option set, so that configurations never share a folder."""
+        import re
+
+        parts = [f"{self.method}_r{self.r}"]
+        for key, value in sorted(self.options):
+            text = "-".join(f"{u}x{r}" for u, r in value) if key == "schedule" and not isinstance(value, str) else (
+                "-".join(map(str, value)) if isinstance(value, tuple) else str(value))
+            parts.append(re.sub(r"[^A-Za-z0-9.x-]+", "_", f"{key}-{text}"))
+        return "_".join(parts)
+
+    def config(self) -> STAConfig:
+        return STAConfig(r=self.r, method=self.method, **dict(self.options))
 
 
 def model_dirname(source: str) -> str:
@@ -118,10 +134,13 @@ def model_dirname(source: str) -> str:
     return f"{name}-{hashlib.sha1(source.encode()).hexdigest()[:8]}"
 
 
-def entries_from_args(method: str, rs: Sequence[int] | None, levels: Sequence[int] = ()) -> list[Entry]:
+def entries_from_args(method: str, rs: Sequence[int] | None, levels: Sequence[int] = (),
+                      options: dict[str, Any] | None = None) -> list[Entry]:
     """The sweep: one entry per r (method ``none`` runs once, as r=0); without ``rs``, the model's
-    ``levels``."""
+    ``levels``; ``options`` (other STAConfig fields) apply to every pruned entry."""
     if method == "none":
+        if options:
+            raise UsageError(f"--method none evaluates the dense model; pruning options {sorted(options)} do not apply")
         if rs and any(rs):
             raise UsageError(f"--method none evaluates the dense model and takes no --r (got {list(rs)}); drop --r, "
                              "or give a pruning method (--method sta)")
@@ -131,7 +150,8 @@ def entries_from_args(method: str, rs: Sequence[int] | None, levels: Sequence[in
         raise UsageError(f"--r is required for --method {method} (e.g. --r 64, or several for a sweep)")
     if any(r < 0 for r in rs):
         raise UsageError(f"--r values must be >= 0, got {list(rs)}")
-    return [Entry(method, r) for r in dict.fromkeys(rs)]
+    pairs = tuple(sorted((options or {}).items()))
+    return [Entry(method, r, pairs) for r in dict.fromkeys(rs)]
 
 
 def resolve_protocol(base: ViewProtocol, views: str | None, frames: int | None,
@@ -299,18 +319,22 @@ class _Pending:
     views: torch.Tensor
     taken: int = 0
     probs: list[torch.Tensor] = field(default_factory=list)
+    kept: Any = field(default_factory=hashlib.sha1)  # digest of its views' kept token indices
+    pruned: bool = False
 
     @property
     def scored(self) -> int:
         return sum(p.shape[0] for p in self.probs)
 
 
-def finish_video(sample: dict[str, Any], probs: torch.Tensor) -> dict[str, Any]:
-    """Full record from per-view softmax probabilities (V, C): mean over views, its top-5."""
+def finish_video(sample: dict[str, Any], probs: torch.Tensor, kept: str | None = None) -> dict[str, Any]:
+    """Full record from per-view softmax probabilities (V, C): mean over views, its top-5, and a
+    fingerprint of the tokens the pruned model kept in its views (``kept``, None when dense)."""
     scores = probs.mean(dim=0)
     top = scores.topk(min(5, scores.numel())).indices.tolist()
     return {"index": sample["index"], "path": sample["path"], "label": sample["label"],
-            "views": int(probs.shape[0]), "top5": top, "scores": scores.tolist(), "short": bool(sample.get("short"))}
+            "views": int(probs.shape[0]), "top5": top, "scores": scores.tolist(), "short": bool(sample.get("short")),
+            "kept_sha1": kept}
 
 
 @dataclass
@@ -380,11 +404,17 @@ def score_videos(
             torch.cuda.synchronize(device)
         stats.forward_s += time.perf_counter() - start
         stats.clips += x.shape[0]
-        for (video, _), chunk in zip(owners, probs.cpu().split([n for _, n in owners]), strict=True):
+        kept = [k.cpu() for k in kept_tokens(loaded.model)] if get_config(loaded.model) is not None else []
+        offset = 0
+        for (video, n), chunk in zip(owners, probs.cpu().split([n for _, n in owners]), strict=True):
             video.probs.append(chunk)
+            for stage in kept:
+                video.kept.update(stage[offset : offset + n].numpy().tobytes())
+            video.pruned |= bool(kept)
+            offset += n
         while pending and pending[0].scored == pending[0].views.shape[0]:
             done = pending.pop(0)
-            emit(finish_video(done.sample, torch.cat(done.probs)))
+            emit(finish_video(done.sample, torch.cat(done.probs), done.kept.hexdigest()[:16] if done.pruned else None))
 
     buffered = 0
     for sample in loader:
@@ -429,7 +459,8 @@ def gflops_per_view(loaded: LoadedModel, entry: Entry, proto: ViewProtocol) -> f
     try:
         from .flops import analytic_flops
 
-        return float(analytic_flops(loaded.model, r, frames=proto.frames, size=size, method=method).gflops)
+        options = dict(entry.options) if not entry.dense else {}
+        return float(analytic_flops(loaded.model, r, frames=proto.frames, size=size, method=method, **options).gflops)
     except Exception as e:  # noqa: BLE001 - analytic counting is best-effort; measure instead
         print(f"staprune: analytic FLOPs unavailable ({type(e).__name__}: {e}); measuring", file=sys.stderr)
     from .flops import flop_counter
@@ -491,7 +522,8 @@ class Context:
 
 def _row_base(ctx: Context, entry: Entry) -> dict[str, Any]:
     p = ctx.proto
-    return {"method": entry.method, "r": entry.r, "top1": None, "top5": None, "gflops": None,
+    return {"method": entry.method, "r": entry.r, "options": recorded(dict(entry.options)), "top1": None,
+            "top5": None, "gflops": None,
             "clips_per_s": None, "videos": 0, "failed": [], "failed_reasons": {},
             "views": f"{p.clips}x{p.crops}", "frames": p.frames, "stride": p.stride, "sampling": p.sampling,
             "model": ctx.loaded.source, "error": None}
@@ -502,7 +534,7 @@ def _apply_patch(ctx: Context, entry: Entry) -> None:
 
     staprune.unpatch(ctx.loaded.model)
     if not entry.dense:
-        staprune.patch(ctx.loaded.model, r=entry.r, method=entry.method)
+        staprune.patch(ctx.loaded.model, config=entry.config())
 
 
 def evaluate_entry(ctx: Context, entry: Entry) -> dict[str, Any]:
@@ -515,7 +547,8 @@ def evaluate_entry(ctx: Context, entry: Entry) -> dict[str, Any]:
     run_dir = ctx.out / model_dirname(ctx.loaded.source) / entry.dirname
     row["run_dir"] = str(run_dir.relative_to(ctx.out))
     meta = {"model": ctx.loaded.source, "data": str(ctx.args.data), "videos": len(ctx.items),
-            "list_sha1": _fingerprint(ctx.items), "method": entry.method, "r": entry.r, "views": row["views"],
+            "list_sha1": _fingerprint(ctx.items), "method": entry.method, "r": entry.r, "options": row["options"],
+            "views": row["views"],
             "frames": ctx.proto.frames, "stride": ctx.proto.stride, "sampling": ctx.proto.sampling,
             "size": ctx.loaded.preprocessing.size, "dtype": ctx.args.dtype}
     error: BaseException | None = None
@@ -623,7 +656,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-ROW_KEY = ("model", "method", "r", "views", "frames", "stride", "sampling")
+ROW_KEY = ("model", "method", "r", "options", "views", "frames", "stride", "sampling")
 
 
 def row_key(row: dict[str, Any]) -> tuple:
@@ -758,7 +791,9 @@ def run(args: argparse.Namespace) -> int:
         return runner.main(demo_args)
     if args.model is None or args.data is None:
         raise UsageError("give both --model and --data (or neither, to run the bundled demo)")
-    entries_from_args(args.method, args.r, levels=(1,))  # option errors before anything is loaded
+    check_pruning_options(args)
+    options = pruning_options(args)
+    entries_from_args(args.method, args.r, levels=(1,), options=options)  # option errors before anything is loaded
     info = dist_utils.init(resolve_device(args.device).type)
     try:
         error: BaseException | None = None
@@ -768,9 +803,13 @@ def run(args: argparse.Namespace) -> int:
             error = e
         dist_utils.raise_if_any(info, error)
         # Without --r: the model's own levels (a sweep over its three pruning levels).
-        entries = entries_from_args(args.method, args.r, ctx.loaded.default_levels(ctx.proto.frames, ctx.loaded.image_size))
-        for entry in entries:  # every (method, r) must fit the model before any video is read
+        levels = ctx.loaded.default_levels(ctx.proto.frames, ctx.loaded.image_size)
+        entries = entries_from_args(args.method, args.r, levels, options)
+        spec = ctx.loaded.family.spec_of(ctx.loaded.model, ctx.proto.frames, ctx.loaded.preprocessing.size)
+        for entry in entries:  # every (method, r) must fit the model and its input before any video is read
             _apply_patch(ctx, entry)
+            if not entry.dense:
+                ctx.loaded.family.plan(spec, entry.config())
         p = ctx.proto
         _log(ctx, f"{ctx.loaded.source}: {len(ctx.items)} videos, {p.clips}x{p.crops} views of {p.frames} "
                   f"frames ({p.sampling}, stride {p.stride}), {ctx.loaded.preprocessing.size}px, "

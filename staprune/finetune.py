@@ -76,6 +76,7 @@ from . import distributed as dist_utils
 from .data.transforms import Preprocessing
 from .errors import DataError, ExistingResultsError, UsageError
 from .families import Family, LoadedModel
+from .options import add_pruning_arguments, check_pruning_options, pruning_options, recorded
 from .outputs import resolve_device, writable_dir
 
 METHODS = ("sta", "random", "none")
@@ -105,6 +106,7 @@ RECIPE_KEYS = (
     "stride",
     "flip",
     "init",
+    "options",
 )
 
 
@@ -200,6 +202,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     parser.add_argument("--threads", type=int, help="torch CPU threads per process (default: torch's)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_pruning_arguments(parser, seed_flag=False)  # --seed is the training seed here
 
 
 # --- recipe -------------------------------------------------------------------------------------
@@ -380,13 +383,14 @@ def load_model(
     return loaded
 
 
-def apply_pruning(model: nn.Module, method: str, r: int | None) -> nn.Module:
-    """(Re-)patch ``model`` for ``method`` at ``r``; ``none`` or r=0 leaves it dense."""
+def apply_pruning(model: nn.Module, method: str, r: int | None, options: dict | None = None) -> nn.Module:
+    """(Re-)patch ``model`` for ``method`` at ``r`` (and other STAConfig ``options``); ``none`` or r=0
+    leaves it dense."""
     import staprune
 
     staprune.unpatch(model)
     if method != "none" and r:
-        staprune.patch(model, r=r, method=method)
+        staprune.patch(model, r=r, method=method, **(options or {}))
     return model
 
 
@@ -674,7 +678,8 @@ def evaluate_list(
     )
     loaded.model.eval()
     ctx = ev.Context(eval_args, info, loaded, items, proto, device, torch.float32, out)
-    return [ev.evaluate_entry(ctx, ev.Entry(m, r)) for m, r in entries]
+    options = tuple(sorted(pruning_options(ctx_args).items()))
+    return [ev.evaluate_entry(ctx, ev.Entry(m, r, options if m != "none" else ())) for m, r in entries]
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -704,6 +709,7 @@ def _log(info: dist_utils.DistInfo, message: str) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    check_pruning_options(args)
     if args.method == "none" and args.r:
         raise UsageError(f"--method none trains the dense model and takes no --r (got {args.r}); drop --r")
     if args.r is not None and args.r < 0:
@@ -770,6 +776,7 @@ def _recipe(
         "stride": stride,
         "flip": bool(args.flip) if args.data else None,
         "init": None,  # filled in by setup: where the initial weights came from
+        "options": recorded(pruning_options(args)) or None,  # the other STAConfig fields set
         # Not compared on resume; what `staprune.checkpoints.load` needs to rebuild the architecture.
         "weights": args.weights,
         "image_size": args.image_size,
@@ -808,7 +815,7 @@ def setup(args: argparse.Namespace, info: dist_utils.DistInfo) -> Run:
         raise UsageError(f"{len(train_set)} training clips cannot fill one global batch of {global_batch}")
     recipe = _recipe(args, info, steps_per_epoch, frames, stride)
     recipe["init"] = loaded.source
-    model = apply_pruning(loaded.model, args.method, args.r)
+    model = apply_pruning(loaded.model, args.method, args.r, pruning_options(args))
     if args.gradient_checkpointing:
         enable_checkpointing(model)
         check_gradient_checkpointing(model)
@@ -945,7 +952,7 @@ def final_evaluation(run: Run) -> list[dict[str, Any]]:
     elif run.val_set is not None:
         result = []
         for method, r in entries:
-            apply_pruning(model, method, r)
+            apply_pruning(model, method, r, pruning_options(args))
             top1 = top1_on_clips(
                 model,
                 run.loaded.family,
@@ -958,7 +965,7 @@ def final_evaluation(run: Run) -> list[dict[str, Any]]:
             result.append({"method": method, "r": r, "top1": top1, "videos": len(run.val_set)})
     else:
         result = []
-    apply_pruning(model, args.method, args.r)  # leave it as trained
+    apply_pruning(model, args.method, args.r, pruning_options(args))  # leave it as trained
     return result
 
 

@@ -386,11 +386,12 @@ def measure_model(
 # --- CLI ----------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``staprune flops``."""
+    from .options import add_pruning_arguments
+
     parser.add_argument("--model", help="registry name (ViT-B, VideoSwin-T, ViViT-B, demo-vit, ...) or a local "
                         "model path; default: every model of the paper's tables")
     parser.add_argument("--r", type=int, nargs="+", help="r (ViT) or r1 (Video Swin); default the model's levels")
     parser.add_argument("--method", default="sta", choices=("sta", "random", "tome"))
-    parser.add_argument("--tome-mode", default="locations", choices=("locations", "every_block"))
     parser.add_argument("--frames", type=int, help="input frames (default: the model's)")
     parser.add_argument("--size", type=int, help="input side in pixels (default: the model's)")
     parser.add_argument("--measured", action="store_true",
@@ -398,6 +399,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", type=float, metavar="FRACTION",
                         help="print the smallest r whose GFLOPs are at most FRACTION x dense")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    add_pruning_arguments(parser)
 
 
 def default_levels(name: str, spec) -> tuple[int, ...]:
@@ -410,12 +412,15 @@ def default_levels(name: str, spec) -> tuple[int, ...]:
 
 
 def _options(args: argparse.Namespace) -> dict[str, object]:
-    return {"method": args.method, **({"tome_mode": args.tome_mode} if args.method == "tome" else {})}
+    from .options import pruning_options
+
+    return {"method": args.method, **pruning_options(args)}
 
 
 def _row(args: argparse.Namespace, name: str, spec, net: nn.Module | None, r: int) -> dict:
     """One JSON row; ``net`` is the built model when counting with FlopCounterMode."""
     from .families import find_model
+    from .options import pruning_options, recorded
 
     dense = analytic_flops(spec, 0).gflops
     if net is not None:
@@ -426,6 +431,7 @@ def _row(args: argparse.Namespace, name: str, spec, net: nn.Module | None, r: in
         "model": name,
         "r": r,
         "method": args.method,
+        "options": recorded(pruning_options(args)),
         "gflops": round(count.gflops, 3),
         "selection_gflops": round(count.selection / 1e9, 4),
         "fraction_of_dense": round(count.gflops / dense, 4),
@@ -433,7 +439,7 @@ def _row(args: argparse.Namespace, name: str, spec, net: nn.Module | None, r: in
     }
     entry = find_model(name)
     paper = (entry.paper_gflops or {}) if entry is not None else {}
-    default_input = args.frames is None and args.size is None and args.method == "sta"
+    default_input = args.frames is None and args.size is None and args.method == "sta" and not pruning_options(args)
     if default_input and r in paper:
         row["paper_gflops"] = paper[r]
     return row
@@ -473,6 +479,8 @@ def _print_tables(rows: list[dict]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``staprune flops``: the paper's tables, one model's GFLOPs for some r, or r for a budget."""
+    from .options import check_pruning_options
+    check_pruning_options(args)
     names = [args.model] if args.model else list(paper_tables())
     specs = {name: resolve_spec(name, args.frames, args.size) for name in names}
     if args.target is not None:

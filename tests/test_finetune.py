@@ -367,10 +367,15 @@ def test_cli_training_options(tiny_dir, tmp_path, options):
         assert summary["compile"] == "torch.compile: ok"
 
 
-def test_r_is_required_for_pruning(tiny_dir, tmp_path):
-    args = parse("--demo", "--model", str(tiny_dir), "--out", str(tmp_path))
-    with pytest.raises(ValueError, match="--r is required"):
-        ft.run(args)
+def test_r_defaults_to_the_models_middle_level(tiny_dir, tmp_path, capsys):
+    args = parse("--demo", "--model", str(tiny_dir), "--out", str(tmp_path), "--epochs", "1", "--train-clips", "16",
+                 "--val-clips", "8", "--batch-size", "8")
+    assert ft.run(args) == 0
+    recipe = json.loads((tmp_path / "summary.json").read_text())["recipe"]
+    levels = ft.load_model(str(tiny_dir), init="auto", seed=0).default_levels()
+    assert recipe["r"] == levels[1] and "training at r=" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="takes no --r"):
+        ft.run(parse("--demo", "--model", str(tiny_dir), "--out", str(tmp_path / "b"), "--method", "none", "--r", "4"))
 
 
 # --- data parallel ------------------------------------------------------------------------------

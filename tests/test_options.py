@@ -215,7 +215,7 @@ def test_r_too_large_states_the_largest_valid_r():
 
 def test_frames_not_divisible_into_units():
     model = tiny_videomae(num_frames=12)  # 6 tubelet-frames: stage 2 needs units of 4 frames
-    with pytest.raises(ValueError, match="divisible by 4"):
+    with pytest.raises(ValueError, match="6 tubelet-frames.*must be a multiple of 4.*e.g. 8 or 16 frames"):
         staprune.patch(model, r=8)
     staprune.patch(model, r=8, schedule="per_frame")  # per-frame units always divide
 

@@ -137,7 +137,7 @@ CASES = [
     ("finetune-device", lambda a: ["finetune", "--demo", "--device", "banana", "--out", str(a["root"] / "ft")],
      "is not a device"),
     ("unpatchable-similarity", lambda a: ["visualize", str(a["root"] / "v0.mp4"), "--model", str(a["model"]), "--r",
-                                          "4", "--option", "similarity=banana", "-o", str(a["root"] / "x.png")],
+                                          "4", "--similarity", "banana", "-o", str(a["root"] / "x.png")],
      "similarity='banana' is not valid"),
 ]
 

@@ -21,6 +21,7 @@ from torch import Tensor
 import staprune
 
 from ..data import VideoReadError, load_items
+from ..options import add_pruning_arguments, check_pruning_options, pruning_options, recorded
 from ..outputs import writable_file, write_error
 from .backbones import StageGrid
 from .gradnorm import gradnorm, mass_fraction, random_mass_fraction
@@ -103,13 +104,14 @@ def measure_redundancy(
     batches: Iterator[torch.Tensor],
     r: int,
     methods: tuple[str, ...] = ("dense", "random", "sta"),
+    **options,
 ) -> dict[str, dict]:
     """Per method: ``per_clip`` trajectory sums (NaN for clips whose last frame lost every token)
     and ``final_tokens``, the number of tokens the final block sees (a clip's kept count)."""
     results: dict[str, dict] = {m: {"per_clip": [], "final_tokens": 0} for m in methods}
     for x in batches:
         for method in methods:
-            sums, length = _sums_and_length(loaded, x, method, r)
+            sums, length = _sums_and_length(loaded, x, method, r, **options)
             results[method]["per_clip"].extend(sums.tolist())
             results[method]["final_tokens"] = length
     return results
@@ -123,16 +125,20 @@ def summarize(values: list[float]) -> dict[str, float | int]:
 
 
 def run_redundancy(args: argparse.Namespace) -> int:
+    check_pruning_options(args)
     loaded = load_model(args.model, args.frames, args.size)
+    args.r = args.r if args.r is not None else loaded.default_r()
     if args.demo:
         clips = _demo_clips(loaded, args.max_clips, args.seed)
     else:
         clips = _list_clips(loaded, args.data, args.root, args.max_clips, args.dataset)
-    measured = measure_redundancy(loaded, _batches(clips, args.batch_size), args.r, tuple(args.methods))
+    options = pruning_options(args)
+    measured = measure_redundancy(loaded, _batches(clips, args.batch_size), args.r, tuple(args.methods), **options)
     grid = loaded.backbone.final_grid
     report = {
         "model": args.model,
         "r": args.r,
+        "options": recorded(options),
         "frames": grid.frames,
         "max": grid.frames - 1,
         "features": FEATURES,
@@ -168,9 +174,10 @@ def sta_kept(
     return kept_mask(kept[0], grid.frames, grid.height, grid.width), grid
 
 
-def gradnorm_report(loaded: LoadedModel, x: torch.Tensor, r: int, draws: int = 32, seed: int = 0) -> dict:
-    """GradNorm heat ``(T, h, w)`` on the final stage's grid, STA's kept mask and the mass shares."""
-    mask, grid = sta_kept(loaded, x, r)
+def gradnorm_report(loaded: LoadedModel, x: torch.Tensor, r: int, draws: int = 32, seed: int = 0, **options) -> dict:
+    """GradNorm heat ``(T, h, w)`` on the final stage's grid, STA's kept mask and the mass shares
+    (``options``: STAConfig fields of the STA run)."""
+    mask, grid = sta_kept(loaded, x, r, **options)
     heat = gradnorm(loaded.model, loaded.backbone, x, grid)[0]
     count = int(mask.sum())
     rand_mean, rand_std = random_mass_fraction(heat, count, draws, seed)
@@ -210,9 +217,12 @@ def gradnorm_figure(images: np.ndarray, frame_ids: list[int], result: dict, laye
 
 def run_gradnorm(args: argparse.Namespace) -> int:
     output = writable_file(args.output, "-o", tuple(IMAGE_FORMATS))  # before any work
+    check_pruning_options(args)
     loaded = load_model(args.model, args.frames, args.size)
+    args.r = args.r if args.r is not None else loaded.default_r()
     clip = read_clip(args.video, loaded, args.dataset)
-    result = gradnorm_report(loaded, clip.x, args.r, args.draws, args.seed)
+    options = pruning_options(args)
+    result = gradnorm_report(loaded, clip.x, args.r, args.draws, args.seed, **options)
     tubelet = loaded.backbone.tubelet
     layers = len(loaded.backbone.blocks(loaded.model))
     image = gradnorm_figure(clip.tubelet_images(tubelet), clip.indices[::tubelet], result, layers)
@@ -221,7 +231,8 @@ def run_gradnorm(args: argparse.Namespace) -> int:
     except OSError as err:
         raise write_error(output, err) from err
     summary = {k: v for k, v in result.items() if k not in ("heat", "mask", "grid")}
-    summary.update(model=args.model, video=str(args.video), r=args.r, output=str(path), X="block outputs")
+    summary.update(model=args.model, video=str(args.video), r=args.r, options=recorded(options), output=str(path),
+                   X="block outputs")
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -241,9 +252,11 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", required=True, help="demo-vit, demo-swin, a registry name or a model directory"
     )
     parser.add_argument(
-        "--r", type=int, default=64, help="tokens dropped per unit at the first stage (default 64)"
+        "--r", type=int, help="tokens dropped per unit at the first stage (default: the middle of the model's "
+        "three levels)"
     )
     add_clip_arguments(parser)
+    add_pruning_arguments(parser, seed_flag=False)  # --seed is the clips' / draws' seed here
     parser.add_argument("--json", action="store_true", help="print a JSON report")
 
 

@@ -37,6 +37,10 @@ class LoadedModel:
     def model(self) -> nn.Module:
         return self.loaded.model
 
+    def default_r(self) -> int:
+        """The middle of the model's three pruning levels (its demo levels for the demo models)."""
+        return self.loaded.default_levels(self.backbone.frames, self.backbone.size)[1]
+
 
 @dataclass
 class Clip:

@@ -1,4 +1,4 @@
-"""``staprune visualize VIDEO --model M --r R -o OUT.png [--gif OUT.gif]``: kept tokens per stage.
+"""``staprune visualize VIDEO --model M [--r R] -o OUT.png [--gif OUT.gif]``: kept tokens per stage.
 
 The picture (the paper's Fig. 4): the first row shows the clip's input frames (the first frame
 of every tubelet, i.e. one image per temporal token position), each further row the same frames
@@ -17,7 +17,7 @@ import torch
 
 import staprune
 
-from ..errors import UsageError
+from ..options import add_pruning_arguments, check_pruning_options, pruning_options
 from ..outputs import writable_file, write_error
 from .backbones import Backbone
 from .inputs import Clip, add_clip_arguments, load_model, read_clip
@@ -41,17 +41,6 @@ class StageView:
     images: np.ndarray
     kept: int
     total: int
-
-
-def parse_options(pairs: list[str] | None) -> dict[str, object]:
-    """``["order=FFF", "seed=3"]`` -> ``{"order": "FFF", "seed": 3}`` (integers converted)."""
-    options: dict[str, object] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--option expects KEY=VALUE, got {pair!r}")
-        options[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
-    return options
 
 
 def stage_views(
@@ -122,7 +111,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", required=True, help="demo-vit, demo-swin, a registry name or a model directory"
     )
     parser.add_argument(
-        "--r", type=int, required=True, help="tokens dropped per unit at the first stage (r1 for Swin)"
+        "--r", type=int, help="tokens dropped per unit at the first stage (r1 for Swin); default: the middle of "
+        "the model's three levels"
     )
     parser.add_argument("--method", choices=("sta", "random", "tome"), default="sta")
     parser.add_argument("-o", "--output", required=True, help="picture to write (.png, .jpg or .webp)")
@@ -131,17 +121,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tile-size", type=int, help="tile side in px (default: input size, 112 if > 8 columns)"
     )
-    parser.add_argument(
-        "--option", action="append", metavar="KEY=VALUE", help="any STAConfig option, repeatable"
-    )
+    add_pruning_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     output = writable_file(args.output, "-o", tuple(IMAGE_FORMATS))  # before any work
     gif = writable_file(args.gif, "--gif", (".gif",)) if args.gif else None
+    check_pruning_options(args)
     loaded = load_model(args.model, args.frames, args.size)
     clip = read_clip(args.video, loaded, args.dataset)
-    views = stage_views(loaded.model, loaded.backbone, clip, args.r, args.method, **parse_options(args.option))
+    r = args.r if args.r is not None else loaded.default_r()
+    views = stage_views(loaded.model, loaded.backbone, clip, r, args.method, **pruning_options(args))
     try:
         path = save_png(figure(clip, loaded.backbone, views, args.tile_size), output)
         print(f"wrote {path}")
@@ -154,4 +144,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["StageView", "add_arguments", "animation", "figure", "parse_options", "run", "stage_views"]
+__all__ = ["StageView", "add_arguments", "animation", "figure", "run", "stage_views"]

@@ -24,6 +24,7 @@ import staprune
 
 from ..errors import UsageError
 from ..flops import measure_flops
+from ..options import add_pruning_arguments, check_pruning_options, pruning_options, recorded
 from ..outputs import atomic_write_text, writable_dir, write_error
 from .data import generate, to_model_input
 from .models import DEMO_MODELS, LEVELS, load_demo_model, logits_of, model_card, weights_path
@@ -39,10 +40,10 @@ class Setting:
     method: str  # "dense" or a staprune method
     r: int
 
-    def apply(self, net: nn.Module) -> None:
+    def apply(self, net: nn.Module, options: dict | None = None) -> None:
         staprune.unpatch(net)
         if self.method != "dense":
-            staprune.patch(net, r=self.r, method=self.method)
+            staprune.patch(net, r=self.r, method=self.method, **(options or {}))
         else:
             # Dense through the patched model's own kernels (the Swin's fused window attention), so
             # the speed ratio measures pruning, not the attention kernel.
@@ -67,26 +68,28 @@ def settings_for(model: str) -> list[Setting]:
     return out
 
 
-def evaluate_model(name: str, clips: torch.Tensor, labels: torch.Tensor, batch: int, log) -> list[Row]:
-    """Run every setting of ``name`` over the clips (N, T, 3, H, W) uint8; one Row per setting."""
+def evaluate_model(name: str, clips: torch.Tensor, labels: torch.Tensor, batch: int, log,
+                   options: dict | None = None) -> list[Row]:
+    """Run every setting of ``name`` over the clips (N, T, 3, H, W) uint8; one Row per setting
+    (``options``: STAConfig fields applied to every pruned setting)."""
     net, layout = load_demo_model(name)
     settings = settings_for(name)
     flops = {}
     for s in settings:
-        s.apply(net)
+        s.apply(net, options)
         m = measure_flops(net, to_model_input(clips[:1], layout))
         flops[s] = (m.backbone / 1e9, m.selection / 1e9)
     correct = dict.fromkeys(settings, 0)
     seconds = dict.fromkeys(settings, 0.0)
     with torch.inference_mode():
         s0 = settings[0]  # warm-up: first calls allocate and pick kernels
-        s0.apply(net)
+        s0.apply(net, options)
         logits_of(net, to_model_input(clips[:batch], layout))
         for i in range(0, len(labels), batch):
             x = to_model_input(clips[i:i + batch], layout)
             y = labels[i:i + batch]
             for s in settings:  # same batch through every setting, back to back
-                s.apply(net)
+                s.apply(net, options)
                 start = time.perf_counter()
                 pred = logits_of(net, x).argmax(-1)
                 seconds[s] += time.perf_counter() - start
@@ -152,6 +155,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which bundled models (default: every one whose weights are installed)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON on stdout (the rest to stderr)")
+    add_pruning_arguments(parser, seed_flag=False)  # --seed is the clips' seed here
 
 
 def run(args: argparse.Namespace) -> int:
@@ -160,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    check_pruning_options(args)
     if args.clips < 1:
         raise UsageError(f"--clips must be >= 1, got {args.clips}")
     out = writable_dir(args.out)  # before the work, not after it
@@ -180,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     rows: list[Row] = []
     for name in names:
         log(f"evaluating {name} ...")
-        rows += evaluate_model(name, clips, labels, args.batch, log)
+        rows += evaluate_model(name, clips, labels, args.batch, log, pruning_options(args))
     runtime = time.time() - start
 
     results = {
@@ -190,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
         "threads": torch.get_num_threads(),
         "runtime_s": round(runtime, 1),
         "flops_convention": "FlopCounterMode / 2 (1 multiply-add = 1 FLOP), one clip; selection excluded",
+        "options": recorded(pruning_options(args)),
         "models": {name: model_card(name) for name in names},
         "skipped": missing,
         "rows": [asdict(r) for r in rows],

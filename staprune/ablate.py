@@ -1,0 +1,433 @@
+"""``staprune ablate``: the paper's ablations as one resumable run over the same videos and views.
+
+Tables (paper Sec. 4.3 and the supplementary material), every setting on the same clips:
+
+* ``6a`` first unit: bipartite (ToMe-style drop, the default), random, grid;
+* ``6b`` temporal accumulation order: F-B-F (default), B-F-B, F-F-F, B-B-B;
+* ``6c`` similarity: f_Q, f_K (default), f_V, f_FFN (queries, keys, values, block output);
+* ``6d`` schedule: decreasing (default), constant, increasing, and the text's per-frame r, r/2, r/4;
+* ``6e`` score: 1-F, A, (1-F)·A (default);
+* ``s3`` supplementary Table 3: 2, 3 (default) and 4 STA stages; three placements of the three
+  stages, spread as the paper's 1-9-17 / 3-11-19 / 5-13-21 for 24 blocks (offsets of depth/12);
+* ``s2`` supplementary Table 2: top-1 for several numbers of temporal views at r = 0 and three r.
+
+FLOPs, as the paper compares them: 6a, 6b, 6c and 6e change only which tokens are kept, so all their
+rows share the default's GFLOPs. 6d and the stage count of s3 change how many tokens each block sees;
+the paper compares them "maintaining a similar throughput" (6d: constant 8x48 and increasing
+8x27/8x54/8x108 against decreasing 8x64/8x32/8x16) and at 302/308/305 GFLOPs (s3), so each such row
+takes the r whose analytic GFLOPs are closest to the default's; the per-frame schedule drops the same
+counts as decreasing (same FLOPs). The placements of s3 are compared at the same r, so later
+placements cost more (the paper: 308/339/370 GFLOPs), and s2's columns are different r by design.
+Every row reports the GFLOPs per view measured (``FlopCounterMode``) on the configuration that ran.
+
+Data: ``--data LIST`` evaluates through ``staprune eval``'s loop (multi-view protocol, per-video
+records, so an interrupted setting resumes video by video); without it, held-out clips generated for
+the bundled demo models (``--clips``), evaluated in memory. Rows are appended to ``OUT/rows.jsonl``
+as each setting finishes; ``--resume`` skips the settings already there, so a killed run resumes to
+the same table (every field but the measured clips/s of the setting that was interrupted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import staprune
+
+from .config import STAConfig, default_locations
+from .errors import ConfigError, ExistingResultsError, UsageError
+from .families import LoadedModel
+from .flops import measure_flops
+from .options import recorded
+from .outputs import atomic_write_text, writable_dir, write_error
+
+TABLES = ("6a", "6b", "6c", "6d", "6e", "s3", "s2")
+TITLES = {
+    "base": "Dense model",
+    "6a": "Table 6a: token removal at the first unit",
+    "6b": "Table 6b: temporal accumulation order",
+    "6c": "Table 6c: similarity function",
+    "6d": "Table 6d: dropping schedule",
+    "6e": "Table 6e: scoring",
+    "s3": "Supplementary Table 3: number of STA stages and their placement",
+    "s2": "Supplementary Table 2: number of temporal views",
+}
+DEMO_HELD_OUT_SEED = 1_000_000  # the demo models' held-out clips (the model cards' seed)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row to measure: a pruning config (r and other STAConfig fields) and the temporal views."""
+
+    table: str
+    name: str
+    r: int
+    options: tuple[tuple[str, Any], ...] = ()
+    views: int | None = None  # temporal clips; None: the protocol's
+    matched: bool = False  # r chosen to match the default's FLOPs
+
+    @property
+    def key(self) -> str:
+        return f"{self.table}|{self.name}|r{self.r}|v{self.views}"
+
+    def config(self) -> STAConfig:
+        return STAConfig(r=self.r, **dict(self.options))
+
+
+# --- which settings --------------------------------------------------------------------------------
+def _closest_r(loaded: LoadedModel, spec, target: float, options: dict[str, Any], r_max: int) -> int:
+    """The r whose analytic GFLOPs with ``options`` are closest to ``target``."""
+    best, best_gap = None, float("inf")
+    for r in range(1, r_max + 1):
+        try:
+            gflops = loaded.family.flops(spec, STAConfig(r=r, **options)).gflops
+        except ConfigError:
+            continue
+        if abs(gflops - target) < best_gap:
+            best, best_gap = r, abs(gflops - target)
+    if best is None:
+        raise ConfigError(f"no r fits {options} on this model")
+    return best
+
+
+def placements(depth: int) -> list[tuple[int, ...]]:
+    """Three placements of three stages spread like the paper's 1-9-17 / 3-11-19 / 5-13-21 for 24
+    blocks: the default ``0, L/3, 2L/3`` shifted by 0, 1 and 2 steps of ``L/12`` (at least one block);
+    placements that would run past the last block are left out."""
+    base = default_locations(depth)
+    step = max(1, depth // 12)
+    out = [tuple(b + k * step for b in base) for k in range(3)]
+    return [p for p in out if p[-1] < depth]
+
+
+def settings_for(tables: Sequence[str], r: int, loaded: LoadedModel, spec, temporal_views: Sequence[int],
+                 s2_levels: Sequence[int]) -> list[Setting]:
+    """Every row of ``tables`` for a model of ``spec`` at the default ``r``."""
+    family, depth = loaded.family, spec.layers
+    target = family.flops(spec, STAConfig(r=r)).gflops
+    r_max = 4 * r + 64
+    out = [Setting("base", "dense", 0)]
+    for table in tables:
+        if table == "6a":
+            out += [Setting("6a", name, r, (("first_unit", name),)) for name in ("bipartite", "random", "grid")]
+        elif table == "6b":
+            out += [Setting("6b", "-".join(o), r, (("order", o),)) for o in ("FBF", "BFB", "FFF", "BBB")]
+        elif table == "6c":
+            out += [Setting("6c", label, r, (("similarity", sim),))
+                    for label, sim in (("f_Q", "query"), ("f_K", "key"), ("f_V", "value"), ("f_FFN", "hidden"))]
+        elif table == "6d":
+            for schedule in ("decreasing", "constant", "increasing", "per_frame"):
+                options = {"schedule": schedule}
+                if schedule in ("constant", "increasing"):
+                    out.append(Setting("6d", schedule, _closest_r(loaded, spec, target, options, r_max),
+                                       (("schedule", schedule),), matched=True))
+                else:
+                    out.append(Setting("6d", schedule, r, (("schedule", schedule),)))
+        elif table == "6e":
+            out += [Setting("6e", label, r, (("score", score),))
+                    for label, score in (("1-F", "semantic"), ("A", "temporal"), ("(1-F)·A", "sta"))]
+        elif table == "s3":
+            for stages in (2, 3, 4):
+                locations = default_locations(depth, stages)
+                options = {"locations": locations}
+                if len(locations) != stages:
+                    continue  # a model too shallow for that many stages
+                matched = stages != 3
+                r_k = _closest_r(loaded, spec, target, options, r_max) if matched else r
+                out.append(Setting("s3", f"{stages} stages", r_k, (("locations", locations),), matched=matched))
+            for locations in placements(depth):
+                out.append(Setting("s3", "location " + "-".join(str(b + 1) for b in locations), r,
+                                   (("locations", locations),)))
+        elif table == "s2":
+            out += [Setting("s2", f"{views} views", level, views=views)
+                    for views in temporal_views for level in (0, *s2_levels)]
+        else:
+            raise UsageError(f"--tables: unknown table {table!r}; choose from {', '.join(TABLES)}")
+    return list(dict.fromkeys(out))
+
+
+# --- measuring one setting -------------------------------------------------------------------------
+def _apply(model: torch.nn.Module, setting: Setting) -> None:
+    staprune.unpatch(model)
+    if setting.r or setting.options:
+        staprune.patch(model, config=setting.config())
+
+
+def measured_gflops(loaded: LoadedModel, setting: Setting, frames: int, size: int) -> tuple[float, float]:
+    """Backbone and selection GFLOPs of one view, counted on the configuration itself."""
+    _apply(loaded.model, setting)
+    param = next(loaded.model.parameters())
+    views = torch.randn(1, frames, 3, size, size, device=param.device, dtype=param.dtype)
+    counted = measure_flops(loaded.model, loaded.to_input(views))
+    return counted.backbone / 1e9, counted.selection / 1e9
+
+
+class DemoClips:
+    """Held-out generated clips for the bundled demo models, evaluated in memory (views: the centre
+    16 consecutive frames; ``views > 1``: that many evenly spaced windows of longer clips)."""
+
+    def __init__(self, count: int, batch: int, frames: int) -> None:
+        from .demo.data import generate
+
+        self.count, self.batch, self.frames = count, batch, frames
+        self.clips, self.labels = generate(count, DEMO_HELD_OUT_SEED, frames=frames)
+        self._long: dict[int, torch.Tensor] = {}
+
+    def _views(self, views: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(clips, frame indices of each view (V, frames), V)."""
+        from .data.sampling import ViewProtocol
+        from .demo.data import generate
+
+        if not views or views == 1:
+            return self.clips, torch.arange(self.frames)[None], 1
+        length = 2 * self.frames  # longer clips of the same kind, windows spread over them
+        if length not in self._long:
+            self._long[length] = generate(self.count, DEMO_HELD_OUT_SEED, frames=length)[0]
+        windows = ViewProtocol(views, 1, self.frames, 1, "uniform").clip_indices(length)
+        return self._long[length], torch.tensor(windows), views
+
+    def evaluate(self, loaded: LoadedModel, setting: Setting) -> dict[str, Any]:
+        from .demo.data import to_model_input
+
+        clips, windows, n_views = self._views(setting.views)
+        correct1 = correct5 = 0
+        seconds = 0.0
+        model = loaded.model
+        with torch.inference_mode():
+            for start in range(0, self.count, self.batch):
+                chunk = clips[start:start + self.batch]
+                probs = 0
+                for window in windows:
+                    x = loaded.to_input(to_model_input(chunk[:, window], "BTCHW"))
+                    tick = time.perf_counter()
+                    probs = probs + loaded.family.logits(model(x)).float().softmax(-1)
+                    seconds += time.perf_counter() - tick
+                y = self.labels[start:start + self.batch]
+                top5 = probs.topk(5, dim=-1).indices
+                correct1 += int((top5[:, 0] == y).sum())
+                correct5 += int((top5 == y[:, None]).any(-1).sum())
+        return {"top1": 100 * correct1 / self.count, "top5": 100 * correct5 / self.count,
+                "clips_per_s": self.count * n_views / seconds, "videos": self.count, "views": f"{n_views}x1"}
+
+
+class ListClips:
+    """A dataset list, evaluated through ``staprune eval``'s loop (per-video records: resumable)."""
+
+    def __init__(self, ctx, out: Path) -> None:
+        self.ctx, self.out = ctx, out
+
+    def evaluate(self, loaded: LoadedModel, setting: Setting) -> dict[str, Any]:
+        from . import evaluate as ev
+
+        proto = self.ctx.proto if setting.views is None else replace(self.ctx.proto, clips=setting.views)
+        ctx = replace(self.ctx, proto=proto, out=self.out / "runs" / f"views-{proto.clips}x{proto.crops}")
+        method = "none" if not setting.r and not setting.options else "sta"
+        row = ev.evaluate_entry(ctx, ev.Entry(method, setting.r, setting.options))
+        return {"top1": row["top1"], "top5": row["top5"], "clips_per_s": row["clips_per_s"],
+                "videos": row["videos"], "views": row["views"]}
+
+
+# --- the run -------------------------------------------------------------------------------------
+def _read_rows(path: Path) -> dict[str, dict[str, Any]]:
+    rows: dict[str, dict[str, Any]] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line of a killed run
+            rows[row["key"]] = row
+    return rows
+
+
+def _append(path: Path, row: dict[str, Any]) -> None:
+    try:
+        with path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise write_error(path, err) from err
+
+
+def measure(setting: Setting, loaded: LoadedModel, source, frames: int, size: int) -> dict[str, Any]:
+    gflops, selection = measured_gflops(loaded, setting, frames, size)
+    _apply(loaded.model, setting)
+    result = source.evaluate(loaded, setting)
+    staprune.unpatch(loaded.model)
+    return {"key": setting.key, "table": setting.table, "setting": setting.name, "r": setting.r,
+            "options": recorded(dict(setting.options)), "flops_matched": setting.matched,
+            "gflops": round(gflops, 4), "selection_gflops": round(selection, 5), **result}
+
+
+def format_tables(rows: Sequence[dict[str, Any]]) -> str:
+    """One block per table, shaped like the paper's (supplementary Table 2: views x r)."""
+    lines: list[str] = []
+    for table in ("base", *TABLES):
+        mine = [r for r in rows if r["table"] == table]
+        if not mine:
+            continue
+        lines += ["", TITLES[table]]
+        if table == "s2":
+            rs = list(dict.fromkeys(r["r"] for r in mine))
+            lines.append(f"{'views':<10}" + "".join(f"{f'r={r}':>10}" for r in rs))
+            for views in dict.fromkeys(r["views"] for r in mine):
+                cells = {r["r"]: r["top1"] for r in mine if r["views"] == views}
+                lines.append(f"{views:<10}" + "".join(f"{cells.get(r, float('nan')):>10.2f}" for r in rs))
+            continue
+        lines.append(f"{'setting':<16}{'r':>5}{'GFLOPs':>10}{'top-1':>8}{'top-5':>8}{'clips/s':>9}")
+        for r in mine:
+            mark = "*" if r["flops_matched"] else " "
+            lines.append(f"{r['setting']:<16}{r['r']:>4}{mark}{r['gflops']:>10.3f}{r['top1']:>8.2f}{r['top5']:>8.2f}"
+                         f"{r['clips_per_s'] or float('nan'):>9.1f}")
+    if any(r["flops_matched"] for r in rows):
+        lines.append("\n* r chosen so that the GFLOPs match the default's (the paper compares these at similar FLOPs).")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``staprune ablate``."""
+    parser.add_argument("--model", default="demo-vit", help="any model `staprune eval` takes (default demo-vit)")
+    parser.add_argument("--weights", help="weights file for an architecture name (swin3d_t)")
+    parser.add_argument("--data", help="list file or folder per class (default: generated held-out demo clips)")
+    parser.add_argument("--root", help="base directory of relative paths in --data")
+    parser.add_argument("--dataset", default="k400", choices=("k400", "ssv2"), help="view protocol with --data")
+    parser.add_argument("--tables", default=",".join(TABLES), help=f"comma-separated, from {', '.join(TABLES)} "
+                        "(default: all)")
+    parser.add_argument("--r", type=int, help="the default setting's r (default: the model's largest level, as "
+                        "the paper's STA64 on ViT-L)")
+    parser.add_argument("--views", help="CLIPSxCROPS of every table but s2 (default: the protocol's)")
+    parser.add_argument("--temporal-views", help="temporal views of table s2, comma-separated (default 1,2,4 on "
+                        "demo clips, 2,4,6,8 with --data)")
+    parser.add_argument("--clips", type=int, default=600, help="without --data: how many demo clips (default 600)")
+    parser.add_argument("--frames", type=int, help="frames per clip (default: the model's)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2, help="decoding workers (--data)")
+    parser.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--out", default="ablate-results", help="folder for rows.jsonl, results.json, results.csv")
+    parser.add_argument("--resume", action="store_true", help="skip the settings already in --out")
+    parser.add_argument("--json", action="store_true", help="print the rows as a JSON list (tables to stderr)")
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    return (f"every finished setting is in {Path(args.out) / 'rows.jsonl'}; run the same command with --resume to "
+            "measure only the rest")
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise UsageError(f"{flag} {text!r}: give positive integers separated by commas, e.g. 1,2,4")
+    return [int(p) for p in parts]
+
+
+def run(args: argparse.Namespace) -> int:
+    """``staprune ablate``: returns 0."""
+    from .checkpoints import load
+    from .outputs import resolve_device
+
+    tables = [t.strip().lower() for t in args.tables.split(",") if t.strip()]
+    unknown = [t for t in tables if t not in TABLES]
+    if unknown or not tables:
+        raise UsageError(f"--tables: unknown table(s) {unknown or args.tables!r}; choose from {', '.join(TABLES)}")
+    if args.clips < 1 or args.batch_size < 1:
+        raise UsageError("--clips and --batch-size must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = writable_dir(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise write_error(out, err) from err
+    rows_path = out / "rows.jsonl"
+    done = _read_rows(rows_path)
+    if done and not args.resume:
+        raise ExistingResultsError(f"{out} already holds ablation rows; pass --resume to continue, or use another --out")
+    device = resolve_device(args.device)
+
+    if args.data:
+        from . import distributed as dist_utils
+        from . import evaluate as ev
+
+        info = dist_utils.init(device.type)
+        eval_args = argparse.Namespace(**{**vars(args), "method": "sta", "stride": None, "image_size": None,
+                                          "quiet": True, "dtype": "fp32", "resume": True})
+        ctx = ev._setup(eval_args, info)
+        loaded, proto = ctx.loaded, ctx.proto
+        source = ListClips(ctx, out)
+        frames, size = proto.frames, loaded.preprocessing.size
+        temporal_default = [2, 4, 6, 8]
+    else:
+        loaded = load(args.model, args.weights, frames=args.frames)
+        loaded.model.to(device)
+        frames, size = args.frames or loaded.frames or 16, loaded.image_size or loaded.preprocessing.size
+        source = DemoClips(args.clips, args.batch_size, frames)
+        temporal_default = [1, 2, 4]
+    loaded.model.eval()
+    spec = loaded.family.spec_of(loaded.model, frames, size)
+    if not hasattr(spec, "layers"):
+        raise UsageError(f"staprune ablate runs the paper's ablations of columnar ViTs (blocks 0, L/3, 2L/3); "
+                         f"{loaded.family.title} prunes at its stages instead")
+    levels = loaded.default_levels(frames, size)
+    r = args.r if args.r is not None else levels[-1]
+    step = levels[-1] - levels[-2]
+    temporal = _int_list(args.temporal_views, "--temporal-views") if args.temporal_views else temporal_default
+    settings = settings_for(tables, r, loaded, spec, temporal, (*levels[1:], levels[-1] + step))
+    for setting in settings:  # every configuration must fit before anything is measured
+        _apply(loaded.model, setting)
+    staprune.unpatch(loaded.model)
+    print(f"staprune ablate: {loaded.source}, {len(settings)} settings ({len(done)} already done), default r={r}",
+          file=sys.stderr, flush=True)
+    rows = []
+    for i, setting in enumerate(settings):
+        if setting.key in done:
+            rows.append(done[setting.key])
+            continue
+        start = time.perf_counter()
+        # The default configuration is a row of almost every table: measure it once, report it in each.
+        same = next((row for s, row in zip(settings, rows, strict=False)
+                     if s.config() == setting.config() and s.views == setting.views), None)
+        if same is not None:
+            row = {**same, "key": setting.key, "table": setting.table, "setting": setting.name,
+                   "options": recorded(dict(setting.options)), "flops_matched": setting.matched}
+        else:
+            row = measure(setting, loaded, source, frames, size)
+        _append(rows_path, row)
+        rows.append(row)
+        print(f"  [{i + 1}/{len(settings)}] {setting.table} {setting.name} r={setting.r}: top-1 {row['top1']:.2f}, "
+              f"{row['gflops']:.3f} GFLOPs ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+    report = {"model": loaded.source, "default_r": r, "clips": None if args.data else args.clips,
+              "data": args.data, "rows": rows}
+    atomic_write_text(out / "results.json", json.dumps(report, indent=2) + "\n")
+    _write_csv(out / "results.csv", rows)
+    print(format_tables(rows), file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps([{k: v for k, v in row.items() if k != "key"} for row in rows], indent=2))
+    return 0
+
+
+def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    fields = ["table", "setting", "r", "options", "flops_matched", "gflops", "selection_gflops", "top1", "top5",
+              "clips_per_s", "videos", "views"]
+    try:
+        with path.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({**row, "options": json.dumps(row["options"])})
+    except OSError as err:
+        raise write_error(path, err) from err
+
+
+__all__ = ["Setting", "add_arguments", "format_tables", "placements", "run", "settings_for"]

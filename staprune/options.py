@@ -1,0 +1,125 @@
+"""The pruning options on the command line: one argument group, the same in every command.
+
+Every :class:`~staprune.config.STAConfig` field has a named flag (``--schedule``, ``--order``,
+``--first-unit``, ``--similarity``, ``--score``, ``--first-transition``, ``--locations``,
+``--tome-mode``, ``--prune-seed``; ``--seed`` as well where the command has no seed of its own),
+listed in ``--help`` with its values. Values are validated by :class:`STAConfig` itself, so a bad
+one exits 2 with STAConfig's message; :func:`pruning_options` gives the ones that were set, which
+commands record beside their results.
+
+An explicit schedule is ``UNITSxR,...``, one pair per stage (``8x64,4x64,2x64`` is the paper's
+decreasing schedule at r=64 for 8 tubelet-frames); locations are block indices, ``0,4,8``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .config import FIRST_TRANSITION, FIRST_UNIT, SCHEDULES, SCORES, SIMILARITY, TOME_MODES, STAConfig
+from .errors import UsageError
+
+# flag -> STAConfig field
+FIELDS = {
+    "schedule": "schedule",
+    "order": "order",
+    "first_unit": "first_unit",
+    "similarity": "similarity",
+    "score": "score",
+    "first_transition": "first_transition",
+    "locations": "locations",
+    "tome_mode": "tome_mode",
+    "prune_seed": "seed",
+}
+
+
+def parse_schedule(text: str) -> str | tuple[tuple[int, int], ...]:
+    """A preset name, or ``UNITSxR,...`` -> ``((units, r), ...)``."""
+    text = text.strip()
+    if "x" not in text.lower():
+        return text  # a preset name: STAConfig says whether it is one
+    pairs = []
+    for part in text.split(","):
+        units, sep, r = part.strip().lower().partition("x")
+        if not sep or not units.strip().isdigit() or not r.strip().isdigit():
+            raise UsageError(
+                f"--schedule {text!r}: an explicit schedule is UNITSxR pairs, one per stage, e.g. 8x64,4x64,2x64"
+            )
+        pairs.append((int(units), int(r)))
+    return tuple(pairs)
+
+
+def parse_locations(text: str) -> tuple[int, ...]:
+    """``0,4,8`` -> ``(0, 4, 8)``."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise UsageError(f"--locations {text!r}: give block indices after which to prune, e.g. 0,4,8")
+    return tuple(int(p) for p in parts)
+
+
+def add_pruning_arguments(parser: argparse.ArgumentParser, *, seed_flag: bool = True) -> None:
+    """The pruning-options group. ``seed_flag``: also accept ``--seed`` for the pruning seed (off
+    for commands whose ``--seed`` means something else: the demo's clips, training)."""
+    group = parser.add_argument_group("pruning options (each an STAConfig field; default: the paper's)")
+    group.add_argument("--schedule", help=f"{' | '.join(SCHEDULES)}, or UNITSxR,... per stage, e.g. 8x64,4x64,2x64 "
+                       "(default decreasing)")
+    group.add_argument("--order", help="F (forward) / B (backward) per stage, e.g. FFF (default: alternating FBF)")
+    group.add_argument("--first-unit", help=f"{' | '.join(FIRST_UNIT)}: the first unit's pruner (default bipartite)")
+    group.add_argument("--similarity", help=f"{' | '.join(SIMILARITY)}: what the transitions compare (default key)")
+    group.add_argument("--score", help=f"{' | '.join(SCORES)}: A*(1-F), A alone, 1-F alone (default sta)")
+    group.add_argument("--first-transition", help=f"{' | '.join(FIRST_TRANSITION)}: the second unit's transition "
+                       "uses all tokens of the first (published code) or its kept ones (Algorithm 1) (default all)")
+    group.add_argument("--locations", help="block indices after which to prune, e.g. 0,4,8 (default 0, L/3, 2L/3)")
+    group.add_argument("--tome-mode", help=f"{' | '.join(TOME_MODES)}: ToMe at STA's locations and counts, or r per "
+                       "block (default locations)")
+    flags = ["--prune-seed", "--seed"] if seed_flag else ["--prune-seed"]
+    group.add_argument(*flags, dest="prune_seed", type=int,
+                       help="seed of the random choices (random first unit, grid, random drop) (default 0)")
+
+
+def pruning_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The STAConfig fields set on the command line, parsed (schedule pairs, location tuples)."""
+    options: dict[str, Any] = {}
+    for flag, field in FIELDS.items():
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        if flag == "schedule":
+            value = parse_schedule(value)
+        elif flag == "locations":
+            value = parse_locations(value)
+        options[field] = value
+    return options
+
+
+def config_from_args(args: argparse.Namespace, r: int = 0, method: str | None = None) -> STAConfig:
+    """The command line's STAConfig at ``r`` (validated: :class:`ConfigError` with STAConfig's message)."""
+    method = method or getattr(args, "method", None) or "sta"
+    return STAConfig(r=r, method=method, **pruning_options(args))
+
+
+def check_pruning_options(args: argparse.Namespace) -> None:
+    """Validate the options before any work (:class:`ConfigError`; r is checked against the model later)."""
+    config_from_args(args, 0, _method(args))
+
+
+def recorded(options: dict[str, Any]) -> dict[str, Any]:
+    """Options as JSON values (schedule pairs and locations as lists)."""
+    return {k: [list(p) for p in v] if k == "schedule" and not isinstance(v, str) else
+            (list(v) if isinstance(v, tuple) else v) for k, v in options.items()}
+
+
+def _method(args: argparse.Namespace) -> str:
+    method = getattr(args, "method", None) or "sta"
+    return "sta" if method in ("none", "dense") else method
+
+
+__all__ = [
+    "add_pruning_arguments",
+    "check_pruning_options",
+    "config_from_args",
+    "parse_locations",
+    "parse_schedule",
+    "pruning_options",
+    "recorded",
+]
