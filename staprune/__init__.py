@@ -1,7 +1,8 @@
 """staprune: training-free spatio-temporal token pruning (STA, ICCV 2023) for video transformers.
 
 import staprune
-staprune.patch(model, r=64)      # VideoMAE ViT (transformers) or Video Swin (torchvision)
+staprune.patch(model, r=64)      # VideoMAE / VideoMAE V2, ViViT, V-JEPA 2, TimeSformer (transformers),
+                                 # Video Swin (torchvision): see staprune.families
 """
 
 from .config import STAConfig, resolve_plan

@@ -161,8 +161,11 @@ def _paint_local(canvas: Tensor, cx: Tensor, cy: Tensor, half: int, scale: Tenso
     x0 = cx.floor().long() - half  # window top-left, unpadded pixel coordinates
     y0 = cy.floor().long() - half
     off = torch.arange(win)
-    xi = (x0 + _PAD).view(n, frames, 1, 1) + off.view(1, 1, 1, win)  # (n, T, 1, win) padded index
-    yi = (y0 + _PAD).view(n, frames, 1, 1) + off.view(1, 1, win, 1)  # (n, T, win, 1)
+    # (n, T, 1, win) / (n, T, win, 1) padded indices. In clips longer than the 16 frames the demo is
+    # made of, an object can travel past the padding: its window is clamped to the canvas edge
+    # (invisible padding; before, this raised, so no clip that rendered before changes).
+    xi = ((x0 + _PAD).view(n, frames, 1, 1) + off.view(1, 1, 1, win)).clamp(max=canvas.shape[-1] - 1)
+    yi = ((y0 + _PAD).view(n, frames, 1, 1) + off.view(1, 1, win, 1)).clamp(max=canvas.shape[-2] - 1)
     rx = (x0.view(n, frames, 1, 1) + off.view(1, 1, 1, win) + 0.5) - cx.view(n, frames, 1, 1)
     ry = (y0.view(n, frames, 1, 1) + off.view(1, 1, win, 1) + 0.5) - cy.view(n, frames, 1, 1)
     s = scale.view(n, frames, 1, 1)
