@@ -214,6 +214,11 @@ class Family:
         protocols: evaluation protocol per dataset (``k400``, ``ssv2``).
         r_name: what the family's r is called in tables (``r``; Video Swin: ``r1``).
         builder_names: architecture names that take a weights file (``--model swin3d_t --weights F``).
+        transformers_classes: for families of Hugging Face models, the ``transformers`` class names
+            it patches, the video classifier first; they give :attr:`classes`, the default
+            :meth:`recognizes` and the default :meth:`load_folder`.
+        any_clip_length: the family's models take clips of any length (the default :meth:`wrap`
+            then records no fixed frame count).
     """
 
     name: ClassVar[str] = ""
@@ -224,11 +229,30 @@ class Family:
     protocols: ClassVar[Mapping[str, ViewProtocol]] = {}
     r_name: ClassVar[str] = "r"
     builder_names: ClassVar[tuple[str, ...]] = ()
+    transformers_classes: ClassVar[tuple[str, ...]] = ()
+    any_clip_length: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.transformers_classes and "classes" not in cls.__dict__:
+            cls.classes = tuple(f"transformers {name}" for name in cls.transformers_classes)
+
+    def _transformers_class(self, name: str) -> type | None:
+        """A ``transformers`` class by name (None when transformers or the class is missing)."""
+        try:
+            import transformers
+        except ImportError:
+            return None
+        return getattr(transformers, name, None)
 
     # recognition and patching ------------------------------------------------------------------
     def recognizes(self, model: nn.Module) -> bool:
-        """Whether ``model`` is one this family patches."""
-        raise NotImplementedError
+        """Whether ``model`` is one this family patches (default: an instance of one of
+        :attr:`transformers_classes`)."""
+        if not self.transformers_classes:
+            raise NotImplementedError
+        found = [cls for name in self.transformers_classes if (cls := self._transformers_class(name)) is not None]
+        return bool(found) and isinstance(model, tuple(found))
 
     def patch(self, model: nn.Module, config: STAConfig) -> nn.Module:
         """Patch ``model`` in place (see :func:`staprune.patch`); validates ``config`` first."""
@@ -280,12 +304,23 @@ class Family:
     def wrap(self, model: nn.Module, source: str, folder: Path | None = None) -> LoadedModel:
         """A :class:`LoadedModel` for a built model of this family (input geometry read off the
         model; preprocessing from a HF ``folder``'s processor config when given)."""
-        raise NotImplementedError
+        from ..checkpoints import hf_preprocessing  # checkpoints imports this module
+
+        spec = self.spec_of(model)
+        preprocessing = hf_preprocessing(folder, spec.size, self.preprocessing(spec.size))
+        frames = None if self.any_clip_length else spec.frames
+        return LoadedModel(model.eval(), self, preprocessing, spec.num_classes, frames, spec.size, source)
 
     def load_folder(self, folder: Path, name: str) -> LoadedModel:
         """A model from a HF folder whose ``config.json`` has one of :attr:`hf_model_types`,
-        every stored tensor verified. ``name`` is what the user gave (folder or hub id)."""
-        raise NotImplementedError(f"{self.title} cannot be loaded from a Hugging Face folder")
+        every stored tensor verified. ``name`` is what the user gave (folder or hub id).
+        Default: the first of :attr:`transformers_classes` (the video classifier)."""
+        from ..checkpoints import load_hf_pretrained  # checkpoints imports this module
+
+        classifier = self._transformers_class(self.transformers_classes[0]) if self.transformers_classes else None
+        if classifier is None:
+            raise NotImplementedError(f"{self.title} cannot be loaded from a Hugging Face folder")
+        return self.wrap(load_hf_pretrained(classifier, folder, name), f"hf:{name}", folder)
 
     def claims_file(self, state: Mapping[str, Tensor]) -> bool:
         """Whether a state dict read from a file is in a layout :meth:`load_file` reads."""

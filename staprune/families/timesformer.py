@@ -32,14 +32,12 @@ sampling rate 32 for K400.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from types import MethodType
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checkpoints import hf_preprocessing, load_hf_pretrained
 from ..config import PruningPlan, STAConfig, resolve_plan
 from ..data.sampling import ViewProtocol
 from ..data.transforms import Preprocessing
@@ -48,7 +46,7 @@ from ..flops import FlopCount, add_parts, metric_dim, sta_selection_flops, token
 from ..patch import final_kept
 from ..patch.common import Patch, current_stage, nearest_kept_fill
 from ..score import gather_tokens, head_mean
-from .base import Family, FamilyModels, LoadedModel, ModelEntry, Spec, StageGrid, TokenGeometry
+from .base import Family, FamilyModels, ModelEntry, Spec, StageGrid, TokenGeometry
 from .videomae import scaled_levels
 
 _QKV_PART = {"query": 0, "key": 1, "value": 2}
@@ -230,19 +228,12 @@ def patch_timesformer(model: nn.Module, config: STAConfig) -> nn.Module:
 class TimesformerFamily(Family):
     name = "timesformer"
     title = "TimeSformer, divided space-time attention (transformers)"
-    classes = ("transformers TimesformerForVideoClassification", "transformers TimesformerModel")
+    transformers_classes = ("TimesformerForVideoClassification", "TimesformerModel")
     hf_model_types = ("timesformer",)
     protocols = {
         "k400": ViewProtocol(clips=1, crops=3, frames=8, stride=32, sampling="uniform"),
         "ssv2": ViewProtocol(clips=1, crops=3, frames=8, stride=2, sampling="segment"),
     }
-
-    def recognizes(self, model: nn.Module) -> bool:
-        try:
-            from transformers import TimesformerForVideoClassification, TimesformerModel
-        except ImportError:
-            return False
-        return isinstance(model, TimesformerModel | TimesformerForVideoClassification)
 
     def patch(self, model: nn.Module, config: STAConfig) -> nn.Module:
         return patch_timesformer(model, config)
@@ -321,16 +312,6 @@ class TimesformerFamily(Family):
     def preprocessing(self, size: int) -> Preprocessing:
         """The released checkpoints' processor: ImageNet mean/std."""
         return Preprocessing.imagenet_default(size)
-
-    def wrap(self, model: nn.Module, source: str, folder: Path | None = None) -> LoadedModel:
-        spec = self.spec_of(model)
-        return LoadedModel(model.eval(), self, hf_preprocessing(folder, spec.size, self.preprocessing(spec.size)),
-                           spec.num_classes, spec.frames, spec.size, source)
-
-    def load_folder(self, folder: Path, name: str) -> LoadedModel:
-        from transformers import TimesformerForVideoClassification
-
-        return self.wrap(load_hf_pretrained(TimesformerForVideoClassification, folder, name), f"hf:{name}", folder)
 
     # analysis
     def blocks(self, model: nn.Module) -> list[tuple[nn.Module, int]]:

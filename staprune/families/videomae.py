@@ -437,19 +437,12 @@ def load_videomae_release(
 class VideoMAEFamily(Family):
     name = "videomae"
     title = "VideoMAE / VideoMAE V2 (transformers)"
-    classes = ("transformers VideoMAEForVideoClassification", "transformers VideoMAEModel")
+    transformers_classes = ("VideoMAEForVideoClassification", "VideoMAEModel")
     hf_model_types = ("videomae",)
     protocols = {
         "k400": ViewProtocol(clips=5, crops=3, frames=16, stride=4, sampling="uniform"),
         "ssv2": ViewProtocol(clips=2, crops=3, frames=16, stride=2, sampling="segment"),
     }
-
-    def recognizes(self, model: nn.Module) -> bool:
-        try:
-            from transformers import VideoMAEForVideoClassification, VideoMAEModel
-        except ImportError:  # transformers not installed: cannot be a VideoMAE
-            return False
-        return isinstance(model, VideoMAEModel | VideoMAEForVideoClassification)
 
     def patch(self, model: nn.Module, config: STAConfig) -> nn.Module:
         return patch_videomae(model, config)

@@ -19,11 +19,9 @@ at stride 2 (the ViViT paper's Kinetics views).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from torch import Tensor, nn
 
-from ..checkpoints import hf_preprocessing, load_hf_pretrained
 from ..config import PruningPlan, STAConfig, resolve_plan
 from ..data.sampling import ViewProtocol
 from ..data.transforms import Preprocessing
@@ -31,7 +29,7 @@ from ..errors import ConfigError
 from ..flops import FlopCount, columnar_flops
 from ..patch import columnar, final_kept
 from ..patch.common import Patch
-from .base import Family, FamilyModels, LoadedModel, ModelEntry, Spec, StageGrid, TokenGeometry
+from .base import Family, FamilyModels, ModelEntry, Spec, StageGrid, TokenGeometry
 from .videomae import check_frames, scaled_levels
 
 
@@ -109,19 +107,12 @@ def patch_vivit(model: nn.Module, config: STAConfig) -> nn.Module:
 class VivitFamily(Family):
     name = "vivit"
     title = "ViViT (transformers)"
-    classes = ("transformers VivitForVideoClassification", "transformers VivitModel")
+    transformers_classes = ("VivitForVideoClassification", "VivitModel")
     hf_model_types = ("vivit",)
     protocols = {
         "k400": ViewProtocol(clips=4, crops=3, frames=32, stride=2, sampling="uniform"),
         "ssv2": ViewProtocol(clips=2, crops=3, frames=32, stride=2, sampling="segment"),
     }
-
-    def recognizes(self, model: nn.Module) -> bool:
-        try:
-            from transformers import VivitForVideoClassification, VivitModel
-        except ImportError:
-            return False
-        return isinstance(model, VivitModel | VivitForVideoClassification)
 
     def patch(self, model: nn.Module, config: STAConfig) -> nn.Module:
         return patch_vivit(model, config)
@@ -190,16 +181,6 @@ class VivitFamily(Family):
     def preprocessing(self, size: int) -> Preprocessing:
         """The released ViViT's processor: pixels to [-1, 1] (x / 127.5 - 1), then mean/std 0.5."""
         return Preprocessing(size=size, mean=(0.75, 0.75, 0.75), std=(0.25, 0.25, 0.25))
-
-    def wrap(self, model: nn.Module, source: str, folder: Path | None = None) -> LoadedModel:
-        spec = self.spec_of(model)
-        return LoadedModel(model.eval(), self, hf_preprocessing(folder, spec.size, self.preprocessing(spec.size)),
-                           spec.num_classes, spec.frames, spec.size, source)
-
-    def load_folder(self, folder: Path, name: str) -> LoadedModel:
-        from transformers import VivitForVideoClassification
-
-        return self.wrap(load_hf_pretrained(VivitForVideoClassification, folder, name), f"hf:{name}", folder)
 
     # analysis
     def blocks(self, model: nn.Module) -> list[tuple[nn.Module, int]]:

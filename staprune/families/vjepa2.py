@@ -36,11 +36,9 @@ Registry: ``VJEPA2-L``, ``VJEPA2-H``, ``VJEPA2-g`` at 16 and 64 frames of 256² 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from torch import Tensor, nn
 
-from ..checkpoints import hf_preprocessing, load_hf_pretrained
 from ..config import PruningPlan, STAConfig, resolve_plan
 from ..data.sampling import ViewProtocol
 from ..data.transforms import Preprocessing
@@ -48,7 +46,7 @@ from ..errors import ConfigError
 from ..flops import FlopCount, add_parts, columnar_flops, final_tokens
 from ..patch import columnar, final_kept
 from ..patch.common import Patch
-from .base import Family, FamilyModels, LoadedModel, ModelEntry, Spec, StageGrid, TokenGeometry
+from .base import Family, FamilyModels, ModelEntry, Spec, StageGrid, TokenGeometry
 from .videomae import check_frames, scaled_levels
 
 
@@ -164,7 +162,8 @@ def patch_vjepa2(model: nn.Module, config: STAConfig, *, rotated_keys: bool = Fa
 class VJEPA2Family(Family):
     name = "vjepa2"
     title = "V-JEPA 2 (transformers)"
-    classes = ("transformers VJEPA2ForVideoClassification", "transformers VJEPA2Model")
+    transformers_classes = ("VJEPA2ForVideoClassification", "VJEPA2Model")
+    any_clip_length = True  # rotary positions: any clip length
     hf_model_types = ("vjepa2",)
     # As V-JEPA's attentive-probe evaluation: 16 frames; K400 8 clips x 3 crops at frame step 4,
     # SSv2 2 x 3 (segments).
@@ -172,13 +171,6 @@ class VJEPA2Family(Family):
         "k400": ViewProtocol(clips=8, crops=3, frames=16, stride=4, sampling="uniform"),
         "ssv2": ViewProtocol(clips=2, crops=3, frames=16, stride=2, sampling="segment"),
     }
-
-    def recognizes(self, model: nn.Module) -> bool:
-        try:
-            from transformers import VJEPA2ForVideoClassification, VJEPA2Model
-        except ImportError:
-            return False
-        return isinstance(model, VJEPA2Model | VJEPA2ForVideoClassification)
 
     def patch(self, model: nn.Module, config: STAConfig) -> nn.Module:
         return patch_vjepa2(model, config)
@@ -252,16 +244,6 @@ class VJEPA2Family(Family):
 
     def preprocessing(self, size: int) -> Preprocessing:
         return Preprocessing.imagenet_default(size)
-
-    def wrap(self, model: nn.Module, source: str, folder: Path | None = None) -> LoadedModel:
-        spec = self.spec_of(model)
-        return LoadedModel(model.eval(), self, hf_preprocessing(folder, spec.size, self.preprocessing(spec.size)),
-                           spec.num_classes, None, spec.size, source)
-
-    def load_folder(self, folder: Path, name: str) -> LoadedModel:
-        from transformers import VJEPA2ForVideoClassification
-
-        return self.wrap(load_hf_pretrained(VJEPA2ForVideoClassification, folder, name), f"hf:{name}", folder)
 
     # analysis
     def blocks(self, model: nn.Module) -> list[tuple[nn.Module, int]]:
