@@ -30,7 +30,7 @@ from torch import nn
 import staprune
 
 from .errors import UsageError
-from .families import family_of, find_model
+from .families import levels_of
 from .flops import analytic_flops, wrapping_selection
 from .models import example_input, load_model, spec_of_model
 from .options import add_pruning_arguments, check_pruning_options, pruning_options, recorded
@@ -310,8 +310,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.frames, args.size).to(device=device, dtype=dtype)
     spec = spec_of_model(model, args.frames, args.size)
     options = tuple(pruning_options(args).items())
-    entry = find_model(args.model)
-    rs = args.r or (entry.levels if entry is not None and entry.levels else family_of(model).levels(spec))
+    rs = args.r or levels_of(args.model, spec)
     variants = [Variant()] + [Variant(r, args.method, options) for r in rs if r or args.method == "tome"]
     for variant in variants:  # validate every config before timing anything
         variant.apply(model)

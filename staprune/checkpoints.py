@@ -159,7 +159,6 @@ def read_hf_weights(folder: str | Path) -> dict[str, Tensor]:
     raise CheckpointError(f"{folder}: no model.safetensors or pytorch_model.bin found")
 
 
-
 # --- Hugging Face folders ----------------------------------------------------------------------
 def hf_preprocessing(folder: Path | None, image_size: int, default: Preprocessing) -> Preprocessing:
     """A HF folder's ``preprocessor_config.json`` if present, else ``default``; its crop must be the
@@ -441,8 +440,8 @@ def load(
     if find_model(spec) is not None:
         return load_registry(spec, frames, image_size)
     path = Path(spec).expanduser()
-    if path.is_dir() and not (path / "config.json").is_file() and latest_epoch(path) is not None:
-        return load_file(latest_epoch(path))  # a `staprune finetune` run folder: its last epoch
+    if path.is_dir() and not (path / "config.json").is_file() and (last := latest_epoch(path)) is not None:
+        return load_file(last)  # a `staprune finetune` run folder: its last epoch
     if path.is_dir():
         return load_hf(str(path))
     if path.is_file():

@@ -162,7 +162,8 @@ def default_locations(depth: int, num_stages: int = 3) -> tuple[int, ...]:
     return tuple(sorted({(k * depth) // num_stages for k in range(num_stages)}))
 
 
-def _preset_stages(schedule: str, r: int, frames: int, num_stages: int) -> list[tuple[int, int]]:
+def _preset_stages(schedule: str, r: int, frames: int, num_stages: int,
+                   tubelet: int | None = None) -> list[tuple[int, int]]:
     stages = []
     for k in range(num_stages):
         if schedule == "per_frame":
@@ -171,11 +172,17 @@ def _preset_stages(schedule: str, r: int, frames: int, num_stages: int) -> list[
         if frames % 2**k:
             multiple = 2 ** (num_stages - 1)
             units = ", ".join(str(2**i) for i in range(num_stages))
-            raise ConfigError(
+            message = (
                 f"{frames} temporal positions (tubelet-frames) cannot be grouped into the {num_stages} stages' units "
                 f"of {units} tubelet-frames: their number must be a multiple of {multiple}; change the clip length, "
                 "prune at fewer --locations, or give an explicit schedule"
             )
+            if tubelet is not None:  # say it in input frames too, with the nearest clip lengths that fit
+                lower, upper = frames // multiple * multiple, (frames // multiple + 1) * multiple
+                fits = " or ".join(str(f * tubelet) for f in (lower, upper) if f)
+                message = (f"a clip of {frames * tubelet} frames is {frames} tubelet-frames of {tubelet}: {message} "
+                           f"(e.g. {fits} frames)")
+            raise ConfigError(message)
         per_unit = {"decreasing": r, "constant": r * 2**k, "increasing": r * 4**k}[schedule]
         stages.append((frames // 2**k, per_unit))
     return stages
@@ -191,15 +198,17 @@ def stage_directions(config: STAConfig, num_stages: int) -> str:
     return order
 
 
-def _stages_for(config: STAConfig, r: int, depth: int, frames: int, n: int) -> list[Stage]:
-    """Build stages for a given first-stage r, raising ValueError for infeasible geometry."""
+def _stages_for(config: STAConfig, r: int, depth: int, frames: int, n: int,
+                tubelet: int | None = None) -> list[Stage]:
+    """Build stages for a given first-stage r, raising ValueError for infeasible geometry
+    (``tubelet``: see :func:`resolve_plan`)."""
     locations = config.locations if config.locations is not None else default_locations(depth)
     if locations[-1] >= depth:
         raise ConfigError(
             f"locations={locations} reach past the model's {depth} blocks (valid: 0..{depth - 1})"
         )
     if isinstance(config.schedule, str):
-        pairs = _preset_stages(config.schedule, r, frames, len(locations))
+        pairs = _preset_stages(config.schedule, r, frames, len(locations), tubelet)
     else:
         pairs = list(config.schedule)
         if len(pairs) != len(locations):
@@ -258,16 +267,7 @@ def resolve_plan(
             n -= r_k
         return PruningPlan(config, depth, frames, tokens_per_frame, tuple(stages))
 
-    try:
-        stages = _stages_for(config, config.r, depth, frames, tokens_per_frame)
-    except ConfigError as err:
-        if tubelet is None or "multiple of" not in str(err):
-            raise
-        multiple = int(str(err).split("multiple of ")[1].split(";")[0])
-        lower, upper = frames // multiple * multiple, (frames // multiple + 1) * multiple
-        fits = " or ".join(str(f * tubelet) for f in (lower, upper) if f)
-        raise ConfigError(f"a clip of {frames * tubelet} frames is {frames} tubelet-frames of {tubelet}: {err} "
-                          f"(e.g. {fits} frames)") from None
+    stages = _stages_for(config, config.r, depth, frames, tokens_per_frame, tubelet)
     if not all(stage_feasible(config, s) for s in stages):
         largest = _largest_valid_r(config, depth, frames, tokens_per_frame)
         bad = next(s for s in stages if not stage_feasible(config, s))

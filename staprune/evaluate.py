@@ -34,6 +34,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -111,8 +112,6 @@ class Entry:
     @property
     def dirname(self) -> str:
         """``<method>_r<r>``, then each option set, so that configurations never share a folder."""
-        import re
-
         parts = [f"{self.method}_r{self.r}"]
         for key, value in sorted(self.options):
             text = "-".join(f"{u}x{r}" for u, r in value) if key == "schedule" and not isinstance(value, str) else (
@@ -127,8 +126,6 @@ class Entry:
 def model_dirname(source: str) -> str:
     """A folder name for one model's runs inside ``--out``: readable, and unique per source (two
     models evaluated into one ``--out`` never share a folder, a results row or a plot line)."""
-    import re
-
     name = source.split(":", 1)[-1].split(" (", 1)[0].rstrip("/\\")
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name or name)[:40].strip("._") or "model"
     return f"{name}-{hashlib.sha1(source.encode()).hexdigest()[:8]}"
@@ -740,17 +737,10 @@ def _report(ctx: Context, rows: list[dict[str, Any]]) -> None:
 
 
 # --- entry point --------------------------------------------------------------------------------
-def _device(requested: str | None, info: dist_utils.DistInfo) -> torch.device:
-    device = resolve_device(requested)
-    if device.type == "cuda" and device.index is None and info.distributed:
-        device = torch.device(f"cuda:{info.local_rank}")
-    return device
-
-
 def _setup(args: argparse.Namespace, info: dist_utils.DistInfo) -> Context:
     if args.batch_size < 1 or args.workers < 0:
         raise UsageError("--batch-size must be >= 1 and --workers >= 0")
-    device = _device(args.device, info)
+    device = resolve_device(args.device, info.local_rank if info.distributed else None)
     if info.is_main:
         writable_dir(args.out)  # before any model is loaded or video decoded
     loaded = load(args.model, args.weights, frames=args.frames, image_size=args.image_size)

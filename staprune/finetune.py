@@ -788,9 +788,7 @@ def setup(args: argparse.Namespace, info: dist_utils.DistInfo) -> Run:
     _check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    if device.type == "cuda" and device.index is None and info.distributed:
-        device = torch.device(f"cuda:{info.local_rank}")
+    device = resolve_device(args.device, info.local_rank if info.distributed else None)
     args.model = args.model or ("demo-vit" if args.demo else None)
     if args.model is None:
         raise UsageError("--model is required with --data")
@@ -805,8 +803,7 @@ def setup(args: argparse.Namespace, info: dist_utils.DistInfo) -> Run:
         image_size=args.image_size,
     )
     if args.method != "none" and not args.r:
-        # The model's middle level, as the paper trains STA48-ViT-B (levels 32/48/64).
-        args.r = loaded.default_levels()[1]
+        args.r = loaded.default_r()
         _log(info, f"--r not given: training at r={args.r}, the middle of this model's levels {loaded.default_levels()}")
     train_set, val_set, frames, stride = _datasets(args, loaded)
     global_batch = args.batch_size * info.world_size

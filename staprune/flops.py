@@ -148,6 +148,20 @@ def columnar_flops(
     return parts, selection
 
 
+def tubelet_vit_parts(spec, plan: PruningPlan, *, extra_tokens: int = 0) -> tuple[dict[str, float], float]:
+    """The tubelet embedding ``L·C·in_chans·tubelet·p²`` and every block (:func:`columnar_flops`) of a
+    columnar ViT ``spec`` (a family spec with ``hidden``, ``heads``, ``mlp_hidden``, ``in_chans``,
+    ``tubelet``, ``patch``) under ``plan``; the family adds its head.
+
+    Returns:
+        ``(parts, selection)`` as :func:`columnar_flops`.
+    """
+    c, length = spec.hidden, plan.frames * plan.tokens_per_frame
+    parts: dict[str, float] = {"embed": length * c * spec.in_chans * spec.tubelet * spec.patch**2}
+    return columnar_flops(plan, channels=c, heads=spec.heads, mlp_hidden=spec.mlp_hidden,
+                          extra_tokens=extra_tokens, parts=parts)
+
+
 def final_tokens(plan: PruningPlan) -> int:
     """Patch tokens leaving the last block under ``plan``."""
     if plan.config.method == "none" or not plan.stages:
@@ -404,11 +418,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def default_levels(name: str, spec) -> tuple[int, ...]:
     """r values to tabulate for ``name`` when none are given: 0 and the model's three levels."""
-    from .families import family_of_spec, find_model
+    from .families import levels_of
 
-    entry = find_model(name)
-    levels = entry.levels if entry is not None and entry.levels else family_of_spec(spec).levels(spec)
-    return (0, *levels)
+    return (0, *levels_of(name, spec))
 
 
 def _options(args: argparse.Namespace) -> dict[str, object]:

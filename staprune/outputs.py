@@ -69,8 +69,9 @@ def write_error(path: str | Path, err: OSError) -> OutputError:
     return OutputError(f"cannot write {path}: {_reason(err)}")
 
 
-def resolve_device(requested: str | None) -> torch.device:
+def resolve_device(requested: str | None, local_rank: int | None = None) -> torch.device:
     """The device to run on: ``requested`` (``cpu``, ``cuda``, ``cuda:1``, ...), or cuda when available.
+    Under torchrun (``local_rank`` given) a bare ``cuda`` is this process's GPU, ``cuda:<local_rank>``.
 
     Raises:
         UsageError: not a device name, or a GPU that this machine does not have.
@@ -88,6 +89,8 @@ def resolve_device(requested: str | None) -> torch.device:
                              "use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+        if device.index is None and local_rank is not None:
+            device = torch.device(f"cuda:{local_rank}")
     return device
 
 

@@ -39,7 +39,7 @@ class LoadedModel:
 
     def default_r(self) -> int:
         """The middle of the model's three pruning levels (its demo levels for the demo models)."""
-        return self.loaded.default_levels(self.backbone.frames, self.backbone.size)[1]
+        return self.loaded.default_r(self.backbone.frames, self.backbone.size)
 
 
 @dataclass

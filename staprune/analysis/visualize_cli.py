@@ -134,13 +134,16 @@ def run(args: argparse.Namespace) -> int:
     views = stage_views(loaded.model, loaded.backbone, clip, r, args.method, **pruning_options(args))
     try:
         path = save_png(figure(clip, loaded.backbone, views, args.tile_size), output)
-        print(f"wrote {path}")
-        for v in views:
-            print(f"  {v.title}")
-        if gif is not None:
-            print(f"wrote {save_gif(animation(clip, loaded.backbone, views, args.tile_size), gif)}")
     except OSError as err:
-        raise write_error(args.output, err) from err
+        raise write_error(output, err) from err
+    print(f"wrote {path}")
+    for v in views:
+        print(f"  {v.title}")
+    if gif is not None:
+        try:
+            print(f"wrote {save_gif(animation(clip, loaded.backbone, views, args.tile_size), gif)}")
+        except OSError as err:
+            raise write_error(gif, err) from err
     return 0
 
 

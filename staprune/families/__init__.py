@@ -150,6 +150,16 @@ def family_of_entry(entry: ModelEntry) -> Family:
     return family_named(entry.family)
 
 
+def levels_of(name: str, spec: Spec) -> tuple[int, ...]:
+    """Default pruning levels (non-zero r) of the model ``name`` on ``spec``'s input: its registry
+    entry's when it has them, else its family's for that geometry (also for names outside the
+    registry, such as paths)."""
+    entry = find_model(name)
+    if entry is not None and entry.levels:
+        return entry.levels
+    return family_of_spec(spec).levels(spec)
+
+
 __all__ = [
     "ENTRY_POINT_GROUP",
     "FAMILY_MODULES",
@@ -166,6 +176,7 @@ __all__ = [
     "family_of_entry",
     "family_of_spec",
     "find_model",
+    "levels_of",
     "model_entry",
     "model_names",
     "register_family",

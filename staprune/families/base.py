@@ -103,6 +103,52 @@ class Spec:
         return replace(self, **changes) if changes else self
 
 
+# --- geometry helpers every family uses ---------------------------------------------------------
+PAPER_VIT_LEVELS = (32, 48, 64)  # the paper's r for ViTs: tokens dropped per tubelet-frame of 196
+
+
+def scaled_levels(tokens_per_frame: int, reference: tuple[int, ...] = PAPER_VIT_LEVELS, of: int = 196) -> tuple[int, ...]:
+    """The paper's levels (default r = 32/48/64 of 196 tokens per tubelet-frame) scaled to another
+    grid: the same share of each frame is dropped (49 tokens: 8/12/16; 256 tokens: 42/63/84)."""
+    return tuple(max(1, round(tokens_per_frame * r / of)) for r in reference)
+
+
+def check_frames(spec_frames: int, tubelet: int, what: str) -> int:
+    """Tubelet-frames of a clip, refusing a clip length the tubelet does not divide."""
+    if spec_frames % tubelet:
+        raise ConfigError(
+            f"{what} cuts clips into tubelets of {tubelet} frames: {spec_frames} frames is not a multiple of "
+            f"{tubelet}; use {spec_frames - spec_frames % tubelet or tubelet} or {spec_frames + tubelet - spec_frames % tubelet} frames"
+        )
+    return spec_frames // tubelet
+
+
+def side(size: int | tuple[int, ...] | list[int]) -> int:
+    """The first side of a HF config's ``image_size`` / ``patch_size`` (an int or a pair)."""
+    return size if isinstance(size, int) else size[0]
+
+
+def check_fixed_clip(pixels: Tensor, frames: int, channels: int, size: int, what: str, why: str) -> None:
+    """Refuse an input ``(B, T, C, H, W)`` other than the ``frames x channels x size²`` clips a model
+    is built for (``why``: what fixes it, e.g. its position table)."""
+    expected = (frames, channels, size, size)
+    if pixels.dim() != 5 or tuple(pixels.shape[1:]) != expected:
+        raise ConfigError(
+            f"{what} takes clips (B, {', '.join(map(str, expected))}) (B, T, 3, H, W): {why}; got {tuple(pixels.shape)}"
+        )
+
+
+def capture_output(module: nn.Module, run: Callable[[], Any]) -> Any:
+    """What ``module``'s forward returns while ``run()`` runs (its first call)."""
+    captured: list[Any] = []
+    handle = module.register_forward_hook(lambda m, i, o: captured.append(o))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return captured[0]
+
+
 # --- a loaded model -----------------------------------------------------------------------------
 @dataclass
 class LoadedModel:
@@ -153,6 +199,11 @@ class LoadedModel:
         if self.levels is not None:
             return self.levels
         return self.family.levels(self.family.spec_of(self.model, frames or self.frames, size or self.image_size))
+
+    def default_r(self, frames: int | None = None, size: int | None = None) -> int:
+        """The middle of :meth:`default_levels`: the r commands use when none is given (as the paper
+        trains STA48-ViT-B, levels 32/48/64)."""
+        return self.default_levels(frames, size)[1]
 
 
 # --- named models -------------------------------------------------------------------------------
@@ -383,4 +434,9 @@ __all__ = [
     "Spec",
     "StageGrid",
     "TokenGeometry",
+    "capture_output",
+    "check_fixed_clip",
+    "check_frames",
+    "scaled_levels",
+    "side",
 ]

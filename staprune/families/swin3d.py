@@ -68,7 +68,17 @@ from ..errors import ConfigError, UnknownModelError, UnsupportedModelError
 from ..flops import FlopCount, add_parts, metric_dim, sta_selection_flops
 from ..patch.common import Patch, current_stage, nearest_kept_fill
 from ..score import gather_tokens, head_mean
-from .base import Family, FamilyModels, LoadedModel, ModelEntry, Spec, StageGrid, TokenGeometry
+from .base import (
+    Family,
+    FamilyModels,
+    LoadedModel,
+    ModelEntry,
+    Spec,
+    StageGrid,
+    TokenGeometry,
+    capture_output,
+    scaled_levels,
+)
 
 MASK_VALUE = -100.0  # torchvision's shift-mask value (not -inf): kept for exact equality
 _QKV_SLICE = {"query": 0, "key": 1, "value": 2}
@@ -848,7 +858,7 @@ class Swin3dFamily(Family):
     def levels(self, spec: SwinSpec) -> tuple[int, ...]:
         """The paper's r1 = 192/256/320 of Swin stage 2's 28x28 tokens per frame, scaled to the grid."""
         h, w = spec.grids()[1] if len(spec.depths) > 1 else spec.grids()[0]
-        return tuple(max(1, round(h * w * r / 784)) for r in PAPER_R[1:])
+        return scaled_levels(h * w, PAPER_R[1:], of=784)
 
     def flops(self, spec: SwinSpec, config: STAConfig) -> FlopCount:
         return swin_flops(spec, config)
@@ -902,13 +912,7 @@ class Swin3dFamily(Family):
         positions (the refilled ones are copies)."""
         from ..patch import final_kept, kept_stages
 
-        captured: list[Tensor] = []
-        handle = model.features[-1].register_forward_hook(lambda m, i, o: captured.append(o))
-        try:
-            model(x)
-        finally:
-            handle.remove()
-        tokens = captured[0].flatten(1, 3)  # (B, T, h, w, C) -> (B, L, C)
+        tokens = capture_output(model.features[-1], lambda: model(x)).flatten(1, 3)  # (B, T, h, w, C) -> (B, L, C)
         source = final_kept(model)
         last_stage = len(_stages(model)) - 1
         if source is None or kept_stages(model)[-1].layer != last_stage:

@@ -40,14 +40,23 @@ from torch import Tensor, nn
 
 from ..config import PruningPlan, STAConfig, resolve_plan
 from ..data.sampling import ViewProtocol
-from ..data.transforms import Preprocessing
 from ..errors import ConfigError
 from ..flops import FlopCount, add_parts, metric_dim, sta_selection_flops, tokens_per_block
 from ..patch import final_kept
 from ..patch.common import Patch, current_stage, nearest_kept_fill
 from ..score import gather_tokens, head_mean
-from .base import Family, FamilyModels, ModelEntry, Spec, StageGrid, TokenGeometry
-from .videomae import scaled_levels
+from .base import (
+    Family,
+    FamilyModels,
+    ModelEntry,
+    Spec,
+    StageGrid,
+    TokenGeometry,
+    capture_output,
+    check_fixed_clip,
+    scaled_levels,
+    side,
+)
 
 _QKV_PART = {"query": 0, "key": 1, "value": 2}
 
@@ -78,16 +87,6 @@ class TimesformerSpec(Spec):
 
 def _backbone(model: nn.Module) -> nn.Module:
     return model.timesformer if hasattr(model, "timesformer") else model
-
-
-def _check_input(config, pixels: Tensor) -> None:
-    size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
-    expected = (config.num_frames, config.num_channels, size, size)
-    if pixels.dim() != 5 or tuple(pixels.shape[1:]) != expected:
-        raise ConfigError(
-            f"this TimeSformer takes clips (B, {', '.join(map(str, expected))}) (B, T, 3, H, W): its blocks "
-            f"reshape with its config's {config.num_frames} frames and {size}x{size} pixels; got {tuple(pixels.shape)}"
-        )
 
 
 # --- tensors of a divided block -----------------------------------------------------------------
@@ -203,7 +202,8 @@ def patch_timesformer(model: nn.Module, config: STAConfig) -> nn.Module:
 
     def start(module, args, kwargs):
         pixels = args[0] if args else kwargs.get("pixel_values")
-        _check_input(hf, pixels)
+        check_fixed_clip(pixels, spec.frames, spec.in_chans, spec.size, "this TimeSformer",
+                         f"its blocks reshape with its config's {spec.frames} frames and {spec.size}x{spec.size} pixels")
         p.start(plan, pixels, grid_hw, pixels.device)
 
     p.hook(backbone, start, pre=True, with_kwargs=True)
@@ -240,8 +240,7 @@ class TimesformerFamily(Family):
 
     def spec_of(self, model: nn.Module, frames: int | None = None, size: int | None = None) -> TimesformerSpec:
         hf = _backbone(model).config
-        image = hf.image_size if isinstance(hf.image_size, int) else hf.image_size[0]
-        patch = hf.patch_size if isinstance(hf.patch_size, int) else hf.patch_size[0]
+        image, patch = side(hf.image_size), side(hf.patch_size)
         classifier = getattr(model, "classifier", None)
         return TimesformerSpec(
             hidden=hf.hidden_size,
@@ -309,10 +308,6 @@ class TimesformerFamily(Family):
         )
         return TimesformerForVideoClassification(cfg).eval()
 
-    def preprocessing(self, size: int) -> Preprocessing:
-        """The released checkpoints' processor: ImageNet mean/std."""
-        return Preprocessing.imagenet_default(size)
-
     # analysis
     def blocks(self, model: nn.Module) -> list[tuple[nn.Module, int]]:
         return [(layer, 0) for layer in _backbone(model).encoder.layer]
@@ -323,14 +318,8 @@ class TimesformerFamily(Family):
     def final_features(self, model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """The last block's patch tokens (CLS removed, before the final norm), ``t * N + s`` order;
         when pruned, the kept ones with their original indices."""
-        captured: list[Tensor] = []
-        handle = _backbone(model).encoder.layer[-1].register_forward_hook(lambda m, i, o: captured.append(o[0]))
-        try:
-            model(x)
-        finally:
-            handle.remove()
+        tokens = capture_output(_backbone(model).encoder.layer[-1], lambda: model(x))[0][:, 1:]
         kept = final_kept(model)
-        tokens = captured[0][:, 1:]
         return (tokens, kept) if kept is not None else (space_major_to_time_major(tokens, self.spec_of(model).frames), None)
 
 

@@ -32,16 +32,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..baselines import tome_merge
-from ..checkpoints import CheckpointError, hf_preprocessing, listing, load_hf_pretrained, load_verified
+from ..checkpoints import CheckpointError, listing, load_hf_pretrained, load_verified
 from ..config import PruningPlan, STAConfig, resolve_plan
 from ..data.sampling import ViewProtocol
 from ..errors import ConfigError
-from ..flops import FlopCount, columnar_flops
+from ..flops import FlopCount, tubelet_vit_parts
 from ..patch.common import Patch, current_stage
 from ..score import gather_tokens, head_mean
-from .base import Family, FamilyModels, LoadedModel, ModelEntry, Spec, StageGrid, TokenGeometry
+from .base import (
+    PAPER_VIT_LEVELS,
+    Family,
+    FamilyModels,
+    LoadedModel,
+    ModelEntry,
+    Spec,
+    StageGrid,
+    TokenGeometry,
+    check_frames,
+    scaled_levels,
+)
 
-PAPER_R = (0, 32, 48, 64)
+PAPER_R = (0, *PAPER_VIT_LEVELS)
 
 
 @dataclass(frozen=True)
@@ -75,22 +86,6 @@ class ViTSpec(Spec):
     @property
     def mlp_hidden(self) -> int:
         return int(self.hidden * self.mlp_ratio)
-
-
-def scaled_levels(tokens_per_frame: int, reference: tuple[int, ...] = PAPER_R[1:], of: int = 196) -> tuple[int, ...]:
-    """The paper's levels (r = 32/48/64 of 196 tokens per tubelet-frame) scaled to another grid:
-    the same share of each frame is dropped (49 tokens: 8/12/16; 256 tokens: 42/63/84)."""
-    return tuple(max(1, round(tokens_per_frame * r / of)) for r in reference)
-
-
-def check_frames(spec_frames: int, tubelet: int, what: str) -> int:
-    """Tubelet-frames of a clip, refusing a clip length the tubelet does not divide."""
-    if spec_frames % tubelet:
-        raise ConfigError(
-            f"{what} cuts clips into tubelets of {tubelet} frames: {spec_frames} frames is not a multiple of "
-            f"{tubelet}; use {spec_frames - spec_frames % tubelet or tubelet} or {spec_frames + tubelet - spec_frames % tubelet} frames"
-        )
-    return spec_frames // tubelet
 
 
 # --- adapter ------------------------------------------------------------------------------------
@@ -480,11 +475,8 @@ class VideoMAEFamily(Family):
     def flops(self, spec: ViTSpec, config: STAConfig) -> FlopCount:
         """Blocks as :func:`staprune.flops.columnar_flops`; patch embedding ``L·C·3·tubelet·p²``;
         classifier ``C·classes``."""
-        plan = self.plan(spec, config)
-        c, t, n = spec.hidden, plan.frames, plan.tokens_per_frame
-        parts: dict[str, float] = {"embed": t * n * c * spec.in_chans * spec.tubelet * spec.patch**2}
-        parts, selection = columnar_flops(plan, channels=c, heads=spec.heads, mlp_hidden=spec.mlp_hidden, parts=parts)
-        parts["head"] = c * spec.num_classes
+        parts, selection = tubelet_vit_parts(spec, self.plan(spec, config))
+        parts["head"] = spec.hidden * spec.num_classes
         return FlopCount(sum(parts.values()), selection, parts)
 
     def build(self, spec: ViTSpec, attn_implementation: str = "sdpa") -> nn.Module:
@@ -507,20 +499,6 @@ class VideoMAEFamily(Family):
         return VideoMAEForVideoClassification(cfg).eval()
 
     # loading
-    def wrap(self, model: nn.Module, source: str, folder: Path | None = None) -> LoadedModel:
-        """A :class:`LoadedModel` for a VideoMAE classifier (preprocessing from ``folder`` if given)."""
-        cfg = model.config
-        size = _pair(cfg.image_size)[0]
-        return LoadedModel(
-            model=model.eval(),
-            family=self,
-            preprocessing=hf_preprocessing(folder, size, self.preprocessing(size)),
-            num_classes=int(cfg.num_labels),
-            frames=int(cfg.num_frames),
-            image_size=size,
-            source=source,
-        )
-
     def load_folder(self, folder: Path, name: str) -> LoadedModel:
         """A HF ``VideoMAEForVideoClassification``; ``q_bias``/``v_bias`` names of older
         transformers mapped (see :func:`map_qv_bias`), every tensor verified."""
@@ -598,6 +576,5 @@ __all__ = [
     "load_videomae_release",
     "map_qv_bias",
     "patch_videomae",
-    "scaled_levels",
     "videomae_release_config",
 ]

@@ -26,11 +26,22 @@ from ..config import PruningPlan, STAConfig, resolve_plan
 from ..data.sampling import ViewProtocol
 from ..data.transforms import Preprocessing
 from ..errors import ConfigError
-from ..flops import FlopCount, columnar_flops
+from ..flops import FlopCount, tubelet_vit_parts
 from ..patch import columnar, final_kept
 from ..patch.common import Patch
-from .base import Family, FamilyModels, ModelEntry, Spec, StageGrid, TokenGeometry
-from .videomae import check_frames, scaled_levels
+from .base import (
+    Family,
+    FamilyModels,
+    ModelEntry,
+    Spec,
+    StageGrid,
+    TokenGeometry,
+    capture_output,
+    check_fixed_clip,
+    check_frames,
+    scaled_levels,
+    side,
+)
 
 
 @dataclass(frozen=True)
@@ -58,38 +69,23 @@ def _backbone(model: nn.Module) -> nn.Module:
     return model.vivit if hasattr(model, "vivit") else model
 
 
-def _input_geometry(config, pixels: Tensor) -> tuple[int, int, int]:
-    """Tubelet-frames, tokens per frame, grid width of an input ``(B, T, 3, H, W)``; the position
-    table fixes the clip (``ValueError`` naming the expected shape otherwise)."""
-    t_sub, ph, pw = config.tubelet_size
-    size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
-    expected = (config.num_frames, config.num_channels, size, size)
-    if pixels.dim() != 5 or tuple(pixels.shape[1:]) != expected:
-        raise ConfigError(
-            f"this ViViT takes clips (B, {', '.join(map(str, expected))}) (B, T, 3, H, W): its position table "
-            f"covers exactly {config.num_frames} frames at {size}x{size}; got {tuple(pixels.shape)}"
-        )
-    frames = check_frames(config.num_frames, t_sub, "this ViViT")
-    return frames, (size // ph) * (size // pw), size // pw
-
-
 def patch_vivit(model: nn.Module, config: STAConfig) -> nn.Module:
     """Patch a ViViT in place (see :func:`staprune.patch`)."""
-    if config.method == "tome":
-        raise ConfigError("method='tome' is supported for VideoMAE only; for ViViT use sta, random or none")
     backbone = _backbone(model)
     hf = backbone.config
     spec = FAMILY.spec_of(model)
-    plan = FAMILY.plan(spec, config)  # validate now, before any forward pass
+    plan = FAMILY.plan(spec, config)  # validate now, before any forward pass (refuses ToMe too)
+    grid_hw = (spec.grid_side, spec.grid_side)
     p = Patch(config)
 
     def start(module, args, kwargs):
         pixels = args[0] if args else kwargs.get("pixel_values")
         if kwargs.get("interpolate_pos_encoding"):
             raise ConfigError("staprune prunes ViViT at its configured input; interpolate_pos_encoding is not supported")
-        t, n, w = _input_geometry(hf, pixels)
-        p.start(p.plan_for(t, n, lambda f, k: resolve_plan(config, hf.num_hidden_layers, f, k, tubelet=hf.tubelet_size[0])), pixels,
-                (n // w, w), pixels.device)
+        # The position table fixes the clip, so the plan made at patch time is the plan of every input.
+        check_fixed_clip(pixels, spec.frames, spec.in_chans, spec.size, "this ViViT",
+                         f"its position table covers exactly {spec.frames} frames at {spec.size}x{spec.size}")
+        p.start(plan, pixels, grid_hw, pixels.device)
 
     p.hook(backbone, start, pre=True, with_kwargs=True)
     layout = columnar.ColumnarModel(
@@ -122,7 +118,7 @@ class VivitFamily(Family):
         t_sub, ph, pw = hf.tubelet_size
         if ph != pw:
             raise ConfigError(f"staprune supports square ViViT patches; this one is {ph}x{pw}")
-        image = hf.image_size if isinstance(hf.image_size, int) else hf.image_size[0]
+        image = side(hf.image_size)
         classifier = getattr(model, "classifier", None)
         return VivitSpec(
             hidden=hf.hidden_size,
@@ -154,12 +150,8 @@ class VivitFamily(Family):
     def flops(self, spec: VivitSpec, config: STAConfig) -> FlopCount:
         """Blocks as :func:`staprune.flops.columnar_flops` with the CLS token in every block;
         tubelet embedding ``L·C·3·t·p²``; classifier on the CLS token ``C·classes``."""
-        plan = self.plan(spec, config)
-        c, length = spec.hidden, plan.frames * plan.tokens_per_frame
-        parts: dict[str, float] = {"embed": length * c * spec.in_chans * spec.tubelet * spec.patch**2}
-        parts, selection = columnar_flops(plan, channels=c, heads=spec.heads, mlp_hidden=spec.mlp_hidden,
-                                          extra_tokens=1, parts=parts)
-        parts["head"] = c * spec.num_classes
+        parts, selection = tubelet_vit_parts(spec, self.plan(spec, config), extra_tokens=1)
+        parts["head"] = spec.hidden * spec.num_classes
         return FlopCount(sum(parts.values()), selection, parts)
 
     def build(self, spec: VivitSpec, attn_implementation: str = "sdpa") -> nn.Module:
@@ -192,13 +184,8 @@ class VivitFamily(Family):
     def final_features(self, model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """The last block's patch tokens (before the final norm, CLS removed); when pruned, the
         kept ones with their original indices."""
-        captured: list[Tensor] = []
-        handle = _backbone(model).layers[-1].register_forward_hook(lambda m, i, o: captured.append(o))
-        try:
-            model(x)
-        finally:
-            handle.remove()
-        return captured[0][:, 1:], final_kept(model)
+        tokens = capture_output(_backbone(model).layers[-1], lambda: model(x))
+        return tokens[:, 1:], final_kept(model)
 
 
 FAMILY = VivitFamily()

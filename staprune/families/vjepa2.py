@@ -41,13 +41,21 @@ from torch import Tensor, nn
 
 from ..config import PruningPlan, STAConfig, resolve_plan
 from ..data.sampling import ViewProtocol
-from ..data.transforms import Preprocessing
 from ..errors import ConfigError
-from ..flops import FlopCount, add_parts, columnar_flops, final_tokens
+from ..flops import FlopCount, add_parts, final_tokens, tubelet_vit_parts
 from ..patch import columnar, final_kept
 from ..patch.common import Patch
-from .base import Family, FamilyModels, ModelEntry, Spec, StageGrid, TokenGeometry
-from .videomae import check_frames, scaled_levels
+from .base import (
+    Family,
+    FamilyModels,
+    ModelEntry,
+    Spec,
+    StageGrid,
+    TokenGeometry,
+    capture_output,
+    check_frames,
+    scaled_levels,
+)
 
 
 @dataclass(frozen=True)
@@ -101,12 +109,10 @@ def patch_vjepa2(model: nn.Module, config: STAConfig, *, rotated_keys: bool = Fa
         rotated_keys: take the similarity from keys (or queries) *after* their rotary rotation
             instead of before (the default; see the module docstring).
     """
-    if config.method == "tome":
-        raise ConfigError("method='tome' is supported for VideoMAE only; for V-JEPA 2 use sta, random or none")
     backbone = _backbone(model)
     hf = backbone.config
     layers = backbone.encoder.layer
-    plan = FAMILY.plan(FAMILY.spec_of(model), config)  # validate now, before any forward pass
+    plan = FAMILY.plan(FAMILY.spec_of(model), config)  # validate now, before any forward pass (refuses ToMe too)
     p = Patch(config)
 
     def build(frames: int, tokens: int) -> PruningPlan:
@@ -213,9 +219,8 @@ class VJEPA2Family(Family):
         tokens the encoder leaves: ``pooler_layers`` transformer blocks (MLP 4C) plus a cross
         attention from one query (``C² + 2·L_f·C² + 2·L_f·C`` and a one-token MLP), then ``C·classes``."""
         plan = self.plan(spec, config)
-        c, length = spec.hidden, plan.frames * plan.tokens_per_frame
-        parts: dict[str, float] = {"embed": length * c * spec.in_chans * spec.tubelet * spec.patch**2}
-        parts, selection = columnar_flops(plan, channels=c, heads=spec.heads, mlp_hidden=spec.mlp_hidden, parts=parts)
+        c = spec.hidden
+        parts, selection = tubelet_vit_parts(spec, plan)
         if spec.num_classes:
             n = final_tokens(plan)
             pooler = spec.pooler_layers * (4 * n * c * c + 2 * n * n * c + 2 * n * c * 4 * c)
@@ -242,22 +247,16 @@ class VJEPA2Family(Family):
         )
         return VJEPA2ForVideoClassification(cfg).eval()
 
-    def preprocessing(self, size: int) -> Preprocessing:
-        return Preprocessing.imagenet_default(size)
-
     # analysis
     def blocks(self, model: nn.Module) -> list[tuple[nn.Module, int]]:
         return [(layer, 0) for layer in _backbone(model).encoder.layer]
 
     def final_features(self, model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """The last encoder block's tokens (before the final norm); when pruned, the kept ones."""
-        captured: list[Tensor] = []
-        handle = _backbone(model).encoder.layer[-1].register_forward_hook(lambda m, i, o: captured.append(o[0]))
-        try:
-            model(x) if hasattr(model, "vjepa2") else model(x, skip_predictor=True)
-        finally:
-            handle.remove()
-        return captured[0], final_kept(model)
+        def run():
+            return model(x) if hasattr(model, "vjepa2") else model(x, skip_predictor=True)
+
+        return capture_output(_backbone(model).encoder.layer[-1], run)[0], final_kept(model)
 
 
 FAMILY = VJEPA2Family()
