@@ -23,10 +23,10 @@ from dataclasses import asdict
 
 import torch
 
-from staprune.bench import BenchRow, Variant, summarize, time_variants
+from staprune.api.flops import analytic_flops
+from staprune.api.models import build_model, example_input, get_spec
+from staprune.commands.bench import BenchRow, Variant, summarize, time_variants
 from staprune.families import find_model
-from staprune.flops import analytic_flops
-from staprune.models import build_model, example_input, get_spec
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -22,8 +22,8 @@ from collections.abc import Callable
 import torch
 import torchvision
 
-from staprune.flops import flop_counter
-from staprune.patch import patch
+from staprune.api.patching import patch
+from staprune.core.flops import flop_counter
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 import staprune
-from staprune import finetune as ft
+from staprune.commands import finetune as ft
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

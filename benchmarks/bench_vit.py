@@ -21,8 +21,8 @@ from dataclasses import asdict
 
 import torch
 
-from staprune.bench import BenchRow, Variant, summarize, time_variants
-from staprune.models import build_model, example_input, get_spec
+from staprune.api.models import build_model, example_input, get_spec
+from staprune.commands.bench import BenchRow, Variant, summarize, time_variants
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

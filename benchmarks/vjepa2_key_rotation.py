@@ -75,7 +75,7 @@ def transplant() -> torch.nn.Module:
 def fine_tune(model: torch.nn.Module, steps: int, batch: int, lr: float, train_clips: int) -> list[float]:
     """AdamW (staprune finetune's recipe: warm-up, cosine decay, label smoothing 0.1), random batches
     from a fixed set of generated training clips; returns the per-step losses."""
-    from staprune import finetune as ft
+    from staprune.commands import finetune as ft
     from staprune.families import family_of
 
     clips, labels = generate(train_clips, TRAIN_SEED)

@@ -8,18 +8,18 @@ import importlib
 import os
 import sys
 
-from .errors import StapruneError
+from .core.errors import StapruneError
 
 # name -> (module, one-line help)
 COMMANDS = {
-    "flops": ("staprune.flops", "GFLOPs per view of a model under a pruning config (paper Tables 2, 3)"),
-    "bench": ("staprune.bench", "throughput, latency and peak memory: dense vs pruned"),
-    "visualize": ("staprune.analysis.visualize_cli", "kept-token pictures per pruning stage (paper Fig. 4)"),
-    "analyze": ("staprune.analysis.cli", "trajectory sum (Eq. 6) and GradNorm (Eq. 7) analyses"),
-    "demo": ("staprune.demo.runner", "dense vs STA vs baselines on the bundled demo models (needs their weights)"),
-    "finetune": ("staprune.finetune", "fine-tune dense or pruned (STA/random) models; resumable; torchrun"),
-    "eval": ("staprune.evaluate", "multi-view accuracy on a video list (one machine or torchrun), resumable"),
-    "ablate": ("staprune.ablate", "the paper's ablation tables (6a-e, supp. 2-3) on a model and data, resumable"),
+    "flops": ("staprune.commands.flops", "GFLOPs per view of a model under a pruning config (paper Tables 2, 3)"),
+    "bench": ("staprune.commands.bench", "throughput, latency and peak memory: dense vs pruned"),
+    "visualize": ("staprune.commands.visualize", "kept-token pictures per pruning stage (paper Fig. 4)"),
+    "analyze": ("staprune.commands.analyze", "trajectory sum (Eq. 6) and GradNorm (Eq. 7) analyses"),
+    "demo": ("staprune.commands.demo", "dense vs STA vs baselines on the bundled demo models (needs their weights)"),
+    "finetune": ("staprune.commands.finetune", "fine-tune dense or pruned (STA/random) models; resumable; torchrun"),
+    "eval": ("staprune.commands.evaluate", "multi-view accuracy on a video list (one machine or torchrun), resumable"),
+    "ablate": ("staprune.commands.ablate", "the paper's ablation tables (6a-e, supp. 2-3) on a model and data, resumable"),
 }
 
 

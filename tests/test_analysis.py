@@ -16,8 +16,6 @@ import torch
 from PIL import Image
 
 import staprune
-from staprune.analysis import cli as analyze_cli
-from staprune.analysis import visualize_cli
 from staprune.analysis.backbones import describe
 from staprune.analysis.gradnorm import gradnorm, mass_fraction, random_mass_fraction
 from staprune.analysis.inputs import Clip, LoadedModel, clip_indices, load_model, read_clip
@@ -31,6 +29,8 @@ from staprune.analysis.visualize import (
     save_png,
     tile_origin,
 )
+from staprune.commands import analyze as analyze_cli
+from staprune.commands import visualize as visualize_cli
 from staprune.data import Preprocessing, write_video
 
 SIZE, FRAMES = 64, 8  # tiny ViT: 4 tubelet-frames of 4x4 tokens

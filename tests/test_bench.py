@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import staprune
-from staprune.bench import BenchRow, Variant, summarize, time_variants
-from staprune.flops import analytic_flops
-from staprune.models import example_input, spec_of_model
+from staprune.api.flops import analytic_flops
+from staprune.api.models import example_input, spec_of_model
+from staprune.commands.bench import BenchRow, Variant, summarize, time_variants
 
 
 def _tiny_vit():

@@ -9,8 +9,10 @@ import re
 import pytest
 import torch
 
-from staprune.checkpoints import CheckpointError, load, load_hf, read_state_dict
+from staprune.api.loading import load, load_hf
+from staprune.core.errors import CheckpointError
 from staprune.families.videomae import load_videomae_release, map_qv_bias
+from staprune.storage.state_dicts import read_state_dict
 
 
 def _hf_model(hidden: int = 32, heads: int = 2, layers: int = 2, mean_pooling: bool = True, seed: int = 0,

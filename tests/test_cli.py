@@ -32,7 +32,7 @@ def test_traceback_on_request(monkeypatch, tmp_path):
 
 
 def test_eval_without_model_and_data_runs_the_demo(monkeypatch, tmp_path, capsys):
-    from staprune.demo import runner
+    from staprune.commands import demo as runner
 
     calls = []
     monkeypatch.setattr(runner, "main", lambda argv: calls.append(argv) or 0)

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import staprune
+from staprune.core.errors import CheckpointError
 from staprune.demo import models
 from staprune.demo.data import NUM_CLASSES, generate, to_model_input
 from staprune.demo.train import HFLIP, REVERSE, VFLIP
-from staprune.errors import CheckpointError
 
 
 def test_vit_geometry_and_pruning():
@@ -96,7 +96,7 @@ def test_bundled_weights_reach_stated_accuracy(name):
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
     # The pipeline, independent of the bundled weights' quality: untrained weights in a temp dir.
-    from staprune.demo.runner import main
+    from staprune.commands.demo import main
 
     torch.manual_seed(0)
     for name, build in models.BUILDERS.items():
@@ -122,7 +122,7 @@ def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.slow
 def test_demo_runs_the_installed_models_and_names_the_missing_one(tmp_path, capsys, monkeypatch):
-    from staprune.demo.runner import main
+    from staprune.commands.demo import main
 
     torch.manual_seed(0)
     models.save_demo_weights(models.build_demo_vit(), "demo-vit", tmp_path / "weights" / "demo-vit.safetensors")
@@ -278,7 +278,7 @@ def test_flops_command_takes_the_demo_models(capsys):
     """`staprune flops --model demo-vit|demo-swin` counts them at their own 16x112² geometry and
     pruning levels; analytic and measured counts agree."""
     from staprune.cli import main
-    from staprune.demo.runner import LEVELS
+    from staprune.commands.demo import LEVELS
 
     for name in models.DEMO_MODELS:
         counts = {}
@@ -294,7 +294,7 @@ def test_flops_command_takes_the_demo_models(capsys):
 
 
 def test_demo_models_refuse_other_geometry():
-    from staprune.models import load_model, spec_of_model
+    from staprune.api.models import load_model, spec_of_model
 
     swin = load_model("demo-swin")
     assert (spec_of_model(swin).frames, spec_of_model(swin).size) == (16, 112)  # not Swin's 32x224²
@@ -306,7 +306,7 @@ def test_demo_plot_shares_one_readable_y_scale(tmp_path, monkeypatch):
     """Panels share the y axis, and differences of tenths of a point are not blown up to fill it."""
     import matplotlib.pyplot as plt
 
-    from staprune.demo.runner import MIN_Y_SPAN, Row, plot
+    from staprune.commands.demo import MIN_Y_SPAN, Row, plot
 
     rows = [Row("demo-vit", "dense", 0, 0.94, 0.78, 90.0), Row("demo-vit", "sta", 8, 0.85, 0.61, 110.0),
             Row("demo-swin", "dense", 0, 0.925, 0.78, 90.0), Row("demo-swin", "sta", 4, 0.928, 0.73, 95.0)]

@@ -18,8 +18,14 @@ import pytest
 import torch
 
 from staprune.cli import main
+from staprune.commands.evaluate import (
+    clip_frame_indices,
+    read_records,
+    repair_tail,
+    resolve_protocol,
+    video_views,
+)
 from staprune.data import Preprocessing, ViewProtocol, write_video
-from staprune.evaluate import clip_frame_indices, read_records, repair_tail, resolve_protocol, video_views
 from staprune.families import family_named
 
 NUM_VIDEOS, NUM_FRAMES, HEIGHT, WIDTH, CLASSES = 10, 40, 64, 80, 5
@@ -92,7 +98,7 @@ def _cli_env(**extra: str) -> dict[str, str]:
 
 def _run(out: Path, name: str, model: Path | None = None) -> Path:
     """The records folder of one (method, r) of the test model inside ``--out``."""
-    from staprune.evaluate import model_dirname
+    from staprune.commands.evaluate import model_dirname
 
     return out / model_dirname(f"hf:{model or ASSET_MODEL[0]}") / name
 
@@ -194,7 +200,7 @@ def test_scores_are_mean_softmax_over_views(assets, reference):
     """A stored score vector equals the mean over the video's views of softmax(logits), computed here
     directly with the patched model, one video at a time (the evaluator batches across videos)."""
     import staprune
-    from staprune.checkpoints import load
+    from staprune.api.loading import load
 
     out, _ = reference
     loaded = load(str(assets["model"]))
@@ -331,7 +337,7 @@ def test_swin_dense_and_pruned_evaluate(assets, tmp_path, monkeypatch, capsys):
     swin = SwinTransformer3d(patch_size=[2, 4, 4], embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
                              window_size=[2, 4, 4], num_classes=CLASSES).eval()
     fake = LoadedModel(swin, family_named("swin3d"), Preprocessing.kinetics_swin(64), CLASSES, None, None, "tiny-swin")
-    monkeypatch.setattr("staprune.evaluate.load", lambda *a, **k: fake)
+    monkeypatch.setattr("staprune.commands.evaluate.load", lambda *a, **k: fake)
     base = ["eval", "--model", "tiny", "--data", str(assets["good"]), "--workers", "0", "--json", *COMMON]
     assert main([*base, "--out", str(tmp_path / "dense"), "--method", "none"]) == 0
     (dense,) = json.loads(capsys.readouterr().out)

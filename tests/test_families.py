@@ -16,10 +16,11 @@ import torch
 from conftest import tiny_swin, tiny_timesformer, tiny_videomae, tiny_vivit, tiny_vjepa2
 
 import staprune
-from staprune.config import STAConfig, resolve_plan
+from staprune.adapters.filled_grid import nearest_kept_fill
+from staprune.api.flops import analytic_flops
+from staprune.core.config import STAConfig, resolve_plan
+from staprune.core.flops import measure_flops
 from staprune.families import family_of
-from staprune.flops import analytic_flops, measure_flops
-from staprune.patch.common import nearest_kept_fill
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -369,7 +370,7 @@ def _first_stage_inputs(model, family, x):
 def test_cls_token_is_never_dropped_and_takes_no_part_in_scoring(family):
     """The first stage's kept set is STA run on block 0's patch tokens and patch keys alone, and the
     CLS token stays in the sequence (the logits read it)."""
-    from staprune.score import head_mean, sta_keep_indices
+    from staprune.core.score import head_mean, sta_keep_indices
 
     model = CASES[family].model()
     x = CASES[family].input(2)

@@ -16,9 +16,9 @@ import pytest
 import torch
 from conftest import tiny_timesformer, tiny_vivit, tiny_vjepa2
 
+from staprune.api.flops import analytic_flops
 from staprune.cli import main
 from staprune.data import write_video
-from staprune.flops import analytic_flops
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = {"vivit": (tiny_vivit, 16), "vjepa2": (tiny_vjepa2, 16), "timesformer": (tiny_timesformer, 8)}

@@ -18,7 +18,7 @@ import torch
 from conftest import tiny_swin
 
 import staprune
-from staprune import finetune as ft
+from staprune.commands import finetune as ft
 from staprune.families import family_named
 
 VIDEOMAE, SWIN = family_named("videomae"), family_named("swin3d")

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import staprune
-from staprune.config import STAConfig, resolve_plan
-from staprune.flops import analytic_flops, flop_counter, measure_flops, paper_tables, r_for_budget
-from staprune.models import build_model, example_input, get_spec, load_model, names, spec_of_model
+from staprune.api.flops import analytic_flops, paper_tables, r_for_budget
+from staprune.api.models import build_model, example_input, get_spec, load_model, names, spec_of_model
+from staprune.core.config import STAConfig, resolve_plan
+from staprune.core.flops import flop_counter, measure_flops
 
 PAPER_GFLOPS = paper_tables()
 

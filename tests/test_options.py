@@ -7,9 +7,9 @@ import torch
 from conftest import clips, tiny_videomae
 
 import staprune
-from staprune.baselines import random_keep_indices, tome_merge
-from staprune.config import STAConfig, resolve_plan
-from staprune.score import (
+from staprune.core.baselines import random_keep_indices, tome_merge
+from staprune.core.config import STAConfig, resolve_plan
+from staprune.core.score import (
     PerSampleRandom,
     bipartite_first_unit,
     grid_first_unit,

@@ -187,8 +187,8 @@ def test_ablate_lists_every_setting_and_resumes_to_the_same_rows(tmp_path):
 
 def test_ablate_settings_follow_the_paper():
     """6d and the stage count of s3 run at the default's FLOPs; placements are spread like 1-9-17."""
-    from staprune.ablate import placements, settings_for
-    from staprune.checkpoints import load
+    from staprune.api.loading import load
+    from staprune.commands.ablate import placements, settings_for
 
     loaded = load("ViT-L")
     spec = loaded.family.spec_of(loaded.model)

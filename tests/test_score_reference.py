@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from staprune.score import sta_keep_indices
+from staprune.core.score import sta_keep_indices
 
 
 def _unit_vec(v: list[float]) -> list[float]:

@@ -15,6 +15,9 @@ from torchvision.models.video.swin_transformer import (
     shifted_window_attention_3d,
 )
 
+from staprune.adapters.state import kept_tokens
+from staprune.api.patching import patch, supported, unpatch
+from staprune.core.flops import flop_counter
 from staprune.families import swin3d
 from staprune.families.swin3d import (
     FusedWindowAttention,
@@ -27,8 +30,6 @@ from staprune.families.swin3d import (
     swin_stage_drops,
     window_layout,
 )
-from staprune.flops import flop_counter
-from staprune.patch import kept_tokens, patch, supported, unpatch
 
 # 8x100x76 input, patch (2,4,4): T=4, stage grids 25x19, 13x10, 7x5, 4x3. Window (2,7,7) needs
 # padding in stages 1-3 and shrinks to the grid in stage 4.

@@ -158,7 +158,7 @@ def test_bad_invocation_is_one_line_exit_2_and_leaves_results_alone(assets, name
 @pytest.mark.parametrize("command", ["eval", "demo", "visualize", "finetune"])
 def test_read_only_output_is_one_line(assets, monkeypatch, command):
     """A read-only file system (EROFS, not only permissions) is named as such, before any work."""
-    import staprune.outputs as outputs
+    import staprune.storage.outputs as outputs
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
@@ -178,7 +178,7 @@ def test_read_only_output_is_one_line(assets, monkeypatch, command):
 
 
 def test_ctrl_c_during_eval_says_how_to_resume(assets, monkeypatch, tmp_path):
-    import staprune.evaluate as ev
+    import staprune.commands.evaluate as ev
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
@@ -222,7 +222,7 @@ def test_two_models_into_one_out_are_kept_apart(assets, tmp_path):
     assert all((out / r["run_dir"] / "rank0.jsonl").is_file() for r in rows)
     # A later failed result of the same model and config (every video failed) does not replace the
     # complete row; it is reported instead.
-    from staprune.evaluate import merge_results
+    from staprune.commands.evaluate import merge_results
 
     good = next(r for r in rows if r["model"].startswith("hf:"))
     failed = dict(good, videos=0, top1=None, top5=None, failed=["a.mp4"])
@@ -315,7 +315,7 @@ def test_eval_demo_models_by_name(name, demo_clips, tmp_path):
 
 
 def test_bundled_demo_weights_load_by_path():
-    from staprune.checkpoints import load
+    from staprune.api.loading import load
     from staprune.demo.models import load_demo_model, weights_path
 
     by_path = load(str(weights_path("demo-vit")))
@@ -328,7 +328,7 @@ def test_bundled_demo_weights_load_by_path():
 def test_finetuned_checkpoint_is_a_model_every_command_loads(demo_clips, tmp_path):
     from safetensors.torch import load_file
 
-    from staprune.checkpoints import load
+    from staprune.api.loading import load
 
     run = tmp_path / "ft"
     rc, _, _ = _cli("finetune", "--demo", "--model", "demo-vit", "--epochs", "1", "--train-clips", "32",

@@ -8,7 +8,7 @@ import torch
 from conftest import clips, tiny_videomae
 
 import staprune
-from staprune.config import STAConfig, resolve_plan
+from staprune.core.config import STAConfig, resolve_plan
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..adapters.state import kept_stages
 from ..families import Family, StageGrid, TokenGeometry, family_of
-from ..patch import kept_stages
 
 
 @dataclass(frozen=True)

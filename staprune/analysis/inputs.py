@@ -65,7 +65,7 @@ class Clip:
 def load_model(spec: str, frames: int | None = None, size: int | None = None) -> LoadedModel:
     """Load ``spec`` (see module doc) in eval mode, with geometry and preprocessing (the source's
     mean/std; the view size is always the model's input size)."""
-    from ..checkpoints import load
+    from ..api.loading import load
 
     loaded = load(spec, frames=frames, image_size=size)
     model = loaded.model.eval()

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DataError, NotFoundError
+from ..core.errors import DataError, NotFoundError
 
 VIDEO_SUFFIXES: frozenset[str] = frozenset({".mp4", ".avi", ".webm", ".mkv", ".mov"})
 

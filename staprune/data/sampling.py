@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from ..errors import UsageError
+from ..core.errors import UsageError
 
 
 def _check_positive(**values: int) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..errors import DataError
+from ..core.errors import DataError
 from .sampling import spatial_crop_boxes
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)

@@ -18,7 +18,7 @@ import av
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..core.errors import DataError
 
 
 class VideoReadError(DataError):

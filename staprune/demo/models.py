@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import ConfigError, NotFoundError, UnknownModelError, UsageError
+from ..core.errors import ConfigError, NotFoundError, UnknownModelError, UsageError
 from .data import NUM_CLASSES
 
 FRAMES = 16

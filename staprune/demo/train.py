@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 import staprune
 
-from ..errors import CheckpointError, NotFoundError
+from ..core.errors import CheckpointError, NotFoundError
 from .data import NUM_CLASSES, generate, to_model_input
 from .models import (
     BUILDERS,

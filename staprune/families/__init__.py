@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from ..errors import UnknownModelError, UnsupportedModelError, UsageError
+from ..core.errors import UnknownModelError, UnsupportedModelError, UsageError
 from .base import Family, FamilyModels, LoadedModel, ModelEntry, Spec, StageGrid, TokenGeometry
 
 # One line per family, in the order the registry lists them.

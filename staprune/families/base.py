@@ -32,10 +32,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..config import PruningPlan, STAConfig, Stage
+from ..core.config import PruningPlan, STAConfig, Stage
+from ..core.errors import ConfigError, UsageError
 from ..data.sampling import ViewProtocol
 from ..data.transforms import Preprocessing
-from ..errors import ConfigError, UsageError
 
 
 # --- geometry -----------------------------------------------------------------------------------
@@ -265,11 +265,17 @@ class Family:
         protocols: evaluation protocol per dataset (``k400``, ``ssv2``).
         r_name: what the family's r is called in tables (``r``; Video Swin: ``r1``).
         builder_names: architecture names that take a weights file (``--model swin3d_t --weights F``).
-        transformers_classes: for families of Hugging Face models, the ``transformers`` class names
-            it patches, the video classifier first; they give :attr:`classes`, the default
-            :meth:`recognizes` and the default :meth:`load_folder`.
-        any_clip_length: the family's models take clips of any length (the default :meth:`wrap`
-            then records no fixed frame count).
+        supports_tome: the ToMe baseline (``method="tome"``) works on this family (it merges
+            tokens, which needs an attention that can weigh a token by its size).
+        tome_refusal: why ToMe does not apply, for the error of a family that refuses it.
+        block_locations: pruning locations are block indices of one columnar stack (the paper's
+            ViT placement ``0, L/3, 2L/3``), so the ablations over locations apply.
+        stock_kernels_at_r0: a patched model that drops nothing runs the stock model's kernels
+            (False for Video Swin, whose patch fuses window attention even at r=0).
+        supports_gradient_checkpointing: pruning layers may sit inside transformers' per-layer
+            activation checkpointing (their forward replaces the instance's, so they run once).
+        no_weight_decay: parameter-name fragments fine-tuning exempts from weight decay (besides
+            biases and norms), e.g. Swin's relative-position tables.
     """
 
     name: ClassVar[str] = ""
@@ -280,30 +286,24 @@ class Family:
     protocols: ClassVar[Mapping[str, ViewProtocol]] = {}
     r_name: ClassVar[str] = "r"
     builder_names: ClassVar[tuple[str, ...]] = ()
-    transformers_classes: ClassVar[tuple[str, ...]] = ()
-    any_clip_length: ClassVar[bool] = False
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.transformers_classes and "classes" not in cls.__dict__:
-            cls.classes = tuple(f"transformers {name}" for name in cls.transformers_classes)
-
-    def _transformers_class(self, name: str) -> type | None:
-        """A ``transformers`` class by name (None when transformers or the class is missing)."""
-        try:
-            import transformers
-        except ImportError:
-            return None
-        return getattr(transformers, name, None)
+    supports_tome: ClassVar[bool] = False
+    tome_refusal: ClassVar[str] = "ToMe is implemented for VideoMAE only"
+    block_locations: ClassVar[bool] = True
+    stock_kernels_at_r0: ClassVar[bool] = True
+    supports_gradient_checkpointing: ClassVar[bool] = False
+    no_weight_decay: ClassVar[tuple[str, ...]] = ()
 
     # recognition and patching ------------------------------------------------------------------
     def recognizes(self, model: nn.Module) -> bool:
-        """Whether ``model`` is one this family patches (default: an instance of one of
-        :attr:`transformers_classes`)."""
-        if not self.transformers_classes:
-            raise NotImplementedError
-        found = [cls for name in self.transformers_classes if (cls := self._transformers_class(name)) is not None]
-        return bool(found) and isinstance(model, tuple(found))
+        """Whether ``model`` is one this family patches."""
+        raise NotImplementedError
+
+    def check_method(self, config: STAConfig) -> None:
+        """Refuse a method this family cannot run (ToMe where :attr:`supports_tome` is False)."""
+        if config.method == "tome" and not self.supports_tome:
+            raise ConfigError(
+                f"method='tome' is not supported for {self.title}: {self.tome_refusal}; use sta, random or none"
+            )
 
     def patch(self, model: nn.Module, config: STAConfig) -> nn.Module:
         """Patch ``model`` in place (see :func:`staprune.patch`); validates ``config`` first."""
@@ -353,25 +353,14 @@ class Family:
         raise NotImplementedError
 
     def wrap(self, model: nn.Module, source: str, folder: Path | None = None) -> LoadedModel:
-        """A :class:`LoadedModel` for a built model of this family (input geometry read off the
-        model; preprocessing from a HF ``folder``'s processor config when given)."""
-        from ..checkpoints import hf_preprocessing  # checkpoints imports this module
-
-        spec = self.spec_of(model)
-        preprocessing = hf_preprocessing(folder, spec.size, self.preprocessing(spec.size))
-        frames = None if self.any_clip_length else spec.frames
-        return LoadedModel(model.eval(), self, preprocessing, spec.num_classes, frames, spec.size, source)
+        """A :class:`LoadedModel` for a built model of this family (``folder``: where it was loaded
+        from, when its preprocessing is stored there)."""
+        raise NotImplementedError
 
     def load_folder(self, folder: Path, name: str) -> LoadedModel:
         """A model from a HF folder whose ``config.json`` has one of :attr:`hf_model_types`,
-        every stored tensor verified. ``name`` is what the user gave (folder or hub id).
-        Default: the first of :attr:`transformers_classes` (the video classifier)."""
-        from ..checkpoints import load_hf_pretrained  # checkpoints imports this module
-
-        classifier = self._transformers_class(self.transformers_classes[0]) if self.transformers_classes else None
-        if classifier is None:
-            raise NotImplementedError(f"{self.title} cannot be loaded from a Hugging Face folder")
-        return self.wrap(load_hf_pretrained(classifier, folder, name), f"hf:{name}", folder)
+        every stored tensor verified. ``name`` is what the user gave (folder or hub id)."""
+        raise NotImplementedError(f"{self.title} cannot be loaded from a Hugging Face folder")
 
     def claims_file(self, state: Mapping[str, Tensor]) -> bool:
         """Whether a state dict read from a file is in a layout :meth:`load_file` reads."""

@@ -60,14 +60,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checkpoints import CheckpointError, listing, load_verified, read_state_dict
-from ..config import PruningPlan, STAConfig, Stage, stage_directions, stage_feasible
+from ..adapters.filled_grid import nearest_kept_fill
+from ..adapters.state import Patch, current_stage
+from ..core.config import PruningPlan, STAConfig, Stage, stage_directions, stage_feasible
+from ..core.errors import CheckpointError, ConfigError, UnknownModelError, UnsupportedModelError
+from ..core.flops import FlopCount, add_parts, metric_dim, sta_selection_flops
+from ..core.score import gather_tokens, head_mean
 from ..data.sampling import ViewProtocol
 from ..data.transforms import Preprocessing
-from ..errors import ConfigError, UnknownModelError, UnsupportedModelError
-from ..flops import FlopCount, add_parts, metric_dim, sta_selection_flops
-from ..patch.common import Patch, current_stage, nearest_kept_fill
-from ..score import gather_tokens, head_mean
+from ..storage.state_dicts import listing, load_verified, read_state_dict
 from .base import (
     Family,
     FamilyModels,
@@ -650,8 +651,7 @@ def resolve_swin_plan(config: STAConfig, frames: int, grids: Sequence[tuple[int,
         grids: spatial token grid ``(h, w)`` of Swin stages 2, 3 and 4 (of every stage after the
             first, for models with fewer stages).
     """
-    if config.method == "tome":
-        raise ConfigError("method='tome' is not supported for Video Swin (window attention needs a full grid)")
+    FAMILY.check_method(config)
     stages = _swin_stages(config, config.r, frames, grids)
     for stage in stages:
         if not stage_feasible(config, stage):
@@ -818,6 +818,10 @@ class Swin3dFamily(Family):
     }
     r_name = "r1"
     builder_names = SWIN_NAMES
+    tome_refusal = "window attention needs a full grid"
+    block_locations = False  # prunes at the start of its stages, not after blocks of one stack
+    stock_kernels_at_r0 = False  # the patch fuses window attention even when nothing is dropped
+    no_weight_decay = ("relative_position",)  # the relative-position bias tables, as Video Swin's recipe
 
     def recognizes(self, model: nn.Module) -> bool:
         return is_swin3d(model)
@@ -910,7 +914,7 @@ class Swin3dFamily(Family):
     def final_features(self, model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """The last stage's output before the final norm; when that stage was pruned only its kept
         positions (the refilled ones are copies)."""
-        from ..patch import final_kept, kept_stages
+        from ..adapters.state import final_kept, kept_stages
 
         tokens = capture_output(model.features[-1], lambda: model(x)).flatten(1, 3)  # (B, T, h, w, C) -> (B, L, C)
         source = final_kept(model)

@@ -38,25 +38,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import PruningPlan, STAConfig, resolve_plan
+from ..adapters.filled_grid import nearest_kept_fill
+from ..adapters.state import Patch, current_stage, final_kept
+from ..core.config import STAConfig
+from ..core.errors import ConfigError
+from ..core.flops import FlopCount, add_parts, metric_dim, sta_selection_flops, tokens_per_block
+from ..core.score import gather_tokens, head_mean
 from ..data.sampling import ViewProtocol
-from ..errors import ConfigError
-from ..flops import FlopCount, add_parts, metric_dim, sta_selection_flops, tokens_per_block
-from ..patch import final_kept
-from ..patch.common import Patch, current_stage, nearest_kept_fill
-from ..score import gather_tokens, head_mean
 from .base import (
-    Family,
     FamilyModels,
     ModelEntry,
     Spec,
     StageGrid,
-    TokenGeometry,
-    capture_output,
     check_fixed_clip,
     scaled_levels,
     side,
 )
+from .hf import HuggingFaceFamily
 
 _QKV_PART = {"query": 0, "key": 1, "value": 2}
 
@@ -77,16 +75,17 @@ class TimesformerSpec(Spec):
     in_chans: int = 3
 
     @property
+    def tubelet(self) -> int:
+        """Input frames per temporal token position: one (each frame is its own grid)."""
+        return 1
+
+    @property
     def grid_side(self) -> int:
         return self.size // self.patch
 
     @property
     def tokens_per_frame(self) -> int:
         return self.grid_side**2
-
-
-def _backbone(model: nn.Module) -> nn.Module:
-    return model.timesformer if hasattr(model, "timesformer") else model
 
 
 # --- tensors of a divided block -----------------------------------------------------------------
@@ -188,7 +187,7 @@ def _make_layer(p: Patch, index: int, frames: int, grid_hw: tuple[int, int], hea
 
 def patch_timesformer(model: nn.Module, config: STAConfig) -> nn.Module:
     """Patch a TimeSformer in place (see :func:`staprune.patch`)."""
-    backbone = _backbone(model)
+    backbone = FAMILY.backbone(model)
     hf = backbone.config
     if hf.attention_type != "divided_space_time":
         raise ConfigError(
@@ -225,10 +224,14 @@ def patch_timesformer(model: nn.Module, config: STAConfig) -> nn.Module:
 
 
 # --- the family ---------------------------------------------------------------------------------
-class TimesformerFamily(Family):
+class TimesformerFamily(HuggingFaceFamily):
     name = "timesformer"
     title = "TimeSformer, divided space-time attention (transformers)"
     transformers_classes = ("TimesformerForVideoClassification", "TimesformerModel")
+    backbone_attribute = "timesformer"
+    clip_owner = "this TimeSformer"
+    extra_tokens = 1  # CLS
+    tome_refusal = "divided attention needs full grids"
     hf_model_types = ("timesformer",)
     protocols = {
         "k400": ViewProtocol(clips=1, crops=3, frames=8, stride=32, sampling="uniform"),
@@ -239,9 +242,8 @@ class TimesformerFamily(Family):
         return patch_timesformer(model, config)
 
     def spec_of(self, model: nn.Module, frames: int | None = None, size: int | None = None) -> TimesformerSpec:
-        hf = _backbone(model).config
+        hf = self.backbone(model).config
         image, patch = side(hf.image_size), side(hf.patch_size)
-        classifier = getattr(model, "classifier", None)
         return TimesformerSpec(
             hidden=hf.hidden_size,
             layers=hf.num_hidden_layers,
@@ -250,21 +252,9 @@ class TimesformerFamily(Family):
             frames=hf.num_frames,
             size=image,
             patch=patch,
-            num_classes=getattr(classifier, "out_features", 0) or 0,
+            num_classes=self.num_classes_of(model),
             in_chans=hf.num_channels,
         ).with_input(frames, size)
-
-    def geometry(self, spec: TimesformerSpec) -> TokenGeometry:
-        grid = StageGrid("tokens", spec.frames, spec.grid_side, spec.grid_side, spec.patch)
-        return TokenGeometry(spec.frames, spec.size, 1, (grid,), extra_tokens=1)
-
-    def plan(self, spec: TimesformerSpec, config: STAConfig) -> PruningPlan:
-        if config.method == "tome":
-            raise ConfigError("method='tome' is not supported for TimeSformer (divided attention needs full grids)")
-        return resolve_plan(config, spec.layers, spec.frames, spec.tokens_per_frame, tubelet=1)
-
-    def levels(self, spec: TimesformerSpec) -> tuple[int, ...]:
-        return scaled_levels(spec.tokens_per_frame)
 
     def flops(self, spec: TimesformerSpec, config: STAConfig) -> FlopCount:
         """What runs, block by block (``K`` patch tokens in the residual stream, ``T`` frames, ``N``
@@ -309,16 +299,13 @@ class TimesformerFamily(Family):
         return TimesformerForVideoClassification(cfg).eval()
 
     # analysis
-    def blocks(self, model: nn.Module) -> list[tuple[nn.Module, int]]:
-        return [(layer, 0) for layer in _backbone(model).encoder.layer]
-
     def patch_tokens(self, output: Tensor, grid: StageGrid) -> Tensor:
         return space_major_to_time_major(output[:, 1:], grid.frames)
 
     def final_features(self, model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """The last block's patch tokens (CLS removed, before the final norm), ``t * N + s`` order;
         when pruned, the kept ones with their original indices."""
-        tokens = capture_output(_backbone(model).encoder.layer[-1], lambda: model(x))[0][:, 1:]
+        tokens = self.last_block_output(model, lambda: model(x))[0][:, 1:]
         kept = final_kept(model)
         return (tokens, kept) if kept is not None else (space_major_to_time_major(tokens, self.spec_of(model).frames), None)
 

@@ -31,26 +31,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..baselines import tome_merge
-from ..checkpoints import CheckpointError, listing, load_hf_pretrained, load_verified
-from ..config import PruningPlan, STAConfig, resolve_plan
+from ..adapters.state import Patch, current_stage
+from ..core.baselines import tome_merge
+from ..core.config import PruningPlan, STAConfig, resolve_plan
+from ..core.errors import CheckpointError, ConfigError
+from ..core.flops import FlopCount, tubelet_vit_parts
+from ..core.score import gather_tokens, head_mean
 from ..data.sampling import ViewProtocol
-from ..errors import ConfigError
-from ..flops import FlopCount, tubelet_vit_parts
-from ..patch.common import Patch, current_stage
-from ..score import gather_tokens, head_mean
+from ..storage.state_dicts import listing, load_verified
 from .base import (
     PAPER_VIT_LEVELS,
-    Family,
     FamilyModels,
     LoadedModel,
     ModelEntry,
     Spec,
-    StageGrid,
-    TokenGeometry,
     check_frames,
     scaled_levels,
 )
+from .hf import HuggingFaceFamily, load_hf_pretrained
 
 PAPER_R = (0, *PAPER_VIT_LEVELS)
 
@@ -89,10 +87,6 @@ class ViTSpec(Spec):
 
 
 # --- adapter ------------------------------------------------------------------------------------
-def _backbone(model: nn.Module) -> nn.Module:
-    return model.videomae if hasattr(model, "videomae") else model
-
-
 def _pair(size) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else tuple(size)
 
@@ -211,7 +205,7 @@ def _make_size_weighted_head(p: Patch):
 
 def patch_videomae(model: nn.Module, config: STAConfig) -> nn.Module:
     """Patch a VideoMAE in place (see :func:`staprune.patch`)."""
-    backbone = _backbone(model)
+    backbone = FAMILY.backbone(model)
     hf = backbone.config
     layers = backbone.encoder.layer
     if config.method != "none" and getattr(model, "fc_norm", "absent") is None:
@@ -410,7 +404,7 @@ def load_videomae_release(
     """
     from transformers import VideoMAEForVideoClassification
 
-    from ..checkpoints import read_state_dict
+    from ..storage.state_dicts import read_state_dict
 
     state = read_state_dict(path) if state is None else state
     if not is_videomae_release(state):
@@ -429,10 +423,14 @@ def load_videomae_release(
 
 
 # --- the family ---------------------------------------------------------------------------------
-class VideoMAEFamily(Family):
+class VideoMAEFamily(HuggingFaceFamily):
     name = "videomae"
     title = "VideoMAE / VideoMAE V2 (transformers)"
     transformers_classes = ("VideoMAEForVideoClassification", "VideoMAEModel")
+    backbone_attribute = "videomae"
+    clip_owner = "this VideoMAE"
+    supports_tome = True
+    supports_gradient_checkpointing = True
     hf_model_types = ("videomae",)
     protocols = {
         "k400": ViewProtocol(clips=5, crops=3, frames=16, stride=4, sampling="uniform"),
@@ -444,7 +442,7 @@ class VideoMAEFamily(Family):
 
     # geometry
     def spec_of(self, model: nn.Module, frames: int | None = None, size: int | None = None) -> ViTSpec:
-        hf = _backbone(model).config
+        hf = self.backbone(model).config
         height, _ = _pair(hf.image_size)
         return ViTSpec(
             hidden=hf.hidden_size,
@@ -455,21 +453,9 @@ class VideoMAEFamily(Family):
             size=height,
             tubelet=hf.tubelet_size,
             patch=hf.patch_size,
-            num_classes=getattr(getattr(model, "classifier", None), "out_features", 0) or 0,
+            num_classes=self.num_classes_of(model),
             in_chans=hf.num_channels,
         ).with_input(frames, size)
-
-    def geometry(self, spec: ViTSpec) -> TokenGeometry:
-        t = check_frames(spec.frames, spec.tubelet, "this VideoMAE")
-        grid = StageGrid("tokens", t, spec.grid_side, spec.grid_side, spec.patch)
-        return TokenGeometry(spec.frames, spec.size, spec.tubelet, (grid,))
-
-    def plan(self, spec: ViTSpec, config: STAConfig) -> PruningPlan:
-        grid = self.geometry(spec).grids[0]
-        return resolve_plan(config, spec.layers, grid.frames, grid.tokens_per_frame, tubelet=spec.tubelet)
-
-    def levels(self, spec: ViTSpec) -> tuple[int, ...]:
-        return scaled_levels(spec.tokens_per_frame)
 
     # FLOPs and building
     def flops(self, spec: ViTSpec, config: STAConfig) -> FlopCount:
@@ -520,15 +506,12 @@ class VideoMAEFamily(Family):
         )
 
     # analysis
-    def blocks(self, model: nn.Module) -> list[tuple[nn.Module, int]]:
-        return [(layer, 0) for layer in _backbone(model).encoder.layer]
-
     def final_features(self, model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """The encoder's last hidden state (VideoMAE with a mean-pooling head has no final norm
         there); when pruned, the kept tokens with their original indices."""
-        from ..patch import final_kept
+        from ..adapters.state import final_kept
 
-        tokens = _backbone(model)(x).last_hidden_state
+        tokens = self.backbone(model)(x).last_hidden_state
         return tokens, final_kept(model)
 
 

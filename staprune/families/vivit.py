@@ -22,26 +22,22 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from ..config import PruningPlan, STAConfig, resolve_plan
+from ..adapters import columnar
+from ..adapters.state import Patch, final_kept
+from ..core.config import STAConfig
+from ..core.errors import ConfigError
+from ..core.flops import FlopCount, tubelet_vit_parts
 from ..data.sampling import ViewProtocol
 from ..data.transforms import Preprocessing
-from ..errors import ConfigError
-from ..flops import FlopCount, tubelet_vit_parts
-from ..patch import columnar, final_kept
-from ..patch.common import Patch
 from .base import (
-    Family,
     FamilyModels,
     ModelEntry,
     Spec,
-    StageGrid,
-    TokenGeometry,
-    capture_output,
     check_fixed_clip,
-    check_frames,
     scaled_levels,
     side,
 )
+from .hf import HuggingFaceFamily
 
 
 @dataclass(frozen=True)
@@ -65,13 +61,9 @@ class VivitSpec(Spec):
         return self.size // self.patch
 
 
-def _backbone(model: nn.Module) -> nn.Module:
-    return model.vivit if hasattr(model, "vivit") else model
-
-
 def patch_vivit(model: nn.Module, config: STAConfig) -> nn.Module:
     """Patch a ViViT in place (see :func:`staprune.patch`)."""
-    backbone = _backbone(model)
+    backbone = FAMILY.backbone(model)
     hf = backbone.config
     spec = FAMILY.spec_of(model)
     plan = FAMILY.plan(spec, config)  # validate now, before any forward pass (refuses ToMe too)
@@ -100,10 +92,13 @@ def patch_vivit(model: nn.Module, config: STAConfig) -> nn.Module:
     return model
 
 
-class VivitFamily(Family):
+class VivitFamily(HuggingFaceFamily):
     name = "vivit"
     title = "ViViT (transformers)"
     transformers_classes = ("VivitForVideoClassification", "VivitModel")
+    backbone_attribute = "vivit"
+    clip_owner = "this ViViT"
+    extra_tokens = 1  # CLS
     hf_model_types = ("vivit",)
     protocols = {
         "k400": ViewProtocol(clips=4, crops=3, frames=32, stride=2, sampling="uniform"),
@@ -114,38 +109,22 @@ class VivitFamily(Family):
         return patch_vivit(model, config)
 
     def spec_of(self, model: nn.Module, frames: int | None = None, size: int | None = None) -> VivitSpec:
-        hf = _backbone(model).config
+        hf = self.backbone(model).config
         t_sub, ph, pw = hf.tubelet_size
         if ph != pw:
             raise ConfigError(f"staprune supports square ViViT patches; this one is {ph}x{pw}")
-        image = side(hf.image_size)
-        classifier = getattr(model, "classifier", None)
         return VivitSpec(
             hidden=hf.hidden_size,
             layers=hf.num_hidden_layers,
             heads=hf.num_attention_heads,
             mlp_hidden=hf.intermediate_size,
             frames=hf.num_frames,
-            size=image,
+            size=side(hf.image_size),
             tubelet=t_sub,
             patch=ph,
-            num_classes=getattr(classifier, "out_features", 0) or 0,
+            num_classes=self.num_classes_of(model),
             in_chans=hf.num_channels,
         ).with_input(frames, size)
-
-    def geometry(self, spec: VivitSpec) -> TokenGeometry:
-        t = check_frames(spec.frames, spec.tubelet, "this ViViT")
-        grid = StageGrid("tokens", t, spec.grid_side, spec.grid_side, spec.patch)
-        return TokenGeometry(spec.frames, spec.size, spec.tubelet, (grid,), extra_tokens=1)
-
-    def plan(self, spec: VivitSpec, config: STAConfig) -> PruningPlan:
-        grid = self.geometry(spec).grids[0]
-        if config.method == "tome":
-            raise ConfigError("method='tome' is supported for VideoMAE only; for ViViT use sta, random or none")
-        return resolve_plan(config, spec.layers, grid.frames, grid.tokens_per_frame, tubelet=spec.tubelet)
-
-    def levels(self, spec: VivitSpec) -> tuple[int, ...]:
-        return scaled_levels(spec.grid_side**2)
 
     def flops(self, spec: VivitSpec, config: STAConfig) -> FlopCount:
         """Blocks as :func:`staprune.flops.columnar_flops` with the CLS token in every block;
@@ -175,17 +154,13 @@ class VivitFamily(Family):
         return Preprocessing(size=size, mean=(0.75, 0.75, 0.75), std=(0.25, 0.25, 0.25))
 
     # analysis
-    def blocks(self, model: nn.Module) -> list[tuple[nn.Module, int]]:
-        return [(layer, 0) for layer in _backbone(model).layers]
-
-    def patch_tokens(self, output: Tensor, grid: StageGrid) -> Tensor:
-        return output[:, 1:].reshape(output.shape[0], grid.tokens, output.shape[-1])
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        return self.backbone(model).layers
 
     def final_features(self, model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """The last block's patch tokens (before the final norm, CLS removed); when pruned, the
         kept ones with their original indices."""
-        tokens = capture_output(_backbone(model).layers[-1], lambda: model(x))
-        return tokens[:, 1:], final_kept(model)
+        return self.last_block_output(model, lambda: model(x))[:, 1:], final_kept(model)
 
 
 FAMILY = VivitFamily()

@@ -39,23 +39,20 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from ..config import PruningPlan, STAConfig, resolve_plan
+from ..adapters import columnar
+from ..adapters.state import Patch, final_kept
+from ..core.config import PruningPlan, STAConfig, resolve_plan
+from ..core.errors import ConfigError
+from ..core.flops import FlopCount, add_parts, final_tokens, tubelet_vit_parts
 from ..data.sampling import ViewProtocol
-from ..errors import ConfigError
-from ..flops import FlopCount, add_parts, final_tokens, tubelet_vit_parts
-from ..patch import columnar, final_kept
-from ..patch.common import Patch
 from .base import (
-    Family,
     FamilyModels,
     ModelEntry,
     Spec,
-    StageGrid,
-    TokenGeometry,
-    capture_output,
     check_frames,
     scaled_levels,
 )
+from .hf import HuggingFaceFamily
 
 
 @dataclass(frozen=True)
@@ -84,10 +81,6 @@ class VJEPA2Spec(Spec):
         return int(self.hidden * self.mlp_ratio)
 
 
-def _backbone(model: nn.Module) -> nn.Module:
-    return model.vjepa2 if hasattr(model, "vjepa2") else model
-
-
 def _input_geometry(config, pixels: Tensor) -> tuple[int, int, int]:
     """Tubelet-frames, tokens per frame and grid width of an input ``(B, T, 3, H, W)``; the rotary
     positions decompose indices with the configured ``crop_size`` grid, so the side is fixed."""
@@ -109,7 +102,7 @@ def patch_vjepa2(model: nn.Module, config: STAConfig, *, rotated_keys: bool = Fa
         rotated_keys: take the similarity from keys (or queries) *after* their rotary rotation
             instead of before (the default; see the module docstring).
     """
-    backbone = _backbone(model)
+    backbone = FAMILY.backbone(model)
     hf = backbone.config
     layers = backbone.encoder.layer
     plan = FAMILY.plan(FAMILY.spec_of(model), config)  # validate now, before any forward pass (refuses ToMe too)
@@ -165,10 +158,12 @@ def patch_vjepa2(model: nn.Module, config: STAConfig, *, rotated_keys: bool = Fa
     return model
 
 
-class VJEPA2Family(Family):
+class VJEPA2Family(HuggingFaceFamily):
     name = "vjepa2"
     title = "V-JEPA 2 (transformers)"
     transformers_classes = ("VJEPA2ForVideoClassification", "VJEPA2Model")
+    backbone_attribute = "vjepa2"
+    clip_owner = "V-JEPA 2"
     any_clip_length = True  # rotary positions: any clip length
     hf_model_types = ("vjepa2",)
     # As V-JEPA's attentive-probe evaluation: 16 frames; K400 8 clips x 3 crops at frame step 4,
@@ -182,8 +177,7 @@ class VJEPA2Family(Family):
         return patch_vjepa2(model, config)
 
     def spec_of(self, model: nn.Module, frames: int | None = None, size: int | None = None) -> VJEPA2Spec:
-        hf = _backbone(model).config
-        classifier = getattr(model, "classifier", None)
+        hf = self.backbone(model).config
         pooler = getattr(model, "pooler", None)
         return VJEPA2Spec(
             hidden=hf.hidden_size,
@@ -194,24 +188,10 @@ class VJEPA2Family(Family):
             size=hf.crop_size,
             tubelet=hf.tubelet_size,
             patch=hf.patch_size,
-            num_classes=getattr(classifier, "out_features", 0) or 0,
+            num_classes=self.num_classes_of(model),
             in_chans=hf.in_chans,
             pooler_layers=len(pooler.self_attention_layers) if pooler is not None else 0,
         ).with_input(frames, size)
-
-    def geometry(self, spec: VJEPA2Spec) -> TokenGeometry:
-        t = check_frames(spec.frames, spec.tubelet, "V-JEPA 2")
-        grid = StageGrid("tokens", t, spec.grid_side, spec.grid_side, spec.patch)
-        return TokenGeometry(spec.frames, spec.size, spec.tubelet, (grid,))
-
-    def plan(self, spec: VJEPA2Spec, config: STAConfig) -> PruningPlan:
-        if config.method == "tome":
-            raise ConfigError("method='tome' is supported for VideoMAE only; for V-JEPA 2 use sta, random or none")
-        grid = self.geometry(spec).grids[0]
-        return resolve_plan(config, spec.layers, grid.frames, grid.tokens_per_frame, tubelet=spec.tubelet)
-
-    def levels(self, spec: VJEPA2Spec) -> tuple[int, ...]:
-        return scaled_levels(spec.grid_side**2)
 
     def flops(self, spec: VJEPA2Spec, config: STAConfig) -> FlopCount:
         """Encoder blocks as :func:`staprune.flops.columnar_flops` (the rotation is elementwise: not
@@ -248,15 +228,12 @@ class VJEPA2Family(Family):
         return VJEPA2ForVideoClassification(cfg).eval()
 
     # analysis
-    def blocks(self, model: nn.Module) -> list[tuple[nn.Module, int]]:
-        return [(layer, 0) for layer in _backbone(model).encoder.layer]
-
     def final_features(self, model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """The last encoder block's tokens (before the final norm); when pruned, the kept ones."""
         def run():
             return model(x) if hasattr(model, "vjepa2") else model(x, skip_predictor=True)
 
-        return capture_output(_backbone(model).encoder.layer[-1], run)[0], final_kept(model)
+        return self.last_block_output(model, run)[0], final_kept(model)
 
 
 FAMILY = VJEPA2Family()

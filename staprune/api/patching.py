@@ -6,11 +6,11 @@ from __future__ import annotations
 import copy
 from types import MethodType
 
-from torch import Tensor, nn
+from torch import nn
 
-from ..config import STAConfig, Stage, as_config
-from ..errors import UsageError
-from .common import PATCH_ATTR
+from ..adapters.state import PATCH_ATTR, get_config
+from ..core.config import STAConfig, as_config
+from ..core.errors import UsageError
 
 
 def supported() -> list[str]:
@@ -80,38 +80,3 @@ def unpatch(model: nn.Module) -> nn.Module:
     return model
 
 
-def kept_tokens(model: nn.Module) -> list[Tensor]:
-    """Original (pre-pruning) indices of the tokens kept after each stage of the last forward.
-
-    Returns one ``(B, kept)`` long tensor per stage; index ``t * N + s`` is tubelet-frame ``t``,
-    spatial token ``s``. For ToMe, the index of each merged token's representative.
-    """
-    p = model.__dict__.get(PATCH_ATTR)
-    if p is None:
-        raise UsageError("model is not patched by staprune; call staprune.patch(model, r=...) first")
-    if p.state is None:
-        raise UsageError("no forward pass has run since the model was patched")
-    return list(p.state.kept)
-
-
-def kept_stages(model: nn.Module) -> list[Stage]:
-    """The :class:`~staprune.config.Stage` of each entry of :func:`kept_tokens` (same order):
-    ``layer`` is the block index (ViT) or the Swin stage index (1, 2, 3); stages that drop
-    nothing record nothing."""
-    kept_tokens(model)  # same errors when unpatched or before a forward
-    return list(model.__dict__[PATCH_ATTR].state.kept_stages)
-
-
-def final_kept(model: nn.Module) -> Tensor | None:
-    """Original indices ``(B, K)`` kept after the last stage of the last forward; None when the model
-    is not patched or nothing was pruned."""
-    if get_config(model) is None:
-        return None
-    kept = kept_tokens(model)
-    return kept[-1] if kept else None
-
-
-def get_config(model: nn.Module) -> STAConfig | None:
-    """The config a model was patched with, or None."""
-    p = model.__dict__.get(PATCH_ATTR)
-    return None if p is None else p.config

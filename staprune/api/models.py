@@ -13,10 +13,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .families import family_of, family_of_entry, family_of_spec, model_entry, model_names
-from .families.base import Spec
-from .families.swin3d import SwinSpec
-from .families.videomae import ViTSpec
+from ..families import family_of, family_of_entry, family_of_spec, model_entry, model_names
+from ..families.base import Spec
+from ..families.swin3d import SwinSpec
+from ..families.videomae import ViTSpec
 
 
 def names() -> list[str]:
@@ -53,7 +53,7 @@ def load_model(name_or_path: str, frames: int | None = None, size: int | None = 
     """A registry name (random weights; the demo models their bundled weights), or anything
     :func:`staprune.checkpoints.load` accepts (HF folder or hub id, release .pth, torchvision
     weights), in eval mode."""
-    from .checkpoints import load
+    from .loading import load
 
     return load(name_or_path, frames=frames, image_size=size).model.eval()
 

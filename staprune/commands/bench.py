@@ -29,12 +29,13 @@ from torch import nn
 
 import staprune
 
-from .errors import UsageError
-from .families import levels_of
-from .flops import analytic_flops, wrapping_selection
-from .models import example_input, load_model, spec_of_model
-from .options import add_pruning_arguments, check_pruning_options, pruning_options, recorded
-from .outputs import resolve_device
+from ..api.flops import analytic_flops
+from ..api.models import example_input, load_model, spec_of_model
+from ..core.errors import UsageError
+from ..core.flops import wrapping_selection
+from ..families import levels_of
+from ..runs.arguments import add_pruning_arguments, check_pruning_options, pruning_options, recorded
+from ..runs.devices import resolve_device
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -207,7 +208,7 @@ def cpu_peak_memory_mb(model: str, variant: Variant, *, frames: int | None, size
     """Rise of peak RSS (MiB) during one forward in a fresh process (``None`` if it fails)."""
     spec = {"model": model, "frames": frames, "size": size, "batch_size": batch_size, "dtype": dtype,
             "threads": threads, "r": variant.r, "method": variant.method, "options": recorded(dict(variant.options))}
-    code = f"from staprune.bench import _memory_probe; _memory_probe({json.dumps(json.dumps(spec))})"
+    code = f"from staprune.commands.bench import _memory_probe; _memory_probe({json.dumps(json.dumps(spec))})"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     try:
         return float(json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"])

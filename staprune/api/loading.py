@@ -18,219 +18,17 @@ the model's state dict and any difference raises :class:`CheckpointError`, then 
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
 import os
 import re
-import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .data.transforms import Preprocessing
-from .errors import CheckpointError, NotFoundError, StapruneError, UnknownModelError, UsageError
-from .families.base import LoadedModel
-
-_STATE_DICT_SUFFIXES = frozenset({".pth", ".pt", ".bin", ".safetensors", ".ckpt"})
-# Buffers a model computes itself; a checkpoint may or may not store them.
-_DERIVABLE = re.compile(r"(^|\.)relative_position_index$")
-_MAX_LISTED = 10
-
-
-# --- reading and checking state dicts -----------------------------------------------------------
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Tensors of a checkpoint file, unwrapped and with wrapper prefixes removed.
-
-    Reads ``.safetensors`` with safetensors, anything else with ``torch.load(weights_only=True)``
-    (an ``argparse.Namespace`` of training args is allowed, as in the VideoMAE release files).
-    Descends into ``model`` / ``module`` / ``state_dict`` / ``model_state`` entries and strips a
-    ``module.`` (DDP) or ``_orig_mod.`` (torch.compile) prefix shared by all keys.
-
-    Raises:
-        FileNotFoundError: no such file. CheckpointError: unreadable (truncated, not a checkpoint,
-        pickled objects) or no tensors inside.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise NotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            obj: object = load_file(str(path), device="cpu")
-        except SafetensorError as err:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({err}); is it complete?") from err
-    else:
-        import pickle
-
-        try:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            if "GLOBAL" in str(err) or "Unsupported global" in str(err):  # pickled objects, not only tensors
-                found = re.search(r"GLOBAL ([\w.]+)", str(err))
-                what = f" ({found.group(1)})" if found else ""
-                raise CheckpointError(f"{path}: holds pickled Python objects{what}, which staprune does not load "
-                                      "(torch.load(weights_only=True)); save model.state_dict() instead") from err
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?)") from err
-        except (RuntimeError, EOFError, OSError) as err:
-            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first}); is it complete?") from err
-    while isinstance(obj, Mapping):
-        inner = next((obj[k] for k in ("model", "module", "state_dict", "model_state") if k in obj), None)
-        if not isinstance(inner, Mapping):
-            break
-        obj = inner
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
-    tensors = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
-    if not tensors:
-        raise CheckpointError(f"{path}: no tensors found (top-level keys: {listing(map(str, obj))})")
-    for prefix in ("module.", "_orig_mod."):
-        if all(k.startswith(prefix) for k in tensors):
-            tensors = {k[len(prefix) :]: v for k, v in tensors.items()}
-    return tensors
-
-
-def listing(names: Iterable[str]) -> str:
-    """Up to 10 sorted names, comma-separated, with a count of the rest."""
-    names = sorted(names)
-    shown = ", ".join(names[:_MAX_LISTED])
-    return shown + (f", ... ({len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else "")
-
-
-def verify_state_dict(
-    model: nn.Module, state: Mapping[str, Tensor], source: str, expected: Mapping[str, Tensor] | None = None
-) -> None:
-    """Raise :class:`CheckpointError` unless ``state`` provides exactly the model's tensors.
-
-    Compares names (missing / unexpected) and shapes with ``expected`` (default: the model's state
-    dict); buffers a model derives itself (Swin's ``relative_position_index``) may be absent. Lists
-    up to 10 names per kind of problem.
-    """
-    expected = model.state_dict() if expected is None else expected
-    missing = [k for k in expected if k not in state and not _DERIVABLE.search(k)]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [
-        f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing weight(s): {listing(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected weight(s): {listing(unexpected)}")
-    if shapes:
-        problems.append(f"{len(shapes)} shape mismatch(es): {listing(shapes)}")
-    if problems:
-        raise CheckpointError(f"{source} does not match {type(model).__name__}: " + "; ".join(problems))
-
-
-def load_verified(model: nn.Module, state: Mapping[str, Tensor], source: str) -> nn.Module:
-    """:func:`verify_state_dict`, then copy the tensors in (derivable buffers keep the model's own)."""
-    verify_state_dict(model, state, source)
-    full = dict(model.state_dict())
-    full.update(state)
-    model.load_state_dict(full, strict=True)
-    return model
-
-
-def read_hf_weights(folder: str | Path) -> dict[str, Tensor]:
-    """All tensors of a HF model folder (single or sharded safetensors, else ``pytorch_model*.bin``)."""
-    folder = Path(folder)
-    for index_name, single in (
-        ("model.safetensors.index.json", "model.safetensors"),
-        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
-    ):
-        index = folder / index_name
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-            state: dict[str, Tensor] = {}
-            for shard in shards:
-                state.update(read_state_dict(folder / shard))
-            return state
-        if (folder / single).is_file():
-            return read_state_dict(folder / single)
-    raise CheckpointError(f"{folder}: no model.safetensors or pytorch_model.bin found")
-
-
-# --- Hugging Face folders ----------------------------------------------------------------------
-def hf_preprocessing(folder: Path | None, image_size: int, default: Preprocessing) -> Preprocessing:
-    """A HF folder's ``preprocessor_config.json`` if present, else ``default``; its crop must be the
-    model's input side."""
-    processor = folder / "preprocessor_config.json" if folder is not None else None
-    if processor is not None and processor.is_file():
-        prep = Preprocessing.from_hf_processor_config(processor)
-        if prep.size != image_size:
-            raise CheckpointError(
-                f"{processor}: crop size {prep.size} differs from the model's image_size {image_size}"
-            )
-        return prep
-    return default
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    """No "Loading weights" progress bar from transformers: staprune reports what it loaded itself."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
-
-
-def saved_layout(model: nn.Module) -> dict[str, Tensor]:
-    """The model's tensors under the names ``save_pretrained`` writes: transformers >= 5 renames some
-    models' weights on load (ViViT's ``encoder.layer.N.attention.attention.key`` -> ``layers.N.attention.k_proj``)
-    and back on save; older releases keep the state-dict names."""
-    state = dict(model.state_dict())
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:
-        return state
-    return dict(revert_weight_conversion(model, state))
-
-
-def load_hf_pretrained(cls, folder: Path, name: str, *, fix_state=None) -> nn.Module:
-    """``cls.from_pretrained(folder)``, then every stored tensor compared, name by name and value by
-    value, with what the model holds (in the folder's own naming, :func:`saved_layout`), so nothing is
-    left at its initial value. ``fix_state`` renames keys of an older layout first.
-
-    Raises:
-        CheckpointError: weights that do not fit the folder's config, names that do not match, or
-            stored tensors that did not land in the model.
-    """
-    try:
-        with _quiet_transformers():
-            model = cls.from_pretrained(str(folder))
-    except (OSError, RuntimeError, ValueError) as err:
-        raise CheckpointError(
-            f"{name}: the weights in {folder} do not fit its config.json ({str(err).splitlines()[0][:300]})"
-        ) from err
-    state = read_hf_weights(folder)
-    if fix_state is not None:
-        state = fix_state(state)
-    current = model.state_dict()
-    expected = current if set(state) <= set(current) else saved_layout(model)
-    verify_state_dict(model, state, f"checkpoint {name}", expected)
-    ignored = [k for k in state if not torch.equal(expected[k], state[k].to(expected[k].dtype))]
-    if ignored and expected is not current:
-        raise CheckpointError(f"{name}: {len(ignored)} stored tensors did not load into the model: {listing(ignored)}")
-    if ignored:
-        # This transformers release did not load these (typically q_bias/v_bias); we do.
-        print(f"staprune: {len(ignored)} stored tensors were not loaded by transformers "
-              f"({listing(ignored)}); loading them explicitly", file=sys.stderr)
-        load_verified(model, state, f"checkpoint {name}")
-    return model.eval()
+from ..core.errors import CheckpointError, NotFoundError, StapruneError, UnknownModelError, UsageError
+from ..families.base import LoadedModel
+from ..storage.state_dicts import STATE_DICT_SUFFIXES, listing, load_verified, read_state_dict
 
 
 # --- dispatch -----------------------------------------------------------------------------------
@@ -238,7 +36,7 @@ def _looks_like_path(text: str) -> bool:
     # A hub id is "name" or "org/name"; anything else with path syntax is meant as a local file.
     p = Path(text)
     return (
-        p.suffix in _STATE_DICT_SUFFIXES
+        p.suffix in STATE_DICT_SUFFIXES
         or text.startswith(("/", ".", "~"))
         or text.count("/") > 1
         or os.sep != "/" and os.sep in text
@@ -251,7 +49,7 @@ def _hub_offline() -> bool:
 
 def _family_of_folder(folder: Path, name: str):
     """The family whose ``hf_model_types`` include the folder's ``config.json`` ``model_type``."""
-    from .families import families
+    from ..families import families
 
     config = folder / "config.json"
     if not config.is_file():
@@ -281,7 +79,7 @@ def _hub_folder(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
 
-    from .families import model_names
+    from ..families import model_names
 
     if not _hub_offline():
         try:  # already in the local cache: no network needed
@@ -371,7 +169,7 @@ def load_file(path: Path, *, frames: int | None = None, image_size: int | None =
               num_heads: int | None = None) -> LoadedModel:
     """A state-dict file: one staprune wrote (its card says which architecture, see
     :func:`model_card`), else loaded by the family that recognises its key layout."""
-    from .families import families
+    from ..families import families
 
     state = read_state_dict(path)
     card = model_card(path)
@@ -389,7 +187,7 @@ def load_file(path: Path, *, frames: int | None = None, image_size: int | None =
 def load_registry(name: str, frames: int | None = None, image_size: int | None = None) -> LoadedModel:
     """A registry model: its own weights when the entry has a loader (the demo models), else a
     model of its geometry with RANDOM weights (timing, FLOPs, smoke tests)."""
-    from .families import family_of_entry, model_entry
+    from ..families import family_of_entry, model_entry
 
     entry = model_entry(name)
     spec = entry.spec_for(frames, image_size)
@@ -425,7 +223,7 @@ def load(
         FileNotFoundError: a path that does not exist (or an unloadable hub id).
         CheckpointError: weights that do not match the model (missing / unexpected / shapes).
     """
-    from .families import families, find_model, model_names, suggest
+    from ..families import families, find_model, model_names, suggest
 
     builders = {name: family for family in families() for name in family.builder_names}
     name, _, rest = spec.partition(":")

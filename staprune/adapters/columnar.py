@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..score import gather_tokens, head_mean
-from .common import Patch, current_stage
+from ..core.score import gather_tokens, head_mean
+from .state import Patch, current_stage
 
 _PROJECTIONS = ("query", "key", "value")
 

@@ -17,11 +17,9 @@ import torch
 
 import staprune
 
-from ..options import add_pruning_arguments, check_pruning_options, pruning_options
-from ..outputs import writable_file, write_error
-from .backbones import Backbone
-from .inputs import Clip, add_clip_arguments, load_model, read_clip
-from .visualize import (
+from ..analysis.backbones import Backbone
+from ..analysis.inputs import Clip, add_clip_arguments, load_model, read_clip
+from ..analysis.visualize import (
     IMAGE_FORMATS,
     default_tile_side,
     kept_mask,
@@ -31,6 +29,8 @@ from .visualize import (
     save_gif,
     save_png,
 )
+from ..runs.arguments import add_pruning_arguments, check_pruning_options, pruning_options
+from ..storage.outputs import writable_file, write_error
 
 
 @dataclass

@@ -72,12 +72,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from . import distributed as dist_utils
-from .data.transforms import Preprocessing
-from .errors import DataError, ExistingResultsError, UsageError
-from .families import Family, LoadedModel
-from .options import add_pruning_arguments, check_pruning_options, pruning_options, recorded
-from .outputs import resolve_device, writable_dir
+from ..core.errors import DataError, ExistingResultsError, UsageError
+from ..data.transforms import Preprocessing
+from ..families import Family, LoadedModel
+from ..runs import distributed as dist_utils
+from ..runs.arguments import add_pruning_arguments, check_pruning_options, pruning_options, recorded
+from ..runs.devices import resolve_device
+from ..storage.outputs import writable_dir
 
 METHODS = ("sta", "random", "none")
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
@@ -294,7 +295,7 @@ class ListClipSet(Dataset):
         return len(self.items)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, int]:
-        from .data.video import VideoReadError
+        from ..data.video import VideoReadError
 
         index, seed = key
         for attempt in range(len(self.items)):  # an unreadable video is replaced by the next one
@@ -306,8 +307,8 @@ class ListClipSet(Dataset):
         raise DataError("no training video of the list could be decoded; check --data and --root")
 
     def _clip(self, path: Path, seed: int) -> Tensor:
-        from .data.transforms import normalize, resize_short_side
-        from .data.video import probe, read_frames
+        from ..data.transforms import normalize, resize_short_side
+        from ..data.video import probe, read_frames
 
         g = torch.Generator().manual_seed(int(seed))
         n = probe(path).num_frames
@@ -368,8 +369,8 @@ def load_model(
     without bundled weights), so dense and pruned runs with the same seed start from the same
     weights. Anything else goes through :func:`staprune.checkpoints.load`.
     """
-    from .checkpoints import load
-    from .families import find_model
+    from ..api.loading import load
+    from ..families import find_model
 
     entry = find_model(spec)
     if entry is not None and entry.loader is not None:
@@ -401,7 +402,7 @@ def logits_of(model: nn.Module, x: Tensor, family: Family) -> Tensor:
 
 def pruning_stage_count(model: nn.Module) -> int | None:
     """Stages that drop tokens per forward of the patched ``model`` (None: not patched / no forward yet)."""
-    from .patch.common import PATCH_ATTR
+    from ..adapters.state import PATCH_ATTR
 
     p = model.__dict__.get(PATCH_ATTR)
     if p is None or p.state is None:
@@ -446,7 +447,7 @@ def check_gradient_checkpointing(model: nn.Module) -> None:
             "gradient checkpointing cannot be combined with ToMe: the re-run layers read merge "
             "sizes that later layers have already changed; turn one of them off"
         )
-    from .families import family_of
+    from ..families import family_of
 
     layer_cls = type(family_of(model).blocks(model)[0][0])
     if not hasattr(layer_cls.forward, "__wrapped__"):
@@ -460,7 +461,7 @@ def check_gradient_checkpointing(model: nn.Module) -> None:
 def assert_pruned_once(model: nn.Module) -> None:
     """After backward: each pruning stage of the last forward was applied exactly once (a re-run by
     gradient checkpointing would append to the kept-token record again)."""
-    from .patch.common import PATCH_ATTR
+    from ..adapters.state import PATCH_ATTR
 
     expected = pruning_stage_count(model)
     if expected is None:
@@ -661,8 +662,8 @@ def evaluate_list(
     out: Path,
 ) -> list[dict[str, Any]]:
     """Evaluate ``--val`` through :func:`staprune.evaluate.evaluate_entry` (multi-view protocol)."""
+    from ..data.lists import load_items
     from . import evaluate as ev
-    from .data.lists import load_items
 
     proto = ev.resolve_protocol(loaded.protocol(ctx_args.dataset), ctx_args.val_views, ctx_args.frames, None)
     items, _ = load_items(ctx_args.val, ctx_args.root)
@@ -726,7 +727,7 @@ def _check_args(args: argparse.Namespace) -> None:
 def _datasets(args: argparse.Namespace, loaded: LoadedModel) -> tuple[Any, ClipTensorSet | None, int, int]:
     """(training set, demo held-out set or None, frames, stride) for ``args``."""
     if args.demo:
-        from .demo.data import NUM_CLASSES, generate
+        from ..demo.data import NUM_CLASSES, generate
 
         if loaded.num_classes < NUM_CLASSES:
             raise UsageError(f"--demo has {NUM_CLASSES} classes; the model has {loaded.num_classes}")
@@ -737,7 +738,7 @@ def _datasets(args: argparse.Namespace, loaded: LoadedModel) -> tuple[Any, ClipT
             *generate(args.val_clips, DEMO_HELD_OUT_SEED, frames, size), loaded.preprocessing
         )
         return train, held, frames, 1
-    from .data.lists import load_items
+    from ..data.lists import load_items
 
     base = loaded.protocol(args.dataset)
     frames, stride = args.frames or base.frames, args.stride or base.stride

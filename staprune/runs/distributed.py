@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .errors import RankError
+from ..core.errors import RankError
 
 # Shards can be unbalanced (a few long videos); the default 30 min would kill a slow but healthy run.
 _TIMEOUT = datetime.timedelta(hours=4)

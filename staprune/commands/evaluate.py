@@ -45,17 +45,19 @@ from typing import Any, TextIO
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from . import distributed as dist_utils
-from .checkpoints import LoadedModel, load
-from .config import STAConfig
-from .data.lists import VideoItem, load_items
-from .data.sampling import ViewProtocol, parse_views
-from .data.transforms import Preprocessing
-from .data.video import VideoReadError, probe, read_frames
-from .errors import ExistingResultsError, StapruneError, UsageError
-from .options import add_pruning_arguments, check_pruning_options, pruning_options, recorded
-from .outputs import atomic_write_text, resolve_device, writable_dir, write_error
-from .patch import get_config, kept_tokens
+from ..adapters.state import get_config, kept_tokens
+from ..api.loading import load
+from ..core.config import STAConfig
+from ..core.errors import ExistingResultsError, StapruneError, UsageError
+from ..data.lists import VideoItem, load_items
+from ..data.sampling import ViewProtocol, parse_views
+from ..data.transforms import Preprocessing
+from ..data.video import VideoReadError, probe, read_frames
+from ..families.base import LoadedModel
+from ..runs import distributed as dist_utils
+from ..runs.arguments import add_pruning_arguments, check_pruning_options, pruning_options, recorded
+from ..runs.devices import resolve_device
+from ..storage.outputs import atomic_write_text, writable_dir, write_error
 
 SLEEP_ENV = "STAPRUNE_EVAL_SLEEP"
 METHODS = ("sta", "random", "tome", "none")
@@ -454,13 +456,13 @@ def gflops_per_view(loaded: LoadedModel, entry: Entry, proto: ViewProtocol) -> f
     method = "sta" if entry.method == "none" else entry.method
     size = loaded.preprocessing.size
     try:
-        from .flops import analytic_flops
+        from ..api.flops import analytic_flops
 
         options = dict(entry.options) if not entry.dense else {}
         return float(analytic_flops(loaded.model, r, frames=proto.frames, size=size, method=method, **options).gflops)
     except Exception as e:  # noqa: BLE001 - analytic counting is best-effort; measure instead
         print(f"staprune: analytic FLOPs unavailable ({type(e).__name__}: {e}); measuring", file=sys.stderr)
-    from .flops import flop_counter
+    from ..core.flops import flop_counter
 
     param = next(loaded.model.parameters())
     x = torch.randn(1, proto.frames, 3, size, size, device=param.device, dtype=param.dtype)
@@ -773,7 +775,7 @@ def interrupted(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     """``staprune eval``: returns 0; 1 if a (method, r) could not be evaluated or scored no video."""
     if args.model is None and args.data is None:  # nothing to evaluate given: the bundled demo
-        from .demo import runner
+        from . import demo as runner
 
         demo_args = ["--json"] if args.json else []
         if args.out != "eval-results":

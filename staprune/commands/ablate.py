@@ -44,12 +44,12 @@ import torch
 
 import staprune
 
-from .config import STAConfig, default_locations
-from .errors import ConfigError, ExistingResultsError, UsageError
-from .families import LoadedModel
-from .flops import measure_flops
-from .options import recorded
-from .outputs import atomic_write_text, writable_dir, write_error
+from ..core.config import STAConfig, default_locations
+from ..core.errors import ConfigError, ExistingResultsError, UsageError
+from ..core.flops import measure_flops
+from ..families import LoadedModel
+from ..runs.arguments import recorded
+from ..storage.outputs import atomic_write_text, writable_dir, write_error
 
 TABLES = ("6a", "6b", "6c", "6d", "6e", "s3", "s2")
 TITLES = {
@@ -178,7 +178,7 @@ class DemoClips:
     ``views`` evenly spaced 16-frame windows (1: the centre one), every row on the same clips."""
 
     def __init__(self, count: int, batch: int, frames: int) -> None:
-        from .demo.data import generate
+        from ..demo.data import generate
 
         self.count, self.batch, self.frames = count, batch, frames
         self.clips, self.labels = generate(count, DEMO_HELD_OUT_SEED, frames=frames)
@@ -186,8 +186,8 @@ class DemoClips:
 
     def _views(self, views: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(clips, frame indices of each view (V, frames), V)."""
-        from .data.sampling import ViewProtocol
-        from .demo.data import generate
+        from ..data.sampling import ViewProtocol
+        from ..demo.data import generate
 
         if views is None:  # every table but s2: the demo's own 16-frame clips, one view
             return self.clips, torch.arange(self.frames)[None], 1
@@ -198,7 +198,7 @@ class DemoClips:
         return self._long[length], torch.tensor(windows), views
 
     def evaluate(self, loaded: LoadedModel, setting: Setting) -> dict[str, Any]:
-        from .demo.data import to_model_input
+        from ..demo.data import to_model_input
 
         clips, windows, n_views = self._views(setting.views)
         correct1 = correct5 = 0
@@ -335,8 +335,8 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     """``staprune ablate``: returns 0."""
-    from .checkpoints import load
-    from .outputs import resolve_device
+    from ..api.loading import load
+    from ..runs.devices import resolve_device
 
     tables = [t.strip().lower() for t in args.tables.split(",") if t.strip()]
     unknown = [t for t in tables if t not in TABLES]
@@ -358,7 +358,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
 
     if args.data:
-        from . import distributed as dist_utils
+        from ..runs import distributed as dist_utils
         from . import evaluate as ev
 
         info = dist_utils.init(device.type)

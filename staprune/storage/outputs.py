@@ -1,4 +1,4 @@
-"""Where commands write: output folders and files checked before any work, and the device to run on.
+"""Where commands write: output folders and files checked before any work.
 
 A run that cannot write its results should say so at once, not after an hour of evaluation, and
 in words (a read-only disk, a file where a folder should be, a folder where a picture should go).
@@ -11,9 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
-
-from .errors import OutputError, UsageError
+from ..core.errors import OutputError, UsageError
 
 
 def _reason(err: OSError) -> str:
@@ -69,31 +67,6 @@ def write_error(path: str | Path, err: OSError) -> OutputError:
     return OutputError(f"cannot write {path}: {_reason(err)}")
 
 
-def resolve_device(requested: str | None, local_rank: int | None = None) -> torch.device:
-    """The device to run on: ``requested`` (``cpu``, ``cuda``, ``cuda:1``, ...), or cuda when available.
-    Under torchrun (``local_rank`` given) a bare ``cuda`` is this process's GPU, ``cuda:<local_rank>``.
-
-    Raises:
-        UsageError: not a device name, or a GPU that this machine does not have.
-    """
-    name = requested or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError) as err:
-        raise UsageError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from err
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {name!r}: staprune runs on cpu or cuda")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}, but this machine has no CUDA GPU (or torch was built without CUDA); "
-                             "use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-        if device.index is None and local_rank is not None:
-            device = torch.device(f"cuda:{local_rank}")
-    return device
-
-
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file, so a reader never sees half of it."""
     tmp = path.with_name(path.name + ".tmp")
@@ -104,4 +77,4 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise write_error(path, err) from err
 
 
-__all__ = ["atomic_write_text", "resolve_device", "writable_dir", "writable_file", "write_error"]
+__all__ = ["atomic_write_text", "writable_dir", "writable_file", "write_error"]

@@ -20,9 +20,7 @@ published numbers do not include it), :attr:`FlopCount.total` is their sum.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import math
 import sys
 from collections.abc import Callable, Iterator
@@ -31,8 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .config import PruningPlan, STAConfig, Stage, as_config
-from .errors import ConfigError
+from .config import PruningPlan, STAConfig, Stage
 
 
 @dataclass(frozen=True)
@@ -169,90 +166,6 @@ def final_tokens(plan: PruningPlan) -> int:
     return plan.tokens_after[-1]
 
 
-# --- public analytic API ------------------------------------------------------------------------
-def resolve_spec(model, frames: int | None = None, size: int | None = None):
-    """A geometry (:class:`staprune.families.Spec`) from a registry name, a loadable path, a built
-    model or a spec, optionally on another input clip."""
-    from .families import Spec, family_of, find_model
-
-    if isinstance(model, Spec):
-        return model.with_input(frames, size)
-    if isinstance(model, nn.Module):
-        return family_of(model).spec_of(model, frames, size)
-    entry = find_model(model)
-    if entry is not None:
-        return entry.spec_for(frames, size)
-    from .models import load_model  # a path: read its config (loads the weights too)
-
-    net = load_model(model, frames, size)
-    return family_of(net).spec_of(net, frames, size)
-
-
-def analytic_flops(
-    model,
-    r: int = 0,
-    *,
-    frames: int | None = None,
-    size: int | None = None,
-    config: STAConfig | None = None,
-    **options: object,
-) -> FlopCount:
-    """FLOPs per view of ``model`` pruned with ``r`` (and any STAConfig ``options``), analytically.
-
-    Args:
-        model: registry name (``ViT-B``, ``VideoSwin-T``, ``ViViT-B``, ...), local model path,
-            built model or spec.
-        r: the paper's r (ViT) / r1 (Video Swin).
-        frames, size: input clip length and side (defaults: the model's).
-    Raises:
-        ValueError: r too large or otherwise infeasible for the geometry (message gives the largest r).
-    """
-    from .families import family_of_spec
-
-    spec = resolve_spec(model, frames, size)
-    return family_of_spec(spec).flops(spec, as_config(config, r, **options))
-
-
-def r_for_budget(
-    model_or_name,
-    fraction: float,
-    *,
-    frames: int | None = None,
-    size: int | None = None,
-    **config_options: object,
-) -> int:
-    """The smallest r whose (analytic) GFLOPs are at most ``fraction`` of the dense model's.
-
-    Raises:
-        ValueError: ``fraction`` not positive, or below what the largest valid r reaches (the
-            message states the lowest achievable fraction).
-    """
-    if not 0 < fraction:
-        raise ConfigError(f"fraction={fraction} must be positive (a share of the dense FLOPs, e.g. 0.6)")
-    spec = resolve_spec(model_or_name, frames, size)
-    dense = analytic_flops(spec, 0, **config_options).backbone
-    lowest, r = 1.0, 0
-    while True:
-        try:
-            ratio = analytic_flops(spec, r, **config_options).backbone / dense
-        except ValueError:
-            break
-        if ratio <= fraction:
-            return r
-        lowest, r = min(lowest, ratio), r + 1
-    raise ConfigError(
-        f"a budget of {fraction:.3f} x dense FLOPs is unreachable for this model and config: the lowest "
-        f"achievable fraction is {lowest:.3f} (r={r - 1})"
-    )
-
-
-def paper_tables() -> dict[str, dict[int, float]]:
-    """The published GFLOPs per view of every registry model that has them (paper Tables 2, 3)."""
-    from .families import find_model, model_names
-
-    return {n: dict(e.paper_gflops) for n in model_names() if (e := find_model(n)).paper_gflops}
-
-
 # --- measured -----------------------------------------------------------------------------------
 def flop_counter(**kwargs) -> torch.utils.flop_counter.FlopCounterMode:
     """A ``FlopCounterMode(**kwargs)`` that also counts CPU fused attention.
@@ -376,154 +289,3 @@ def measure_flops(model: nn.Module, inputs: torch.Tensor | tuple | dict) -> Meas
     return MeasuredFlops(counter.get_total_flops() / 2 - selection, selection, by_operator, by_module)
 
 
-def measure_model(
-    model: str | nn.Module, r: int = 0, *, frames: int | None = None, size: int | None = None, **options: object
-) -> MeasuredFlops:
-    """Build (or take) a model, patch it with ``r`` and ``options`` (``r == 0``: staprune's dense
-    path, which is the stock model but for Video Swin's fused attention, see its family), and count
-    one forward pass on a random clip of batch 1."""
-    import staprune
-
-    from .families import family_of
-    from .models import load_model
-
-    net = load_model(model, frames, size) if isinstance(model, str) else model
-    family = family_of(net)
-    spec = family.spec_of(net, frames, size)
-    staprune.patch(net, r=r, **options)
-    try:
-        return measure_flops(net, family.example_input(spec))
-    finally:
-        staprune.unpatch(net)
-
-
-# --- CLI ----------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``staprune flops``."""
-    from .options import add_pruning_arguments
-
-    parser.add_argument("--model", help="registry name (ViT-B, VideoSwin-T, ViViT-B, demo-vit, ...) or a local "
-                        "model path; default: every model of the paper's tables")
-    parser.add_argument("--r", type=int, nargs="+", help="r (ViT) or r1 (Video Swin); default the model's levels")
-    parser.add_argument("--method", default="sta", choices=("sta", "random", "tome"))
-    parser.add_argument("--frames", type=int, help="input frames (default: the model's)")
-    parser.add_argument("--size", type=int, help="input side in pixels (default: the model's)")
-    parser.add_argument("--measured", action="store_true",
-                        help="count a forward pass of a random-weight model with FlopCounterMode")
-    parser.add_argument("--target", type=float, metavar="FRACTION",
-                        help="print the smallest r whose GFLOPs are at most FRACTION x dense")
-    parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
-    add_pruning_arguments(parser)
-
-
-def default_levels(name: str, spec) -> tuple[int, ...]:
-    """r values to tabulate for ``name`` when none are given: 0 and the model's three levels."""
-    from .families import levels_of
-
-    return (0, *levels_of(name, spec))
-
-
-def _options(args: argparse.Namespace) -> dict[str, object]:
-    from .options import pruning_options
-
-    return {"method": args.method, **pruning_options(args)}
-
-
-def _row(args: argparse.Namespace, name: str, spec, net: nn.Module | None, r: int) -> dict:
-    """One JSON row; ``net`` is the built model when counting with FlopCounterMode."""
-    from .families import find_model
-    from .options import pruning_options, recorded
-
-    dense = analytic_flops(spec, 0).gflops
-    if net is not None:
-        count = measure_model(net, r, frames=args.frames, size=args.size, **_options(args))
-    else:
-        count = analytic_flops(spec, r, **_options(args))
-    row = {
-        "model": name,
-        "r": r,
-        "method": args.method,
-        "options": recorded(pruning_options(args)),
-        "gflops": round(count.gflops, 3),
-        "selection_gflops": round(count.selection / 1e9, 4),
-        "fraction_of_dense": round(count.gflops / dense, 4),
-        "counted": "measured" if args.measured else "analytic",
-    }
-    entry = find_model(name)
-    paper = (entry.paper_gflops or {}) if entry is not None else {}
-    default_input = args.frames is None and args.size is None and args.method == "sta" and not pruning_options(args)
-    if default_input and r in paper:
-        row["paper_gflops"] = paper[r]
-    return row
-
-
-def _r_label(name: str) -> str:
-    from .families import family_named, find_model
-
-    entry = find_model(name)
-    return family_named(entry.family).r_name if entry is not None else "r"
-
-
-def _print_tables(rows: list[dict]) -> None:
-    """Rows grouped by pruning levels: one line per model, one ``ours (paper)`` cell per r."""
-    by_model: dict[str, list[dict]] = {}
-    for row in rows:
-        by_model.setdefault(row["model"], []).append(row)
-    groups: dict[tuple[tuple[int, ...], str], list[str]] = {}
-    for name, model_rows in by_model.items():
-        groups.setdefault((tuple(r["r"] for r in model_rows), _r_label(name)), []).append(name)
-    for (rs, label), names in groups.items():
-        width = max(len(n) for n in names) + 2
-        print(f"{'model':<{width}}" + "".join(f"{f'{label}={r}':>20}" for r in rs))
-        for name in names:
-            cells = []
-            for row in by_model[name]:
-                cell = f"{row['gflops']:.1f}"
-                if "paper_gflops" in row:
-                    cell += f" ({row['paper_gflops']:g})"
-                cells.append(f"{cell:>20}")
-            print(f"{name:<{width}}" + "".join(cells))
-        print()
-    counted = rows[0]["counted"] if rows else "analytic"
-    print(f"GFLOPs per view ({counted}; 1 multiply-add = 1 FLOP); cells: ours (paper). "
-          "STA's own selection operations are excluded (see --json selection_gflops).")
-
-
-def run(args: argparse.Namespace) -> int:
-    """``staprune flops``: the paper's tables, one model's GFLOPs for some r, or r for a budget."""
-    from .options import check_pruning_options
-    check_pruning_options(args)
-    names = [args.model] if args.model else list(paper_tables())
-    specs = {name: resolve_spec(name, args.frames, args.size) for name in names}
-    if args.target is not None:
-        return _run_target(args, specs)
-    rows = []
-    for name, spec in specs.items():
-        net = None
-        if args.measured:
-            from .models import load_model
-
-            net = load_model(name, args.frames, args.size)
-        rows += [_row(args, name, spec, net, r) for r in (args.r or default_levels(name, spec))]
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        _print_tables(rows)
-    return 0
-
-
-def _run_target(args: argparse.Namespace, specs: dict) -> int:
-    rows = []
-    for name, spec in specs.items():
-        r = r_for_budget(spec, args.target, **_options(args))
-        dense = analytic_flops(spec, 0).gflops
-        gflops = analytic_flops(spec, r, **_options(args)).gflops
-        rows.append({"model": name, "r": r, "method": args.method, "gflops": round(gflops, 3),
-                     "fraction_of_dense": round(gflops / dense, 4), "target": args.target})
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        for row in rows:
-            print(f"{row['model']}: r={row['r']} gives {row['gflops']:.1f} GFLOPs = "
-                  f"{row['fraction_of_dense']:.3f} x dense (target <= {args.target})")
-    return 0

@@ -22,12 +22,12 @@ from torch import nn
 
 import staprune
 
-from ..errors import UsageError
-from ..flops import measure_flops
-from ..options import add_pruning_arguments, check_pruning_options, pruning_options, recorded
-from ..outputs import atomic_write_text, writable_dir, write_error
-from .data import generate, to_model_input
-from .models import DEMO_MODELS, LEVELS, load_demo_model, logits_of, model_card, weights_path
+from ..core.errors import UsageError
+from ..core.flops import measure_flops
+from ..demo.data import generate, to_model_input
+from ..demo.models import DEMO_MODELS, LEVELS, load_demo_model, logits_of, model_card, weights_path
+from ..runs.arguments import add_pruning_arguments, check_pruning_options, pruning_options, recorded
+from ..storage.outputs import atomic_write_text, writable_dir, write_error
 
 METHODS = {"demo-vit": ("sta", "random", "tome"), "demo-swin": ("sta", "random")}
 MIN_Y_SPAN = 5.0  # top-1 points the plot's y axis spans at least

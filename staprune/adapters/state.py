@@ -1,18 +1,18 @@
-"""What every backbone adapter shares: per-forward state, the patch bookkeeping, and the
-grid-filling rule of the Swin recipe (dropped positions take their nearest kept token)."""
+"""What every backbone adapter shares: the patch bookkeeping stored on a patched model, the state
+one forward pass accumulates, and the read-only accessors of both (:func:`kept_tokens`,
+:func:`get_config`, ...), which the public API re-exports."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import torch
 from torch import Tensor, nn
 
-from ..baselines import random_keep_indices
-from ..config import PruningPlan, STAConfig, Stage
-from ..errors import ConfigError, UsageError
-from ..score import PerSampleRandom, normalize_metric, sample_seeds, sta_keep_indices
+from ..core.baselines import random_keep_indices
+from ..core.config import PruningPlan, STAConfig, Stage
+from ..core.errors import UsageError
+from ..core.score import PerSampleRandom, normalize_metric, sample_seeds, sta_keep_indices
 
 PATCH_ATTR = "_staprune"
 
@@ -158,57 +158,52 @@ def current_stage(state: ForwardState, layer: int) -> Stage | None:
     return next((s for s in state.plan.stages if s.layer == layer), None)
 
 
-# --- nearest kept fill (the paper's Video Swin recipe, also used for TimeSformer) ----------------
-def _grid_distances(h: int, w: int, device: torch.device) -> Tensor:
-    """``(h*w, h*w)`` squared Euclidean distances between grid cells (exact in float32)."""
-    rows = torch.arange(h * w, device=device) // w
-    cols = torch.arange(h * w, device=device) % w
-    d = (rows.view(-1, 1) - rows.view(1, -1)) ** 2 + (cols.view(-1, 1) - cols.view(1, -1)) ** 2
-    return d.float()
+# --- read-only accessors (re-exported by staprune) ----------------------------------------------
+def kept_tokens(model: nn.Module) -> list[Tensor]:
+    """Original (pre-pruning) indices of the tokens kept after each stage of the last forward.
 
-
-@lru_cache(maxsize=16)
-def _cached_distances(h: int, w: int, device: torch.device) -> Tensor:
-    with torch.inference_mode(False):  # cached: must be usable outside inference mode
-        return _grid_distances(h, w, device)
-
-
-def _squared_distances(h: int, w: int, device: torch.device) -> Tensor:
-    # Under torch.compile the table is part of the graph (a cache lookup cannot be traced).
-    return _grid_distances(h, w, device) if torch.compiler.is_compiling() else _cached_distances(h, w, device)
-
-
-def nearest_kept_fill(keep: Tensor, frames: int, grid_hw: tuple[int, int], chunk: int = 1 << 23) -> Tensor:
-    """For every grid position, the kept token whose value it takes.
-
-    Kept positions map to themselves. A dropped position takes its nearest kept token in the
-    same frame by Euclidean distance on ``(row, col)``; ties go to the lowest flat index
-    (smallest row, then smallest column).
-
-    Args:
-        keep: ``(B, K)`` kept flat positions ``t*h*w + row*w + col`` (any order, no repeats).
-        frames: ``T``; grid_hw: ``(h, w)``.
-        chunk: cap on distance-matrix entries per step (memory bound).
-    Returns:
-        ``(B, T*h*w)`` long indices into ``keep``'s K tokens.
-    Raises:
-        ValueError: a frame has no kept token.
+    Returns one ``(B, kept)`` long tensor per stage; index ``t * N + s`` is tubelet-frame ``t``,
+    spatial token ``s``. For ToMe, the index of each merged token's representative.
     """
-    bsz, n_keep = keep.shape
-    h, w = grid_hw
-    n = h * w
-    kept = torch.zeros(bsz, frames * n, dtype=torch.bool, device=keep.device).scatter_(1, keep, True)
-    kept = kept.view(bsz * frames, n)
-    if not torch.compiler.is_compiling() and not bool(kept.any(-1).all()):
-        raise ConfigError("a frame has no kept token; nearest-kept filling needs at least one per frame")
-    dist = _squared_distances(h, w, keep.device)
-    nearest = torch.empty(bsz * frames, n, dtype=torch.long, device=keep.device)
-    step = max(1, chunk // (n * n))
-    for i in range(0, bsz * frames, step):
-        masked = dist.masked_fill(~kept[i : i + step, None, :], float("inf"))  # (step, n, n)
-        nearest[i : i + step] = masked.argmin(-1)  # first minimum = lowest flat index
-    offsets = torch.arange(frames, device=keep.device).repeat(bsz).view(-1, 1) * n
-    nearest = (nearest + offsets).view(bsz, frames * n)
-    slot = torch.full((bsz, frames * n), -1, dtype=torch.long, device=keep.device)
-    slot.scatter_(1, keep, torch.arange(n_keep, device=keep.device).expand(bsz, -1))
-    return slot.gather(1, nearest)
+    p = model.__dict__.get(PATCH_ATTR)
+    if p is None:
+        raise UsageError("model is not patched by staprune; call staprune.patch(model, r=...) first")
+    if p.state is None:
+        raise UsageError("no forward pass has run since the model was patched")
+    return list(p.state.kept)
+
+
+def kept_stages(model: nn.Module) -> list[Stage]:
+    """The :class:`~staprune.core.config.Stage` of each entry of :func:`kept_tokens` (same order):
+    ``layer`` is the block index (ViT) or the Swin stage index (1, 2, 3); stages that drop
+    nothing record nothing."""
+    kept_tokens(model)  # same errors when unpatched or before a forward
+    return list(model.__dict__[PATCH_ATTR].state.kept_stages)
+
+
+def final_kept(model: nn.Module) -> Tensor | None:
+    """Original indices ``(B, K)`` kept after the last stage of the last forward; None when the model
+    is not patched or nothing was pruned."""
+    if get_config(model) is None:
+        return None
+    kept = kept_tokens(model)
+    return kept[-1] if kept else None
+
+
+def get_config(model: nn.Module) -> STAConfig | None:
+    """The config a model was patched with, or None."""
+    p = model.__dict__.get(PATCH_ATTR)
+    return None if p is None else p.config
+
+
+def pruning_stage_count(model: nn.Module) -> int | None:
+    """Stages that drop tokens per forward of the patched ``model`` (None: not patched / no forward yet)."""
+    p = model.__dict__.get(PATCH_ATTR)
+    if p is None or p.state is None:
+        return None
+    return sum(1 for s in p.state.plan.stages if s.r)
+
+
+def recorded_stage_count(model: nn.Module) -> int:
+    """Stages the last forward of the patched ``model`` recorded (a stage re-run records twice)."""
+    return len(model.__dict__[PATCH_ATTR].state.kept)

@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .config import FIRST_TRANSITION, FIRST_UNIT, SCHEDULES, SCORES, SIMILARITY, TOME_MODES, STAConfig
-from .errors import UsageError
+from ..core.config import FIRST_TRANSITION, FIRST_UNIT, SCHEDULES, SCORES, SIMILARITY, TOME_MODES, STAConfig
+from ..core.errors import UsageError
 
 # flag -> STAConfig field
 FIELDS = {

@@ -20,14 +20,11 @@ from torch import Tensor
 
 import staprune
 
-from ..data import VideoReadError, load_items
-from ..options import add_pruning_arguments, check_pruning_options, pruning_options, recorded
-from ..outputs import writable_file, write_error
-from .backbones import StageGrid
-from .gradnorm import gradnorm, mass_fraction, random_mass_fraction
-from .inputs import LoadedModel, add_clip_arguments, load_model, read_clip
-from .redundancy import clip_trajectory_sums
-from .visualize import (
+from ..analysis.backbones import StageGrid
+from ..analysis.gradnorm import gradnorm, mass_fraction, random_mass_fraction
+from ..analysis.inputs import LoadedModel, add_clip_arguments, load_model, read_clip
+from ..analysis.redundancy import clip_trajectory_sums
+from ..analysis.visualize import (
     IMAGE_FORMATS,
     default_tile_side,
     heatmap_overlay,
@@ -37,6 +34,9 @@ from .visualize import (
     resize_tile,
     save_png,
 )
+from ..data import VideoReadError, load_items
+from ..runs.arguments import add_pruning_arguments, check_pruning_options, pruning_options, recorded
+from ..storage.outputs import writable_file, write_error
 
 FEATURES = (
     "final-block tokens (ViT: encoder output before the head's pooling; Swin: last stage output "

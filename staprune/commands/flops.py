@@ -1,0 +1,142 @@
+"""``staprune flops``: the paper's FLOPs tables, one model's GFLOPs for some r, or the r for a budget."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from torch import nn
+
+from ..api.flops import analytic_flops, measure_model, paper_tables, r_for_budget, resolve_spec
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``staprune flops``."""
+    from ..runs.arguments import add_pruning_arguments
+
+    parser.add_argument("--model", help="registry name (ViT-B, VideoSwin-T, ViViT-B, demo-vit, ...) or a local "
+                        "model path; default: every model of the paper's tables")
+    parser.add_argument("--r", type=int, nargs="+", help="r (ViT) or r1 (Video Swin); default the model's levels")
+    parser.add_argument("--method", default="sta", choices=("sta", "random", "tome"))
+    parser.add_argument("--frames", type=int, help="input frames (default: the model's)")
+    parser.add_argument("--size", type=int, help="input side in pixels (default: the model's)")
+    parser.add_argument("--measured", action="store_true",
+                        help="count a forward pass of a random-weight model with FlopCounterMode")
+    parser.add_argument("--target", type=float, metavar="FRACTION",
+                        help="print the smallest r whose GFLOPs are at most FRACTION x dense")
+    parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    add_pruning_arguments(parser)
+
+
+def default_levels(name: str, spec) -> tuple[int, ...]:
+    """r values to tabulate for ``name`` when none are given: 0 and the model's three levels."""
+    from ..families import levels_of
+
+    return (0, *levels_of(name, spec))
+
+
+def _options(args: argparse.Namespace) -> dict[str, object]:
+    from ..runs.arguments import pruning_options
+
+    return {"method": args.method, **pruning_options(args)}
+
+
+def _row(args: argparse.Namespace, name: str, spec, net: nn.Module | None, r: int) -> dict:
+    """One JSON row; ``net`` is the built model when counting with FlopCounterMode."""
+    from ..families import find_model
+    from ..runs.arguments import pruning_options, recorded
+
+    dense = analytic_flops(spec, 0).gflops
+    if net is not None:
+        count = measure_model(net, r, frames=args.frames, size=args.size, **_options(args))
+    else:
+        count = analytic_flops(spec, r, **_options(args))
+    row = {
+        "model": name,
+        "r": r,
+        "method": args.method,
+        "options": recorded(pruning_options(args)),
+        "gflops": round(count.gflops, 3),
+        "selection_gflops": round(count.selection / 1e9, 4),
+        "fraction_of_dense": round(count.gflops / dense, 4),
+        "counted": "measured" if args.measured else "analytic",
+    }
+    entry = find_model(name)
+    paper = (entry.paper_gflops or {}) if entry is not None else {}
+    default_input = args.frames is None and args.size is None and args.method == "sta" and not pruning_options(args)
+    if default_input and r in paper:
+        row["paper_gflops"] = paper[r]
+    return row
+
+
+def _r_label(name: str) -> str:
+    from ..families import family_named, find_model
+
+    entry = find_model(name)
+    return family_named(entry.family).r_name if entry is not None else "r"
+
+
+def _print_tables(rows: list[dict]) -> None:
+    """Rows grouped by pruning levels: one line per model, one ``ours (paper)`` cell per r."""
+    by_model: dict[str, list[dict]] = {}
+    for row in rows:
+        by_model.setdefault(row["model"], []).append(row)
+    groups: dict[tuple[tuple[int, ...], str], list[str]] = {}
+    for name, model_rows in by_model.items():
+        groups.setdefault((tuple(r["r"] for r in model_rows), _r_label(name)), []).append(name)
+    for (rs, label), names in groups.items():
+        width = max(len(n) for n in names) + 2
+        print(f"{'model':<{width}}" + "".join(f"{f'{label}={r}':>20}" for r in rs))
+        for name in names:
+            cells = []
+            for row in by_model[name]:
+                cell = f"{row['gflops']:.1f}"
+                if "paper_gflops" in row:
+                    cell += f" ({row['paper_gflops']:g})"
+                cells.append(f"{cell:>20}")
+            print(f"{name:<{width}}" + "".join(cells))
+        print()
+    counted = rows[0]["counted"] if rows else "analytic"
+    print(f"GFLOPs per view ({counted}; 1 multiply-add = 1 FLOP); cells: ours (paper). "
+          "STA's own selection operations are excluded (see --json selection_gflops).")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``staprune flops``: the paper's tables, one model's GFLOPs for some r, or r for a budget."""
+    from ..runs.arguments import check_pruning_options
+    check_pruning_options(args)
+    names = [args.model] if args.model else list(paper_tables())
+    specs = {name: resolve_spec(name, args.frames, args.size) for name in names}
+    if args.target is not None:
+        return _run_target(args, specs)
+    rows = []
+    for name, spec in specs.items():
+        net = None
+        if args.measured:
+            from ..api.models import load_model
+
+            net = load_model(name, args.frames, args.size)
+        rows += [_row(args, name, spec, net, r) for r in (args.r or default_levels(name, spec))]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        _print_tables(rows)
+    return 0
+
+
+def _run_target(args: argparse.Namespace, specs: dict) -> int:
+    rows = []
+    for name, spec in specs.items():
+        r = r_for_budget(spec, args.target, **_options(args))
+        dense = analytic_flops(spec, 0).gflops
+        gflops = analytic_flops(spec, r, **_options(args)).gflops
+        rows.append({"model": name, "r": r, "method": args.method, "gflops": round(gflops, 3),
+                     "fraction_of_dense": round(gflops / dense, 4), "target": args.target})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            print(f"{row['model']}: r={row['r']} gives {row['gflops']:.1f} GFLOPs = "
+                  f"{row['fraction_of_dense']:.3f} x dense (target <= {args.target})")
+    return 0
