@@ -18,8 +18,8 @@ from torchvision.models.video.swin_transformer import (
 from staprune.adapters.state import kept_tokens
 from staprune.api.patching import patch, supported, unpatch
 from staprune.core.flops import flop_counter
-from staprune.families import swin3d
-from staprune.families.swin3d import (
+from staprune.families.swin3d import family as swin3d
+from staprune.families.swin3d.family import (
     FusedWindowAttention,
     _pruned_attention,
     _PrunedGrid,

@@ -60,16 +60,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..adapters.filled_grid import nearest_kept_fill
-from ..adapters.state import Patch, current_stage
-from ..core.config import PruningPlan, STAConfig, Stage, stage_directions, stage_feasible
-from ..core.errors import CheckpointError, ConfigError, UnknownModelError, UnsupportedModelError
-from ..core.flops import FlopCount, add_parts, metric_dim, sta_selection_flops
-from ..core.score import gather_tokens, head_mean
-from ..data.sampling import ViewProtocol
-from ..data.transforms import Preprocessing
-from ..storage.state_dicts import listing, load_verified, read_state_dict
-from .base import (
+from ...adapters.filled_grid import nearest_kept_fill
+from ...adapters.state import Patch, current_stage
+from ...core.config import PruningPlan, STAConfig, Stage, stage_directions, stage_feasible
+from ...core.errors import CheckpointError, ConfigError, UnknownModelError, UnsupportedModelError
+from ...core.flops import FlopCount, add_parts, metric_dim, sta_selection_flops
+from ...core.score import gather_tokens, head_mean
+from ...data.sampling import ViewProtocol
+from ...data.transforms import Preprocessing
+from ...storage.state_dicts import listing, load_verified, read_state_dict
+from ..base import (
     Family,
     FamilyModels,
     LoadedModel,
@@ -914,7 +914,7 @@ class Swin3dFamily(Family):
     def final_features(self, model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """The last stage's output before the final norm; when that stage was pruned only its kept
         positions (the refilled ones are copies)."""
-        from ..adapters.state import final_kept, kept_stages
+        from ...adapters.state import final_kept, kept_stages
 
         tokens = capture_output(model.features[-1], lambda: model(x)).flatten(1, 3)  # (B, T, h, w, C) -> (B, L, C)
         source = final_kept(model)
