@@ -15,21 +15,20 @@ from torchvision.models.video.swin_transformer import (
     shifted_window_attention_3d,
 )
 
+from staprune.adapters.filled_grid import nearest_kept_fill
 from staprune.adapters.state import kept_tokens
 from staprune.api.patching import patch, supported, unpatch
+from staprune.core.config import swin_stage_drops
 from staprune.core.flops import flop_counter
-from staprune.families.swin3d import family as swin3d
-from staprune.families.swin3d.family import (
+from staprune.families.swin3d import (
     FusedWindowAttention,
-    _pruned_attention,
-    _PrunedGrid,
-    nearest_kept_fill,
     query_subsets,
     shift_mask,
     stage_grids,
-    swin_stage_drops,
     window_layout,
 )
+from staprune.families.swin3d import attention as swin_attention
+from staprune.families.swin3d.pruned_stage import _pruned_attention, _PrunedGrid
 
 # 8x100x76 input, patch (2,4,4): T=4, stage grids 25x19, 13x10, 7x5, 4x3. Window (2,7,7) needs
 # padding in stages 1-3 and shrinks to the grid in stage 4.
@@ -99,7 +98,7 @@ def test_fused_attention_matches_torchvision(size, window, shift) -> None:
 def test_pruned_attention_equals_stock_on_filled_grid(monkeypatch, size, window, shift, per_frame, subset) -> None:
     """Kept tokens' attention outputs equal stock attention run on the grid where every dropped
     position holds a copy of its nearest kept token, read back at the kept positions."""
-    monkeypatch.setattr(swin3d, "QUERY_SUBSET_MAX_FILL", 1.0 if subset else -1.0)
+    monkeypatch.setattr(swin_attention, "QUERY_SUBSET_MAX_FILL", 1.0 if subset else -1.0)
     torch.manual_seed(0)
     attn = ShiftedWindowAttention3d(24, list(window), list(shift), num_heads=3).eval()
     with torch.no_grad():
@@ -364,10 +363,10 @@ def test_flops_match_paper_table3(monkeypatch) -> None:
     model = swin3d_t().eval()
     x = torch.randn(1, 3, 32, 224, 224)
     paper = {0: 88, 192: 68, 256: 61, 320: 54}
-    default_fill = swin3d.QUERY_SUBSET_MAX_FILL
+    default_fill = swin_attention.QUERY_SUBSET_MAX_FILL
 
     def measured(r1: int, subset_fill: float) -> float:
-        monkeypatch.setattr(swin3d, "QUERY_SUBSET_MAX_FILL", subset_fill)
+        monkeypatch.setattr(swin_attention, "QUERY_SUBSET_MAX_FILL", subset_fill)
         patch(model, r1)
         with flop_counter(display=False) as counter, torch.inference_mode():
             model(x)

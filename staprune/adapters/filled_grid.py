@@ -1,9 +1,18 @@
 """The filled-grid recipe (the paper's Video Swin recipe, also used for TimeSformer): attention that
 needs a full grid runs on one, every dropped position taking a copy of its nearest kept token.
 
-Written once here for every family whose attention needs full grids: the fill map
-(:func:`nearest_kept_fill`), the qkv rows each grid position reads, and the similarity metric read
-off one slice of a packed qkv projection.
+Written once here for every family whose attention needs full grids (Video Swin's windows,
+TimeSformer's divided attention), so the families only find their tensors and apply the indices:
+
+* the fill map (:func:`nearest_kept_fill`): the kept token each grid position copies;
+* the qkv rows the grid reads through it: :func:`fill_grid` gathers a full grid of rows,
+  :func:`fill_rows` gives the row index of chosen positions (padding included) for an attention
+  that gathers rows itself;
+* the similarity metric read off one slice (query, key or value) of a packed qkv projection:
+  :func:`qkv_part` picks the slice from the config, :func:`packed_slice` cuts it out of a computed
+  ``(…, 3C)`` projection, :func:`project_slice` computes it alone, :func:`kept_qkv` packs the
+  kept tokens' qkv around an already computed slice, and :func:`slice_metric` splits the heads and
+  averages them.
 """
 
 from __future__ import annotations
@@ -11,9 +20,15 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
+from ..core.config import STAConfig
 from ..core.errors import ConfigError
+from ..core.score import gather_tokens, head_mean
+
+# Where each similarity source sits in a packed ``[q | k | v]`` projection.
+QKV_PARTS = {"query": 0, "key": 1, "value": 2}
 
 
 def _grid_distances(h: int, w: int, device: torch.device) -> Tensor:
@@ -69,3 +84,62 @@ def nearest_kept_fill(keep: Tensor, frames: int, grid_hw: tuple[int, int], chunk
     slot = torch.full((bsz, frames * n), -1, dtype=torch.long, device=keep.device)
     slot.scatter_(1, keep, torch.arange(n_keep, device=keep.device).expand(bsz, -1))
     return slot.gather(1, nearest)
+
+
+def fill_grid(rows: Tensor, fill: Tensor) -> Tensor:
+    """The full grid from the kept tokens' rows: every position a copy of its fill token's row.
+
+    Args:
+        rows: ``(B, K, ...)`` one row per kept token (qkv, hidden states, ...).
+        fill: ``(B, L)`` from :func:`nearest_kept_fill`.
+    Returns:
+        ``(B, L, ...)``.
+    """
+    return gather_tokens(rows, fill)
+
+
+def fill_rows(fill: Tensor, positions: Tensor, n_keep: int) -> Tensor:
+    """The kept row each of ``positions`` reads through the fill, for attention that gathers rows.
+
+    Args:
+        fill: ``(B, L)`` from :func:`nearest_kept_fill`, indices into ``K = n_keep`` kept rows.
+        positions: ``(P,)`` flat grid positions in ``[0, L]``; ``L`` marks padding.
+        n_keep: ``K``; padding reads row ``K`` (the caller appends a padding row after the kept ones).
+    Returns:
+        ``(B, P)`` row indices in ``[0, K]``.
+    """
+    padded = torch.cat([fill, fill.new_full((fill.shape[0], 1), n_keep)], dim=1)
+    return padded.index_select(1, positions)
+
+
+def qkv_part(config: STAConfig) -> int | None:
+    """The slice of a packed qkv projection that gives STA's metric (0 query, 1 key, 2 value), or
+    None when no metric is read off the attention (a method other than ``sta``, or ``similarity="hidden"``)."""
+    return QKV_PARTS.get(config.similarity) if config.method == "sta" else None
+
+
+def packed_slice(qkv: Tensor, part: int) -> Tensor:
+    """Slice ``part`` of a computed packed projection: ``(..., 3C) -> (..., C)``."""
+    c = qkv.shape[-1] // 3
+    return qkv[..., part * c : (part + 1) * c]
+
+
+def project_slice(qkv: nn.Linear, x: Tensor, part: int) -> Tensor:
+    """Slice ``part`` of the packed projection ``qkv`` (``C -> 3C``), computed alone:
+    ``(B, L, C) -> (B, L, C)``."""
+    c = qkv.weight.shape[0] // 3
+    bias = None if qkv.bias is None else qkv.bias[part * c : (part + 1) * c]
+    return F.linear(x, qkv.weight[part * c : (part + 1) * c], bias)
+
+
+def kept_qkv(qkv: nn.Linear, x_kept: Tensor, part: int, sliced_kept: Tensor) -> Tensor:
+    """The packed projection ``(B, K, 3C)`` of kept tokens ``x_kept`` ``(B, K, C)``, reusing slice
+    ``part`` (``sliced_kept`` ``(B, K, C)``, computed for the metric) and computing the other two."""
+    pieces = [sliced_kept if i == part else project_slice(qkv, x_kept, i) for i in range(3)]
+    return torch.cat(pieces, dim=-1)
+
+
+def slice_metric(sliced: Tensor, heads: int) -> Tensor:
+    """STA's metric from one qkv slice: split ``(B, L, C)`` into ``heads`` and average them,
+    normalised: ``(B, L, C / heads)``."""
+    return head_mean(sliced.view(*sliced.shape[:2], heads, -1).transpose(1, 2))

@@ -1,14 +1,18 @@
-"""Pruning configuration: the options of DESIGN.md, schedule presets, and validation.
+"""Pruning configuration: the options (see the docs, docs/algorithm.md), schedule presets, and
+stage planning for every backbone.
 
-A :class:`STAConfig` is model-independent. :func:`resolve_plan` turns it into a concrete
-:class:`PruningPlan` for one backbone geometry (depth, tubelet-frames ``T``, tokens per frame
-``N``), checking everything that can go wrong before any forward pass runs.
+A :class:`STAConfig` is model-independent. Stage planning turns it into a concrete
+:class:`PruningPlan` for one backbone geometry, checking everything that can go wrong before any
+forward pass runs: :func:`resolve_plan` for a columnar ViT (depth, tubelet-frames ``T``, tokens per
+frame ``N``), :func:`resolve_swin_plan` for a Video Swin (one stage per Swin stage after the first).
+Both share the stage directions, the feasibility rule and the search for the largest valid r, so
+an error names the same limit whichever backbone it comes from.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from .errors import ConfigError, UnknownOptionError
@@ -269,7 +273,9 @@ def resolve_plan(
 
     stages = _stages_for(config, config.r, depth, frames, tokens_per_frame, tubelet)
     if not all(stage_feasible(config, s) for s in stages):
-        largest = _largest_valid_r(config, depth, frames, tokens_per_frame)
+        largest = _largest_valid_r(
+            config, lambda r: _stages_for(config, r, depth, frames, tokens_per_frame), frames * tokens_per_frame
+        )
         bad = next(s for s in stages if not stage_feasible(config, s))
         raise ConfigError(
             f"r={config.r} is too large for this input: at block {bad.layer} each of the {bad.units} units has "
@@ -280,11 +286,16 @@ def resolve_plan(
     return PruningPlan(config, depth, frames, tokens_per_frame, tuple(stages))
 
 
-def _largest_valid_r(config: STAConfig, depth: int, frames: int, n: int) -> int:
+def _largest_valid_r(config: STAConfig, stages_for: Callable[[int], list[Stage]], limit: int) -> int:
+    """The largest first-stage r in ``1 .. limit - 1`` whose stages all fit (0 if none does).
+
+    ``stages_for(r)`` builds the stages of one backbone for a first-stage r; the search stops at
+    the first r whose stages cannot be built or leave a unit without tokens.
+    """
     best = 0
-    for r in range(1, frames * n):
+    for r in range(1, limit):
         try:
-            stages = _stages_for(config, r, depth, frames, n)
+            stages = stages_for(r)
         except ValueError:
             break
         if any(s.tokens_out < 1 for s in stages):
@@ -292,6 +303,74 @@ def _largest_valid_r(config: STAConfig, depth: int, frames: int, n: int) -> int:
         if all(stage_feasible(config, s) for s in stages):
             best = r
     return best
+
+
+# --- Video Swin: one stage per Swin stage after the first ---------------------------------------
+def swin_stage_drops(r1: int) -> tuple[int, int, int]:
+    """Per-frame drops at the start of Swin stages 2, 3 and 4: ``r1, 1.5*r1/4, 2*r1/16``.
+
+    Rounded half-up to whole tokens (r1 = 192/256/320 give exact integers: 72/96/120, 24/32/40).
+    """
+    return (r1, int(1.5 * r1 / 4 + 0.5), int(2 * r1 / 16 + 0.5))
+
+
+def _swin_stages(config: STAConfig, r1: int, frames: int, grids: Sequence[tuple[int, int]]) -> list[Stage]:
+    """The stages of a Video Swin for a first-stage ``r1`` (see :func:`resolve_swin_plan`)."""
+    if isinstance(config.schedule, str):
+        # Smaller Swins (2 or 3 stages) prune after each of their patch mergings with the first
+        # drops of the paper's schedule; a deeper one has no published drops for stage 5 on.
+        if len(grids) > 3:
+            raise ConfigError(
+                f"this Video Swin has {len(grids) + 1} stages; the paper's r1 schedule covers stages 2-4 "
+                f"only: pass schedule=[(units, r), ...] with {len(grids)} pairs"
+            )
+        drops = swin_stage_drops(r1)[: len(grids)]
+        units = [frames] * len(drops)
+    else:
+        if len(config.schedule) != len(grids):
+            raise ConfigError(
+                f"explicit Swin schedule needs {len(grids)} (units, r) pairs, got {config.schedule}"
+            )
+        units = [u for u, _ in config.schedule]
+        drops = tuple(r for _, r in config.schedule)
+    order = stage_directions(config, len(grids))
+    stages = []
+    for k, ((h, w), u, r_k, direction) in enumerate(zip(grids, units, drops, order, strict=True)):
+        if frames % u:
+            raise ConfigError(
+                f"{frames} temporal positions cannot be split into {u} units at Swin stage {k + 2}"
+            )
+        stages.append(Stage(k + 1, u, r_k, direction == "F", frames // u * h * w))
+    return stages
+
+
+def resolve_swin_plan(config: STAConfig, frames: int, grids: Sequence[tuple[int, int]]) -> PruningPlan:
+    """Stages for a Video Swin: one per pruned Swin stage (2, 3, 4; 2 and 3 in smaller Swins), each per frame.
+
+    Each Swin stage starts from a full grid (the grid is refilled before patch merging), so every
+    stage prunes ``frames`` units of ``h*w`` tokens independently. ``Stage.layer`` is the 0-based
+    Swin stage index (1, 2, 3). Methods the Swin family refuses (ToMe) are its own check, made
+    before this one.
+
+    Args:
+        frames: temporal positions ``T`` after patch embedding (16 for 32-frame input).
+        grids: spatial token grid ``(h, w)`` of Swin stages 2, 3 and 4 (of every stage after the
+            first, for models with fewer stages).
+
+    Raises:
+        ValueError: a schedule that does not fit the stages or the frames, or r1 too large for a
+            stage's tokens per frame (the message states the largest valid r1).
+    """
+    stages = _swin_stages(config, config.r, frames, grids)
+    for stage in stages:
+        if not stage_feasible(config, stage):
+            h, w = grids[stage.layer - 1]
+            largest = _largest_valid_r(config, lambda r: _swin_stages(config, r, frames, grids), grids[0][0] * grids[0][1])
+            raise ConfigError(
+                f"r={config.r} is too large for this Video Swin input: stage {stage.layer + 1} has {h}x{w} "
+                f"tokens per frame and would drop {stage.r} per unit; the largest valid r1 is {largest}"
+            )
+    return PruningPlan(config, len(grids) + 1, frames, grids[0][0] * grids[0][1], tuple(stages))
 
 
 def as_config(config: STAConfig | None = None, r: int | None = None, **options: object) -> STAConfig:

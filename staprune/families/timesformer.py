@@ -8,7 +8,7 @@ CLS token copied into each). Dropping tokens breaks both grids, so (paper Sec. 4
 * the residual stream holds only the kept tokens (and CLS); LayerNorms, the qkv projections, the
   output projections, ``temporal_dense`` and the MLP run on kept tokens only;
 * for each of the two attentions, every dropped position takes a copy of the qkv of its
-  **nearest kept token in the same frame** (:func:`staprune.patch.common.nearest_kept_fill`),
+  **nearest kept token in the same frame** (:func:`staprune.adapters.filled_grid.nearest_kept_fill`),
   attention runs on the full grid, and only kept positions' outputs are used (the CLS token's
   per-frame outputs are averaged over frames, as in the stock block).
 
@@ -38,12 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..adapters.filled_grid import nearest_kept_fill
+from ..adapters.filled_grid import fill_grid, nearest_kept_fill, packed_slice, qkv_part, slice_metric
 from ..adapters.state import Patch, current_stage, final_kept
 from ..core.config import STAConfig
 from ..core.errors import ConfigError
 from ..core.flops import FlopCount, add_parts, metric_dim, sta_selection_flops, tokens_per_block
-from ..core.score import gather_tokens, head_mean
+from ..core.score import gather_tokens
 from ..data.sampling import ViewProtocol
 from .base import (
     FamilyModels,
@@ -55,8 +55,6 @@ from .base import (
     side,
 )
 from .hf import HuggingFaceFamily
-
-_QKV_PART = {"query": 0, "key": 1, "value": 2}
 
 
 @dataclass(frozen=True)
@@ -123,7 +121,7 @@ def pruned_block(layer: nn.Module, x: Tensor, source: Tensor, fill: Tensor, fram
     # Temporal attention: N sequences of T tokens, dropped positions copy their nearest kept token.
     temporal = layer.temporal_attention
     qkv = temporal.attention.qkv(layer.temporal_layernorm(tokens))
-    grid = gather_tokens(qkv, fill).view(bsz, t, n, -1).transpose(1, 2).reshape(bsz * n, t, -1)
+    grid = fill_grid(qkv, fill).view(bsz, t, n, -1).transpose(1, 2).reshape(bsz * n, t, -1)
     out = _attend(temporal.attention, grid).view(bsz, n, t, channels).transpose(1, 2).reshape(bsz, t * n, channels)
     out = temporal.output(gather_tokens(out, source))
     tokens = tokens + layer.temporal_dense(layer.drop_path(out))
@@ -131,7 +129,7 @@ def pruned_block(layer: nn.Module, x: Tensor, source: Tensor, fill: Tensor, fram
     spatial = layer.attention
     qkv = spatial.attention.qkv(layer.layernorm_before(tokens))
     qkv_cls = spatial.attention.qkv(layer.layernorm_before(cls))
-    grid = gather_tokens(qkv, fill).view(bsz * t, n, -1)
+    grid = fill_grid(qkv, fill).view(bsz * t, n, -1)
     grid = torch.cat([qkv_cls.expand(bsz, t, -1).reshape(bsz * t, 1, -1), grid], dim=1)
     out = _attend(spatial.attention, grid)  # (B*T, 1 + N, C)
     cls_out = layer.drop_path(spatial.output(out[:, :1])).view(bsz, t, channels).mean(1, keepdim=True)
@@ -143,12 +141,8 @@ def pruned_block(layer: nn.Module, x: Tensor, source: Tensor, fill: Tensor, fram
 
 def _metric(p: Patch, qkv: Tensor, heads: int) -> Tensor | None:
     """Head-averaged key / query / value ``(B, K, d)`` from packed spatial qkv ``(B, K, 3C)``."""
-    cfg = p.config
-    if cfg.method != "sta" or cfg.similarity not in _QKV_PART:
-        return None
-    c = qkv.shape[-1] // 3
-    part = qkv[..., _QKV_PART[cfg.similarity] * c:(_QKV_PART[cfg.similarity] + 1) * c]
-    return head_mean(part.view(*part.shape[:2], heads, -1).transpose(1, 2))
+    part = qkv_part(p.config)
+    return None if part is None else slice_metric(packed_slice(qkv, part), heads)
 
 
 def _make_layer(p: Patch, index: int, frames: int, grid_hw: tuple[int, int], heads: int, captured: dict):
@@ -209,7 +203,7 @@ def patch_timesformer(model: nn.Module, config: STAConfig) -> nn.Module:
     stages = [s.layer for s in plan.stages if s.r]
     if config.method != "none" and stages:
         captured: dict = {}
-        if config.method == "sta" and config.similarity in _QKV_PART:
+        if qkv_part(config) is not None:
             def keep_qkv(module, args, output):
                 captured["qkv"] = output
 
