@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    if args.command == "eval" and args.model is None and args.data is None:
+        return _demo_instead(args)
     module = importlib.import_module(args._module)
     keep_traceback = bool(os.environ.get("STAPRUNE_TRACEBACK"))
     try:
@@ -61,6 +63,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"staprune {args.command}: interrupted; " + (kept(args) if kept else "nothing was written"),
               file=sys.stderr)
         return 130
+
+
+def _demo_instead(args: argparse.Namespace) -> int:
+    """``staprune eval`` with neither ``--model`` nor ``--data``: the bundled demo, with the flags
+    both commands share."""
+    demo_args = ["--json"] if args.json else []
+    if args.out != "eval-results":
+        demo_args += ["--out", args.out]
+    return int(importlib.import_module("staprune.commands.demo").main(demo_args) or 0)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from PIL import Image
 import staprune
 from staprune.analysis.backbones import describe
 from staprune.analysis.gradnorm import gradnorm, mass_fraction, random_mass_fraction
-from staprune.analysis.inputs import Clip, LoadedModel, clip_indices, load_model, read_clip
+from staprune.analysis.inputs import AnalysisModel, Clip, at_input, clip_indices, read_clip
 from staprune.analysis.redundancy import clip_trajectory_sums, trajectory_sum
 from staprune.analysis.visualize import (
     default_tile_side,
@@ -29,6 +29,7 @@ from staprune.analysis.visualize import (
     save_png,
     tile_origin,
 )
+from staprune.api.loading import load
 from staprune.commands import analyze as analyze_cli
 from staprune.commands import visualize as visualize_cli
 from staprune.data import Preprocessing, write_video
@@ -146,7 +147,7 @@ def test_mask_rejects_out_of_grid_indices():
 
 
 def test_stage_pictures_match_kept_tokens(assets):
-    loaded = load_model(assets["model"])
+    loaded = at_input(load(str(assets["model"])))
     clip = read_clip(assets["videos"][0], loaded)
     assert clip.x.shape == (1, FRAMES, 3, SIZE, SIZE) and clip.display.shape == (FRAMES, SIZE, SIZE, 3)
     views = visualize_cli.stage_views(loaded.model, loaded.backbone, clip, r=4)
@@ -197,7 +198,7 @@ def test_visualize_cli_png_and_gif(assets, tmp_path, capsys):
 
 
 def test_tome_masks_non_representatives(assets):
-    loaded = load_model(assets["model"])
+    loaded = at_input(load(str(assets["model"])))
     clip = read_clip(assets["videos"][0], loaded)
     views = visualize_cli.stage_views(loaded.model, loaded.backbone, clip, r=4, method="tome")
     counts = [v.kept for v in views]
@@ -215,7 +216,7 @@ def test_swin_stages_drawn_at_their_own_resolution():
     assert [(g.height, g.pixels) for g in backbone.grids] == [(16, 4), (8, 8), (4, 16), (2, 32)]
     from staprune.families.swin3d import FAMILY as SWIN
 
-    loaded = LoadedModel("swin", SWIN.wrap(model, "tiny swin"), backbone, Preprocessing.imagenet_default(64))
+    loaded = AnalysisModel(SWIN.wrap(model, "tiny swin"), backbone, Preprocessing.imagenet_default(64))
     display = np.full((4, 64, 64, 3), 100, dtype=np.uint8)
     x = backbone.model_input(torch.randn(1, 4, 3, 64, 64))
     clip = Clip(path=Path("synthetic.mp4"), indices=[0, 1, 2, 3], display=display, x=x)
@@ -231,7 +232,7 @@ def test_swin_stages_drawn_at_their_own_resolution():
 
 # --- sampling ----------------------------------------------------------------------------------------
 def test_clip_is_the_protocols_centre_clip(assets):
-    loaded = load_model(assets["model"])
+    loaded = at_input(load(str(assets["model"])))
     # ViT K400: 8 frames at stride 4 span 32 > 24 frames: starts at 0, clamps at the end.
     assert clip_indices(24, loaded) == [0, 4, 8, 12, 16, 20, 23, 23]
     assert clip_indices(100, loaded) == [34 + 4 * j for j in range(8)]
@@ -247,11 +248,11 @@ def test_demo_models_read_the_consecutive_frames_they_were_trained_on(assets, tm
     short = write_video(tmp_path / "demo.mp4", clips[0].permute(0, 2, 3, 1).contiguous())
     long = write_video(tmp_path / "long.mp4", clips[0].repeat(7, 1, 1, 1)[:100].permute(0, 2, 3, 1).contiguous())
     for name in ("demo-vit", "demo-swin"):
-        loaded = load_model(name)
+        loaded = at_input(load(name))
         for dataset in (None, "k400", "ssv2"):
             assert read_clip(short, loaded, dataset).indices == list(range(16))
             assert read_clip(long, loaded, dataset).indices == list(range(42, 58))
-    other = load_model(assets["model"])
+    other = at_input(load(str(assets["model"])))
     assert read_clip(long, other, "k400").indices == [34 + 4 * j for j in range(8)]
 
 
@@ -314,7 +315,7 @@ def test_analyze_redundancy_cli(assets, capsys):
         assert stats["clips"] == 2 and len(stats["per_clip"]) == 2
         assert -3.0 <= stats["mean"] <= 3.0 and stats["std"] >= 0.0
     # The same clips, measured directly: the CLI reports the function's numbers.
-    loaded = load_model(assets["model"])
+    loaded = at_input(load(str(assets["model"])))
     x = torch.cat([read_clip(v, loaded).x for v in assets["videos"]])
     direct = analyze_cli.trajectory_sums(loaded, x, "sta", 4).tolist()
     assert report["results"]["sta"]["per_clip"] == pytest.approx(direct, abs=1e-9)

@@ -10,7 +10,8 @@ import torch
 import staprune
 from staprune.api.flops import analytic_flops
 from staprune.api.models import example_input, spec_of_model
-from staprune.commands.bench import BenchRow, Variant, summarize, time_variants
+from staprune.api.settings import Setting
+from staprune.runs.timing import BenchRow, summarize, time_variants
 
 
 def _tiny_vit():
@@ -31,8 +32,8 @@ def _run_cli(*argv: str) -> int:
 def test_variants_alternate_round_robin():
     model = _tiny_vit()
     seen: list[str] = []
-    model.register_forward_pre_hook(lambda m, a: seen.append(Variant(**_cfg(m)).label))
-    variants = [Variant(), Variant(2), Variant(4)]
+    model.register_forward_pre_hook(lambda m, a: seen.append(Setting(**_cfg(m)).label))
+    variants = [Setting(), Setting(2), Setting(4)]
     times = time_variants(model, example_input(spec_of_model(model)), variants, warmup=1, repeats=2)
     assert seen == ["dense", "sta r=2", "sta r=4"] * 3
     assert all(len(t["latency"]) == 2 and len(t["selection"]) == 2 for t in times.values())
@@ -48,8 +49,8 @@ def _cfg(model):
 def test_summarize_medians_and_ratios():
     model = _tiny_vit()
     times = {
-        Variant(): {"latency": [1.0, 3.0, 2.0], "selection": [0, 0, 0]},
-        Variant(4): {"latency": [0.5, 1.5, 1.0, 9.0], "selection": [0.01, 0.01, 0.02, 0.01]},
+        Setting(): {"latency": [1.0, 3.0, 2.0], "selection": [0, 0, 0]},
+        Setting(4): {"latency": [0.5, 1.5, 1.0, 9.0], "selection": [0.01, 0.01, 0.02, 0.01]},
     }
     dense, pruned = summarize("tiny", model, times, batch_size=4, dtype="fp32", device="cpu")
     assert dense.speedup == 1.0 and dense.flops_ratio == 1.0

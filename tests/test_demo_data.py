@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from staprune.demo.data import CLASS_NAMES, NUM_CLASSES, class_names, generate, to_model_input
+from staprune.demo.data import CLASS_NAMES, NUM_CLASSES, class_names, generate
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +67,12 @@ def test_translation_labels_recoverable_by_a_trivial_motion_detector(small):
     assert accuracy > 0.6, accuracy  # chance is 0.25
 
 
-def test_to_model_input_layouts(small):
-    x = to_model_input(small[0][:2], "BTCHW")
+def test_model_inputs_in_each_familys_layout(small):
+    """The demo models' normalisation, then each model's family puts the clips in its layout."""
+    from staprune.demo.models import preprocessing
+    from staprune.families import family_named
+
+    x = preprocessing().normalize_pixels(small[0][:2])
     assert x.shape == (2, 16, 3, 112, 112) and x.dtype == torch.float32 and -1 <= x.min() and x.max() <= 1
-    assert to_model_input(small[0][:2], "BCTHW").shape == (2, 3, 16, 112, 112)
-    with pytest.raises(ValueError):
-        to_model_input(small[0][:2], "NHWC")
+    assert family_named("videomae").to_input(x).shape == (2, 16, 3, 112, 112)
+    assert family_named("swin3d").to_input(x).shape == (2, 3, 16, 112, 112)

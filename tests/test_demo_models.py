@@ -11,8 +11,9 @@ import torch
 import staprune
 from staprune.core.errors import CheckpointError
 from staprune.demo import models
-from staprune.demo.data import NUM_CLASSES, generate, to_model_input
+from staprune.demo.data import NUM_CLASSES, generate
 from staprune.demo.train import HFLIP, REVERSE, VFLIP
+from staprune.families import family_of
 
 
 def test_vit_geometry_and_pruning():
@@ -49,8 +50,8 @@ def test_fp16_weights_round_trip(tmp_path, monkeypatch, name):
     net = models.BUILDERS[name]().eval()
     monkeypatch.setattr(models, "WEIGHTS_DIR", tmp_path)
     models.save_demo_weights(net, name)
-    loaded, layout = models.load_demo_model(name)
-    assert layout == models.LAYOUTS[name]
+    loaded = models.load_demo_model(name)
+    assert family_of(loaded).input_layout == {"demo-vit": "BTCHW", "demo-swin": "BCTHW"}[name]
     models.roundtrip_fp16(net)
     for (k, a), (_, b) in zip(net.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert a.dtype == b.dtype and torch.equal(a, b), k
@@ -76,13 +77,13 @@ def test_bundled_weights_reach_stated_accuracy(name):
     here on the same clips) and generalise to clips of a seed no one trained or selected on."""
     card = models.model_card(name)
     assert card, f"{name} has no bundled model card; train it with `python -m staprune.demo.train`"
-    net, layout = models.load_demo_model(name)
+    loaded = models.loaded_demo_model(name, "bundled")
 
     def top1(clips, labels):
         with torch.no_grad():
             pred = torch.cat([
-                (lambda o: o.logits if hasattr(o, "logits") else o)(net(to_model_input(clips[i:i + 50], layout)))
-                .argmax(-1) for i in range(0, len(labels), 50)
+                loaded.logits(loaded.preprocessing.normalize_pixels(clips[i:i + 50])).argmax(-1)
+                for i in range(0, len(labels), 50)
             ])
         return (pred == labels).float().mean().item()
 
@@ -278,7 +279,7 @@ def test_flops_command_takes_the_demo_models(capsys):
     """`staprune flops --model demo-vit|demo-swin` counts them at their own 16x112² geometry and
     pruning levels; analytic and measured counts agree."""
     from staprune.cli import main
-    from staprune.commands.demo import LEVELS
+    from staprune.demo.models import LEVELS
 
     for name in models.DEMO_MODELS:
         counts = {}
@@ -294,12 +295,13 @@ def test_flops_command_takes_the_demo_models(capsys):
 
 
 def test_demo_models_refuse_other_geometry():
-    from staprune.api.models import load_model, spec_of_model
+    from staprune.api.loading import load
+    from staprune.api.models import spec_of_model
 
-    swin = load_model("demo-swin")
+    swin = load("demo-swin").model
     assert (spec_of_model(swin).frames, spec_of_model(swin).size) == (16, 112)  # not Swin's 32x224²
     with pytest.raises(ValueError, match="16x112x112 clips only"):
-        load_model("demo-vit", frames=8)
+        load("demo-vit", frames=8)
 
 
 def test_demo_plot_shares_one_readable_y_scale(tmp_path, monkeypatch):

@@ -79,3 +79,17 @@ def _links(text: str) -> list[str]:
     import re
 
     return re.findall(r"\]\(([^)\s]+)\)", text)
+
+
+def test_docs_site_builds_strictly(tmp_path):
+    """Every page, link, anchor and API docstring of the site: ``mkdocs build --strict``."""
+    run = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert (tmp_path / "site" / "index.html").is_file()

@@ -17,16 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from staprune.api.evaluation import clip_frame_indices, resolve_protocol, video_views
 from staprune.cli import main
-from staprune.commands.evaluate import (
-    clip_frame_indices,
-    read_records,
-    repair_tail,
-    resolve_protocol,
-    video_views,
-)
 from staprune.data import Preprocessing, ViewProtocol, write_video
 from staprune.families import family_named
+from staprune.runs.list_evaluation import read_records
+from staprune.storage.runfolder import repair_tail
 
 NUM_VIDEOS, NUM_FRAMES, HEIGHT, WIDTH, CLASSES = 10, 40, 64, 80, 5
 COMMON = ["--views", "2x2", "--frames", "8", "--stride", "2", "--batch-size", "3", "--quiet"]
@@ -98,7 +94,7 @@ def _cli_env(**extra: str) -> dict[str, str]:
 
 def _run(out: Path, name: str, model: Path | None = None) -> Path:
     """The records folder of one (method, r) of the test model inside ``--out``."""
-    from staprune.commands.evaluate import model_dirname
+    from staprune.runs.list_evaluation import model_dirname
 
     return out / model_dirname(f"hf:{model or ASSET_MODEL[0]}") / name
 

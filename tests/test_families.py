@@ -224,7 +224,7 @@ def test_token_counts_follow_the_schedule(family, r):
     with torch.no_grad():
         model(case.input(1))
     counts = [k.shape[1] for k in staprune.kept_tokens(model)]
-    # DESIGN.md step 2: stage k has T / 2**k units; each drops r tokens.
+    # docs/algorithm/index.md step 2: stage k has T / 2**k units; each drops r tokens.
     tokens, unit_count, expected = case.tokens_per_frame, 8, []
     for units in case.schedule_units:
         tokens = tokens * (unit_count // units) - r

@@ -18,8 +18,11 @@ import torch
 from conftest import tiny_swin
 
 import staprune
+from staprune.api.loading import load
 from staprune.commands import finetune as ft
 from staprune.families import family_named
+from staprune.runs.training import param_groups
+from staprune.storage.runfolder import latest_epoch
 
 VIDEOMAE, SWIN = family_named("videomae"), family_named("swin3d")
 
@@ -46,10 +49,11 @@ def tiny(num_labels: int = 4, dropout: float = 0.0, seed: int = 0, layers: int =
 
 def batch(n: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Generated demo clips at the tiny geometry: views (n, 8, 3, 64, 64), labels in [0, 4)."""
-    from staprune.demo.data import generate, to_model_input
+    from staprune.demo.data import generate
+    from staprune.demo.models import preprocessing
 
     clips, labels = generate(n, seed, frames=8, size=64)
-    return to_model_input(clips, "BTCHW"), labels % 4
+    return preprocessing().normalize_pixels(clips), labels % 4
 
 
 def step_cfg(dtype: str = "fp32") -> ft.StepConfig:
@@ -118,7 +122,7 @@ def test_lr_schedule_warmup_then_cosine_to_zero():
 
 def test_weight_decay_only_on_matrices():
     model = tiny()
-    decay, no_decay = ft.param_groups(model, 0.05)
+    decay, no_decay = param_groups(model, 0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
@@ -272,7 +276,7 @@ def test_resume_reproduces_uninterrupted_run(tiny_dir, tmp_path):
 
     assert ft.run(demo_args(tiny_dir, tmp_path / "full")) == 0
     assert ft.run(demo_args(tiny_dir, tmp_path / "split", "--stop-after", "1")) == 0
-    assert ft.latest_checkpoint(tmp_path / "split") == 1
+    assert latest_epoch(tmp_path / "split") == 1
     assert not (tmp_path / "split" / "epoch_002.safetensors").exists()
     assert ft.run(demo_args(tiny_dir, tmp_path / "split", "--resume")) == 0
     for name in ("epoch_002.safetensors", "epoch_002.train.safetensors"):
@@ -340,7 +344,7 @@ def test_list_training_and_validation_through_evaluate(tiny_dir, tmp_path):
         str(out),
     )
     assert ft.run(args) == 0
-    assert ft.latest_checkpoint(out) == 1
+    assert latest_epoch(out) == 1
     summary = json.loads((out / "summary.json").read_text())
     assert [(row["method"], row["r"], row["videos"]) for row in summary["eval"]] == [
         ("sta", 4, 4),
@@ -372,7 +376,7 @@ def test_r_defaults_to_the_models_middle_level(tiny_dir, tmp_path, capsys):
                  "--val-clips", "8", "--batch-size", "8")
     assert ft.run(args) == 0
     recipe = json.loads((tmp_path / "summary.json").read_text())["recipe"]
-    levels = ft.load_model(str(tiny_dir), init="auto", seed=0).default_levels()
+    levels = load(str(tiny_dir)).default_levels()
     assert recipe["r"] == levels[1] and "training at r=" in capsys.readouterr().err
     with pytest.raises(ValueError, match="takes no --r"):
         ft.run(parse("--demo", "--model", str(tiny_dir), "--out", str(tmp_path / "b"), "--method", "none", "--r", "4"))

@@ -1,4 +1,4 @@
-"""An independent, per-sample, loop-only reference of DESIGN.md steps 1-8, written from the text
+"""An independent, per-sample, loop-only reference of docs/algorithm/index.md steps 1-8, written from the text
 (not from score.py), must select exactly the same indices as the batched implementation."""
 
 from __future__ import annotations

@@ -178,7 +178,7 @@ def test_read_only_output_is_one_line(assets, monkeypatch, command):
 
 
 def test_ctrl_c_during_eval_says_how_to_resume(assets, monkeypatch, tmp_path):
-    import staprune.commands.evaluate as ev
+    import staprune.runs.list_evaluation as ev
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
@@ -319,7 +319,7 @@ def test_bundled_demo_weights_load_by_path():
     from staprune.demo.models import load_demo_model, weights_path
 
     by_path = load(str(weights_path("demo-vit")))
-    reference, _ = load_demo_model("demo-vit")
+    reference = load_demo_model("demo-vit")
     assert "weights of demo-vit" in by_path.source and by_path.frames == 16
     assert all(torch.equal(v, reference.state_dict()[k]) for k, v in by_path.model.state_dict().items())
 

@@ -41,7 +41,7 @@ def test_unpatch_restores_stock_forward(attn):
 
 
 def _expected_lengths(frames: int, n: int, r: int, units=(None,)) -> list[int]:
-    """Sequence length after each stage from the schedule's formula (DESIGN.md step 2)."""
+    """Sequence length after each stage from the schedule's formula (docs/algorithm/index.md step 2)."""
     t = frames
     unit_tokens, unit_count, lengths = n, t, []
     for k in range(3):

@@ -1,8 +1,7 @@
-"""Model and clip loading shared by the analysis commands.
+"""A loaded model at the input the analyses read it at, and the clips they read.
 
-``--model`` is anything :func:`staprune.checkpoints.load` accepts: registry names (the bundled
-``demo-vit`` / ``demo-swin`` with their weights; the others with random weights), local Hugging Face
-folders, release ``.pth`` files, ``swin3d_t:WEIGHTS``.
+Models come from :func:`staprune.load` (the one loader); :func:`at_input` fixes the input geometry
+(clip length and side: the model's own, or Video Swin's 32x224²) the analyses measure at.
 
 Clips are sampled the way evaluation samples them, reduced to one view: the centre clip of the
 model's protocol for the dataset (the demo models: their 16 consecutive frames) and the centre
@@ -19,17 +18,22 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import families
 from ..data import Preprocessing, probe, read_frames, resize_short_side, spatial_crop_boxes
+from ..families.base import LoadedModel
 from .backbones import Backbone, describe
 
 
 @dataclass
-class LoadedModel:
-    """A model in eval mode with its geometry, preprocessing and evaluation protocols."""
+class AnalysisModel:
+    """A loaded model (:func:`staprune.load`) at one input geometry.
 
-    name: str
-    loaded: families.LoadedModel
+    Attributes:
+        loaded: the model and what staprune knows about it.
+        backbone: its geometry at this input and its family's answers about it.
+        preprocessing: the model's normalisation at the backbone's input side.
+    """
+
+    loaded: LoadedModel
     backbone: Backbone
     preprocessing: Preprocessing
 
@@ -62,18 +66,14 @@ class Clip:
         return self.display[::tubelet]
 
 
-def load_model(spec: str, frames: int | None = None, size: int | None = None) -> LoadedModel:
-    """Load ``spec`` (see module doc) in eval mode, with geometry and preprocessing (the source's
-    mean/std; the view size is always the model's input size)."""
-    from ..api.loading import load
-
-    loaded = load(spec, frames=frames, image_size=size)
-    model = loaded.model.eval()
-    backbone = describe(model, frames or loaded.frames, size or loaded.image_size)
-    return LoadedModel(spec, loaded, backbone, replace(loaded.preprocessing, size=backbone.size))
+def at_input(loaded: LoadedModel, frames: int | None = None, size: int | None = None) -> AnalysisModel:
+    """``loaded`` (in eval mode) at ``frames`` x ``size``² input (defaults: the model's own input;
+    Video Swin 32 x 224², the paper's); the view size is always the model's input size."""
+    backbone = describe(loaded.model.eval(), frames or loaded.frames, size or loaded.image_size)
+    return AnalysisModel(loaded, backbone, replace(loaded.preprocessing, size=backbone.size))
 
 
-def clip_indices(num_frames: int, loaded: LoadedModel, dataset: str = "k400") -> list[int]:
+def clip_indices(num_frames: int, loaded: AnalysisModel, dataset: str = "k400") -> list[int]:
     """Frame indices of the centre clip of the model's ``dataset`` protocol, ``backbone.frames`` long."""
     one_view = replace(loaded.loaded.protocol(dataset), clips=1, frames=loaded.backbone.frames)
     return one_view.clip_indices(num_frames)[0]
@@ -91,7 +91,7 @@ def add_clip_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, help="input side (default: the model's; Swin 224)")
 
 
-def read_clip(path: str | Path, loaded: LoadedModel, dataset: str | None = None) -> Clip:
+def read_clip(path: str | Path, loaded: AnalysisModel, dataset: str | None = None) -> Clip:
     """Decode and preprocess the centre view of a video for ``loaded``'s model (``dataset`` None: k400)."""
     path = Path(path)
     indices = clip_indices(probe(path).num_frames, loaded, dataset or "k400")
@@ -105,10 +105,10 @@ def read_clip(path: str | Path, loaded: LoadedModel, dataset: str | None = None)
 
 
 __all__ = [
+    "AnalysisModel",
     "Clip",
-    "LoadedModel",
     "add_clip_arguments",
+    "at_input",
     "clip_indices",
-    "load_model",
     "read_clip",
 ]

@@ -7,14 +7,14 @@ from torch import nn
 from ..core.config import STAConfig, as_config
 from ..core.errors import ConfigError
 from ..core.flops import FlopCount, MeasuredFlops, measure_flops
+from ..families import Spec, family_of, family_of_spec, find_model, model_names
+from .loading import load
+from .patching import patch, unpatch
 
 
-# --- public analytic API ------------------------------------------------------------------------
 def resolve_spec(model, frames: int | None = None, size: int | None = None):
     """A geometry (:class:`staprune.families.Spec`) from a registry name, a loadable path, a built
     model or a spec, optionally on another input clip."""
-    from ..families import Spec, family_of, find_model
-
     if isinstance(model, Spec):
         return model.with_input(frames, size)
     if isinstance(model, nn.Module):
@@ -22,15 +22,13 @@ def resolve_spec(model, frames: int | None = None, size: int | None = None):
     entry = find_model(model)
     if entry is not None:
         return entry.spec_for(frames, size)
-    from .models import load_model  # a path: read its config (loads the weights too)
-
-    net = load_model(model, frames, size)
+    net = load(model, frames=frames, image_size=size).model  # a path: read its config (loads the weights too)
     return family_of(net).spec_of(net, frames, size)
 
 
 def analytic_flops(
     model,
-    r: int = 0,
+    r: int | None = None,
     *,
     frames: int | None = None,
     size: int | None = None,
@@ -42,13 +40,13 @@ def analytic_flops(
     Args:
         model: registry name (``ViT-B``, ``VideoSwin-T``, ``ViViT-B``, ...), local model path,
             built model or spec.
-        r: the paper's r (ViT) / r1 (Video Swin).
-        frames, size: input clip length and side (defaults: the model's).
+        r: the paper's r (ViT) / r1 (Video Swin); None: ``config``'s (default 0, dense).
+        frames: input clip length (default: the model's).
+        size: input side in pixels (default: the model's).
+        config: a full STAConfig; ``r`` and ``options`` override its fields.
     Raises:
         ValueError: r too large or otherwise infeasible for the geometry (message gives the largest r).
     """
-    from ..families import family_of_spec
-
     spec = resolve_spec(model, frames, size)
     return family_of_spec(spec).flops(spec, as_config(config, r, **options))
 
@@ -88,8 +86,6 @@ def r_for_budget(
 
 def paper_tables() -> dict[str, dict[int, float]]:
     """The published GFLOPs per view of every registry model that has them (paper Tables 2, 3)."""
-    from ..families import find_model, model_names
-
     return {n: dict(e.paper_gflops) for n in model_names() if (e := find_model(n)).paper_gflops}
 
 
@@ -99,18 +95,14 @@ def measure_model(
     """Build (or take) a model, patch it with ``r`` and ``options`` (``r == 0``: staprune's dense
     path, which is the stock model but for Video Swin's fused attention, see its family), and count
     one forward pass on a random clip of batch 1."""
-    import staprune
-
-    from ..families import family_of
-    from .models import load_model
-
-    net = load_model(model, frames, size) if isinstance(model, str) else model
+    net = load(model, frames=frames, image_size=size).model if isinstance(model, str) else model
     family = family_of(net)
     spec = family.spec_of(net, frames, size)
-    staprune.patch(net, r=r, **options)
+    patch(net, r=r, **options)
     try:
         return measure_flops(net, family.example_input(spec))
     finally:
-        staprune.unpatch(net)
+        unpatch(net)
 
 
+__all__ = ["analytic_flops", "measure_model", "paper_tables", "r_for_budget", "resolve_spec"]

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from torch import Tensor
 
 from ..core.errors import CheckpointError, NotFoundError, StapruneError, UnknownModelError, UsageError
 from ..families.base import LoadedModel
+from ..storage.runfolder import epoch_files, latest_epoch, training_record_of
 from ..storage.state_dicts import STATE_DICT_SUFFIXES, listing, load_verified, read_state_dict
 
 
@@ -97,15 +97,12 @@ def _hub_folder(repo_id: str) -> Path:
         ) from err
 
 
-_EPOCH_CARD = re.compile(r"^epoch_(\d{3,})\.train\.json$")
-
-
 def model_card(path: Path) -> dict | None:
     """What a weights file was made from, when staprune wrote it: ``{"model", "weights", "frames",
     "image_size", "made"}`` from the training record of a ``staprune finetune`` checkpoint
     (``epoch_NNN.train.json`` beside ``epoch_NNN.safetensors``) or the card of a bundled demo model
     (``<name>.json`` naming its registry model); None for other files."""
-    record = path.with_name(path.name.removesuffix(".safetensors") + ".train.json")
+    record = training_record_of(path)
     try:
         if path.suffix == ".safetensors" and record.is_file():
             recipe = json.loads(record.read_text(encoding="utf-8"))["recipe"]
@@ -122,13 +119,6 @@ def model_card(path: Path) -> dict | None:
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise CheckpointError(f"{path}: its card next to it is damaged ({err}); it says how to rebuild the model") from err
     return None
-
-
-def latest_epoch(folder: Path) -> Path | None:
-    """The weights of the last complete epoch of a ``staprune finetune`` run folder, or None."""
-    epochs = sorted(int(m.group(1)) for p in folder.iterdir() if (m := _EPOCH_CARD.match(p.name)))
-    complete = [e for e in epochs if (folder / f"epoch_{e:03d}.safetensors").is_file()]
-    return folder / f"epoch_{complete[-1]:03d}.safetensors" if complete else None
 
 
 def _load_from_card(path: Path, card: dict, state: Mapping[str, Tensor]) -> LoadedModel:
@@ -184,16 +174,23 @@ def load_file(path: Path, *, frames: int | None = None, image_size: int | None =
     )
 
 
-def load_registry(name: str, frames: int | None = None, image_size: int | None = None) -> LoadedModel:
-    """A registry model: its own weights when the entry has a loader (the demo models), else a
-    model of its geometry with RANDOM weights (timing, FLOPs, smoke tests)."""
+INITS = ("auto", "bundled", "random")
+
+
+def load_registry(name: str, frames: int | None = None, image_size: int | None = None,
+                  init: str = "auto") -> LoadedModel:
+    """A registry model: its own weights when the entry has a loader (the demo models; ``init``
+    chooses, see :func:`load`), else a model of its geometry with RANDOM weights (timing, FLOPs,
+    smoke tests), drawn from torch's global RNG."""
     from ..families import family_of_entry, model_entry
 
     entry = model_entry(name)
     spec = entry.spec_for(frames, image_size)
     family = family_of_entry(entry)
     if entry.loader is not None:
-        return entry.loader("auto")
+        return entry.loader(init)
+    if init == "bundled":
+        raise UsageError(f"--init bundled is for models with weights of their own (the demo models), not {name}")
     loaded = family.wrap(family.build(spec), f"registry:{name} (random weights)")
     if entry.preprocessing is not None:
         loaded.preprocessing = entry.preprocessing
@@ -208,16 +205,24 @@ def load(
     frames: int | None = None,
     image_size: int | None = None,
     num_heads: int | None = None,
+    init: str = "auto",
 ) -> LoadedModel:
-    """Load a model for evaluation from a CLI-style ``spec``.
+    """The one loader: a model in eval mode, with what commands need to know about it, from what a
+    user typed. Every command and script loads through here.
 
     Args:
         spec: a registry name (``ViT-B``, ..., random weights; ``demo-vit`` its bundled weights);
             ``swin3d_t`` (with ``weights``) or ``swin3d_t:PATH``; a checkpoint file (family inferred
-            from its keys); a HF folder; else a HF hub id.
+            from its keys, or from the card staprune wrote beside it); a ``staprune finetune`` run
+            folder (its last complete epoch); a HF folder; else a HF hub id.
         weights: weights file for an architecture name (``swin3d_t``).
-        frames, image_size, num_heads: geometry for release checkpoints and registry models (not
-            stored in those files); ignored otherwise.
+        frames: input frames, for release checkpoints and registry models (not stored in those
+            files); ignored otherwise.
+        image_size: input side, likewise.
+        num_heads: attention heads of a release checkpoint of an unusual width, likewise.
+        init: for registry models with weights of their own (the demo models): ``auto`` (theirs if
+            installed, else untrained), ``bundled`` (theirs, or an error) or ``random`` (untrained,
+            drawn from torch's global RNG: seed it first for a repeatable init).
 
     Raises:
         FileNotFoundError: a path that does not exist (or an unloadable hub id).
@@ -225,6 +230,8 @@ def load(
     """
     from ..families import families, find_model, model_names, suggest
 
+    if init not in INITS:
+        raise UsageError(f"init={init!r}; choose one of {', '.join(INITS)}")
     builders = {name: family for family in families() for name in family.builder_names}
     name, _, rest = spec.partition(":")
     if weights is None and name in builders and rest:
@@ -236,10 +243,12 @@ def load(
     if weights is not None:
         raise UsageError(f"--weights is only for architecture names ({', '.join(builders)})")
     if find_model(spec) is not None:
-        return load_registry(spec, frames, image_size)
+        return load_registry(spec, frames, image_size, init)
+    if init != "auto":
+        raise UsageError(f"--init {init} is for models with weights of their own (the demo models), not {spec}")
     path = Path(spec).expanduser()
     if path.is_dir() and not (path / "config.json").is_file() and (last := latest_epoch(path)) is not None:
-        return load_file(last)  # a `staprune finetune` run folder: its last epoch
+        return load_file(epoch_files(path, last).weights)  # a `staprune finetune` run folder: its last epoch
     if path.is_dir():
         return load_hf(str(path))
     if path.is_file():

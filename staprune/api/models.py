@@ -1,4 +1,5 @@
-"""Named models: geometry specs, random-weight builders and loading, through the family registry.
+"""Named models: geometry specs and random-weight builders, through the family registry (loading
+any model, named or not, is :func:`staprune.load`).
 
 The registry names are the families' own (:mod:`staprune.families`): the paper's ``ViT-S/B/L/H``
 (VideoMAE, 16x224²) and ``VideoSwin-T/S/B``, ``VideoSwin-B-SSV2`` (torchvision), the wider
@@ -15,8 +16,6 @@ from torch import Tensor, nn
 
 from ..families import family_of, family_of_entry, family_of_spec, model_entry, model_names
 from ..families.base import Spec
-from ..families.swin3d import SwinSpec
-from ..families.videomae import ViTSpec
 
 
 def names() -> list[str]:
@@ -41,21 +40,13 @@ def build_model(
 
     Args:
         name: a registry name (:func:`names`).
-        frames, size: input clip length and side; models that fix their input (ViTs' position
-            tables) are configured for them.
+        frames: input clip length; models that fix their input (ViTs' position tables) are
+            configured for it.
+        size: input side in pixels, likewise.
         attn_implementation: transformers attention backend (``sdpa`` or ``eager``).
     """
     entry = model_entry(name)
     return family_of_entry(entry).build(entry.spec_for(frames, size), attn_implementation)
-
-
-def load_model(name_or_path: str, frames: int | None = None, size: int | None = None) -> nn.Module:
-    """A registry name (random weights; the demo models their bundled weights), or anything
-    :func:`staprune.checkpoints.load` accepts (HF folder or hub id, release .pth, torchvision
-    weights), in eval mode."""
-    from .loading import load
-
-    return load(name_or_path, frames=frames, image_size=size).model.eval()
 
 
 def example_input(spec: Spec, batch_size: int = 1, **tensor_kwargs: Any) -> Tensor:
@@ -65,12 +56,9 @@ def example_input(spec: Spec, batch_size: int = 1, **tensor_kwargs: Any) -> Tens
 
 
 __all__ = [
-    "SwinSpec",
-    "ViTSpec",
     "build_model",
     "example_input",
     "get_spec",
-    "load_model",
     "names",
     "spec_of_model",
 ]

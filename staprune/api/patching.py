@@ -30,8 +30,9 @@ def patch(model: nn.Module, r: int | None = None, *, config: STAConfig | None = 
         **options: any STAConfig field, e.g. ``method="random"``, ``order="FFF"``.
 
     Raises:
-        TypeError: unsupported model or unknown option. ValueError: invalid option value, or r
-        too large / frames not divisible for the model's configured input.
+        TypeError: unsupported model or unknown option.
+        ValueError: invalid option value, or r too large / frames not divisible for the model's
+            configured input.
     """
     from ..families import family_of
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -42,14 +41,23 @@ from typing import Any
 
 import torch
 
-import staprune
-
+from ..api.evaluation import check_compatible, resolve_protocol, score_clips
+from ..api.loading import load
+from ..api.patching import unpatch
+from ..api.settings import Setting, recorded
 from ..core.config import STAConfig, default_locations
-from ..core.errors import ConfigError, ExistingResultsError, UsageError
+from ..core.errors import ConfigError, UsageError
 from ..core.flops import measure_flops
-from ..families import LoadedModel
-from ..runs.arguments import recorded
-from ..storage.outputs import atomic_write_text, writable_dir, write_error
+from ..data.lists import load_items
+from ..data.sampling import ViewProtocol
+from ..demo.data import HELD_OUT_SEED, generate
+from ..families.base import LoadedModel
+from ..runs import distributed as dist_utils
+from ..runs.arguments import add_device_arguments, add_model_arguments, apply_threads
+from ..runs.devices import resolve_device
+from ..runs.list_evaluation import ListEvaluation
+from ..storage.outputs import writable_dir, write_error
+from ..storage.runfolder import append_jsonl, atomic_write_json, check_no_results, read_jsonl
 
 TABLES = ("6a", "6b", "6c", "6d", "6e", "s3", "s2")
 TITLES = {
@@ -62,11 +70,10 @@ TITLES = {
     "s3": "Supplementary Table 3: number of STA stages and their placement",
     "s2": "Supplementary Table 2: number of temporal views",
 }
-DEMO_HELD_OUT_SEED = 1_000_000  # the demo models' held-out clips (the model cards' seed)
 
 
 @dataclass(frozen=True)
-class Setting:
+class Row:
     """One row to measure: a pruning config (r and other STAConfig fields) and the temporal views."""
 
     table: str
@@ -80,8 +87,13 @@ class Setting:
     def key(self) -> str:
         return f"{self.table}|{self.name}|r{self.r}|v{self.views}"
 
+    @property
+    def setting(self) -> Setting:
+        """What the model runs as: STA at r with the row's options (dense at r=0 with none)."""
+        return Setting.of("sta", self.r, self.options) if self.r or self.options else Setting(0, "none")
+
     def config(self) -> STAConfig:
-        return STAConfig(r=self.r, **dict(self.options))
+        return self.setting.config()
 
 
 # --- which settings --------------------------------------------------------------------------------
@@ -111,30 +123,30 @@ def placements(depth: int) -> list[tuple[int, ...]]:
 
 
 def settings_for(tables: Sequence[str], r: int, loaded: LoadedModel, spec, temporal_views: Sequence[int],
-                 s2_levels: Sequence[int]) -> list[Setting]:
+                 s2_levels: Sequence[int]) -> list[Row]:
     """Every row of ``tables`` for a model of ``spec`` at the default ``r``."""
     family, depth = loaded.family, spec.layers
     target = family.flops(spec, STAConfig(r=r)).gflops
     r_max = 4 * r + 64
-    out = [Setting("base", "dense", 0)]
+    out = [Row("base", "dense", 0)]
     for table in tables:
         if table == "6a":
-            out += [Setting("6a", name, r, (("first_unit", name),)) for name in ("bipartite", "random", "grid")]
+            out += [Row("6a", name, r, (("first_unit", name),)) for name in ("bipartite", "random", "grid")]
         elif table == "6b":
-            out += [Setting("6b", "-".join(o), r, (("order", o),)) for o in ("FBF", "BFB", "FFF", "BBB")]
+            out += [Row("6b", "-".join(o), r, (("order", o),)) for o in ("FBF", "BFB", "FFF", "BBB")]
         elif table == "6c":
-            out += [Setting("6c", label, r, (("similarity", sim),))
+            out += [Row("6c", label, r, (("similarity", sim),))
                     for label, sim in (("f_Q", "query"), ("f_K", "key"), ("f_V", "value"), ("f_FFN", "hidden"))]
         elif table == "6d":
             for schedule in ("decreasing", "constant", "increasing", "per_frame"):
                 options = {"schedule": schedule}
                 if schedule in ("constant", "increasing"):
-                    out.append(Setting("6d", schedule, _closest_r(loaded, spec, target, options, r_max),
+                    out.append(Row("6d", schedule, _closest_r(loaded, spec, target, options, r_max),
                                        (("schedule", schedule),), matched=True))
                 else:
-                    out.append(Setting("6d", schedule, r, (("schedule", schedule),)))
+                    out.append(Row("6d", schedule, r, (("schedule", schedule),)))
         elif table == "6e":
-            out += [Setting("6e", label, r, (("score", score),))
+            out += [Row("6e", label, r, (("score", score),))
                     for label, score in (("1-F", "semantic"), ("A", "temporal"), ("(1-F)·A", "sta"))]
         elif table == "s3":
             for stages in (2, 3, 4):
@@ -144,28 +156,22 @@ def settings_for(tables: Sequence[str], r: int, loaded: LoadedModel, spec, tempo
                     continue  # a model too shallow for that many stages
                 matched = stages != 3
                 r_k = _closest_r(loaded, spec, target, options, r_max) if matched else r
-                out.append(Setting("s3", f"{stages} stages", r_k, (("locations", locations),), matched=matched))
+                out.append(Row("s3", f"{stages} stages", r_k, (("locations", locations),), matched=matched))
             for locations in placements(depth):
-                out.append(Setting("s3", "location " + "-".join(str(b + 1) for b in locations), r,
+                out.append(Row("s3", "location " + "-".join(str(b + 1) for b in locations), r,
                                    (("locations", locations),)))
         elif table == "s2":
-            out += [Setting("s2", f"{views} views", level, views=views)
+            out += [Row("s2", f"{views} views", level, views=views)
                     for views in temporal_views for level in (0, *s2_levels)]
         else:
             raise UsageError(f"--tables: unknown table {table!r}; choose from {', '.join(TABLES)}")
     return list(dict.fromkeys(out))
 
 
-# --- measuring one setting -------------------------------------------------------------------------
-def _apply(model: torch.nn.Module, setting: Setting) -> None:
-    staprune.unpatch(model)
-    if setting.r or setting.options:
-        staprune.patch(model, config=setting.config())
-
-
-def measured_gflops(loaded: LoadedModel, setting: Setting, frames: int, size: int) -> tuple[float, float]:
+# --- measuring one row ---------------------------------------------------------------------------
+def measured_gflops(loaded: LoadedModel, row: Row, frames: int, size: int) -> tuple[float, float]:
     """Backbone and selection GFLOPs of one view, counted on the configuration itself."""
-    _apply(loaded.model, setting)
+    row.setting.apply(loaded.model)
     param = next(loaded.model.parameters())
     views = torch.randn(1, frames, 3, size, size, device=param.device, dtype=param.dtype)
     counted = measure_flops(loaded.model, loaded.to_input(views))
@@ -178,96 +184,50 @@ class DemoClips:
     ``views`` evenly spaced 16-frame windows (1: the centre one), every row on the same clips."""
 
     def __init__(self, count: int, batch: int, frames: int) -> None:
-        from ..demo.data import generate
-
         self.count, self.batch, self.frames = count, batch, frames
-        self.clips, self.labels = generate(count, DEMO_HELD_OUT_SEED, frames=frames)
+        self.clips, self.labels = generate(count, HELD_OUT_SEED, frames=frames)
         self._long: dict[int, torch.Tensor] = {}
 
-    def _views(self, views: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(clips, frame indices of each view (V, frames), V)."""
-        from ..data.sampling import ViewProtocol
-        from ..demo.data import generate
-
+    def _views(self, views: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(clips, frame indices of each view (V, frames); None: one view of every frame)."""
         if views is None:  # every table but s2: the demo's own 16-frame clips, one view
-            return self.clips, torch.arange(self.frames)[None], 1
+            return self.clips, None
         length = 2 * self.frames  # longer clips of the same kind, windows spread over them
         if length not in self._long:
-            self._long[length] = generate(self.count, DEMO_HELD_OUT_SEED, frames=length)[0]
+            self._long[length] = generate(self.count, HELD_OUT_SEED, frames=length)[0]
         windows = ViewProtocol(views, 1, self.frames, 1, "uniform").clip_indices(length)
-        return self._long[length], torch.tensor(windows), views
+        return self._long[length], torch.tensor(windows)
 
-    def evaluate(self, loaded: LoadedModel, setting: Setting) -> dict[str, Any]:
-        from ..demo.data import to_model_input
-
-        clips, windows, n_views = self._views(setting.views)
-        correct1 = correct5 = 0
-        seconds = 0.0
-        model = loaded.model
-        with torch.inference_mode():
-            for start in range(0, self.count, self.batch):
-                chunk = clips[start:start + self.batch]
-                probs = 0
-                for window in windows:
-                    x = loaded.to_input(to_model_input(chunk[:, window], "BTCHW"))
-                    tick = time.perf_counter()
-                    probs = probs + loaded.family.logits(model(x)).float().softmax(-1)
-                    seconds += time.perf_counter() - tick
-                y = self.labels[start:start + self.batch]
-                top5 = probs.topk(5, dim=-1).indices
-                correct1 += int((top5[:, 0] == y).sum())
-                correct5 += int((top5 == y[:, None]).any(-1).sum())
-        return {"top1": 100 * correct1 / self.count, "top5": 100 * correct5 / self.count,
-                "clips_per_s": self.count * n_views / seconds, "videos": self.count, "views": f"{n_views}x1"}
+    def evaluate(self, loaded: LoadedModel, row: Row) -> dict[str, Any]:
+        clips, windows = self._views(row.views)
+        setting = row.setting
+        scores = score_clips(loaded, clips, self.labels, (setting,), batch_size=self.batch, windows=windows)[setting]
+        return {"top1": scores.top1, "top5": scores.top5, "clips_per_s": scores.clips_per_s, "videos": self.count,
+                "views": f"{scores.views}x1"}
 
 
 class ListClips:
-    """A dataset list, evaluated through ``staprune eval``'s loop (per-video records: resumable)."""
+    """A dataset list, evaluated through the run-folder evaluation (per-video records: resumable)."""
 
-    def __init__(self, ctx, out: Path) -> None:
-        self.ctx, self.out = ctx, out
+    def __init__(self, evaluation: ListEvaluation, out: Path) -> None:
+        self.evaluation, self.out = evaluation, out
 
-    def evaluate(self, loaded: LoadedModel, setting: Setting) -> dict[str, Any]:
-        from . import evaluate as ev
-
-        proto = self.ctx.proto if setting.views is None else replace(self.ctx.proto, clips=setting.views)
-        ctx = replace(self.ctx, proto=proto, out=self.out / "runs" / f"views-{proto.clips}x{proto.crops}")
-        method = "none" if not setting.r and not setting.options else "sta"
-        row = ev.evaluate_entry(ctx, ev.Entry(method, setting.r, setting.options))
-        return {"top1": row["top1"], "top5": row["top5"], "clips_per_s": row["clips_per_s"],
-                "videos": row["videos"], "views": row["views"]}
+    def evaluate(self, loaded: LoadedModel, row: Row) -> dict[str, Any]:
+        base = self.evaluation.protocol
+        proto = base if row.views is None else replace(base, clips=row.views)
+        evaluation = replace(self.evaluation, protocol=proto, out=self.out / "runs" / f"views-{proto.clips}x{proto.crops}")
+        result = evaluation.evaluate(row.setting)
+        return {"top1": result["top1"], "top5": result["top5"], "clips_per_s": result["clips_per_s"],
+                "videos": result["videos"], "views": result["views"]}
 
 
 # --- the run -------------------------------------------------------------------------------------
-def _read_rows(path: Path) -> dict[str, dict[str, Any]]:
-    rows: dict[str, dict[str, Any]] = {}
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line of a killed run
-            rows[row["key"]] = row
-    return rows
-
-
-def _append(path: Path, row: dict[str, Any]) -> None:
-    try:
-        with path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as err:
-        raise write_error(path, err) from err
-
-
-def measure(setting: Setting, loaded: LoadedModel, source, frames: int, size: int) -> dict[str, Any]:
-    gflops, selection = measured_gflops(loaded, setting, frames, size)
-    _apply(loaded.model, setting)
-    result = source.evaluate(loaded, setting)
-    staprune.unpatch(loaded.model)
-    return {"key": setting.key, "table": setting.table, "setting": setting.name, "r": setting.r,
-            "options": recorded(dict(setting.options)), "flops_matched": setting.matched,
+def measure(row: Row, loaded: LoadedModel, source, frames: int, size: int) -> dict[str, Any]:
+    gflops, selection = measured_gflops(loaded, row, frames, size)
+    result = source.evaluate(loaded, row)
+    unpatch(loaded.model)
+    return {"key": row.key, "table": row.table, "setting": row.name, "r": row.r,
+            "options": recorded(dict(row.options)), "flops_matched": row.matched,
             "gflops": round(gflops, 4), "selection_gflops": round(selection, 5), **result}
 
 
@@ -298,8 +258,7 @@ def format_tables(rows: Sequence[dict[str, Any]]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``staprune ablate``."""
-    parser.add_argument("--model", default="demo-vit", help="any model `staprune eval` takes (default demo-vit)")
-    parser.add_argument("--weights", help="weights file for an architecture name (swin3d_t)")
+    add_model_arguments(parser, default="demo-vit")
     parser.add_argument("--data", help="list file or folder per class (default: generated held-out demo clips)")
     parser.add_argument("--root", help="base directory of relative paths in --data")
     parser.add_argument("--dataset", default="k400", choices=("k400", "ssv2"), help="view protocol with --data")
@@ -314,8 +273,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, help="frames per clip (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2, help="decoding workers (--data)")
-    parser.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    add_device_arguments(parser, dtype=False)
     parser.add_argument("--out", default="ablate-results", help="folder for rows.jsonl, results.json, results.csv")
     parser.add_argument("--resume", action="store_true", help="skip the settings already in --out")
     parser.add_argument("--json", action="store_true", help="print the rows as a JSON list (tables to stderr)")
@@ -333,40 +291,40 @@ def _int_list(text: str, flag: str) -> list[int]:
     return [int(p) for p in parts]
 
 
+def _list_evaluation(args: argparse.Namespace, device: torch.device, info: dist_utils.DistInfo) -> ListEvaluation:
+    """``--data``: the model, the list and its protocol, as ``staprune eval`` checks them."""
+    loaded = load(args.model, args.weights, frames=args.frames)
+    proto = resolve_protocol(loaded.protocol(args.dataset), args.views, args.frames, None)
+    items, _ = load_items(args.data, args.root)
+    check_compatible(loaded, proto, items)
+    loaded.model.to(device=device, dtype=torch.float32)
+    return ListEvaluation(loaded, items, proto, Path(args.out), str(args.data), device, batch_size=args.batch_size,
+                          workers=args.workers, resume=True, quiet=True, info=info)
+
+
 def run(args: argparse.Namespace) -> int:
     """``staprune ablate``: returns 0."""
-    from ..api.loading import load
-    from ..runs.devices import resolve_device
-
     tables = [t.strip().lower() for t in args.tables.split(",") if t.strip()]
     unknown = [t for t in tables if t not in TABLES]
     if unknown or not tables:
         raise UsageError(f"--tables: unknown table(s) {unknown or args.tables!r}; choose from {', '.join(TABLES)}")
     if args.clips < 1 or args.batch_size < 1:
         raise UsageError("--clips and --batch-size must be >= 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     out = writable_dir(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise write_error(out, err) from err
     rows_path = out / "rows.jsonl"
-    done = _read_rows(rows_path)
-    if done and not args.resume:
-        raise ExistingResultsError(f"{out} already holds ablation rows; pass --resume to continue, or use another --out")
+    done = {row["key"]: row for row in read_jsonl(rows_path) if "key" in row}
+    check_no_results(out, bool(done), args.resume, "ablation rows")
     device = resolve_device(args.device)
 
     if args.data:
-        from ..runs import distributed as dist_utils
-        from . import evaluate as ev
-
-        info = dist_utils.init(device.type)
-        eval_args = argparse.Namespace(**{**vars(args), "method": "sta", "stride": None, "image_size": None,
-                                          "quiet": True, "dtype": "fp32", "resume": True})
-        ctx = ev._setup(eval_args, info)
-        loaded, proto = ctx.loaded, ctx.proto
-        source = ListClips(ctx, out)
+        evaluation = _list_evaluation(args, device, dist_utils.init(device.type))
+        loaded, proto = evaluation.loaded, evaluation.protocol
+        source = ListClips(evaluation, out)
         frames, size = proto.frames, loaded.preprocessing.size
         temporal_default = [2, 4, 6, 8]
     else:
@@ -376,41 +334,42 @@ def run(args: argparse.Namespace) -> int:
         source = DemoClips(args.clips, args.batch_size, frames)
         temporal_default = [1, 2, 4]
     loaded.model.eval()
-    spec = loaded.family.spec_of(loaded.model, frames, size)
-    if not hasattr(spec, "layers"):
+    if not loaded.family.block_locations:
         raise UsageError(f"staprune ablate runs the paper's ablations of columnar ViTs (blocks 0, L/3, 2L/3); "
                          f"{loaded.family.title} prunes at its stages instead")
+    spec = loaded.family.spec_of(loaded.model, frames, size)
     levels = loaded.default_levels(frames, size)
     r = args.r if args.r is not None else levels[-1]
     step = levels[-1] - levels[-2]
     temporal = _int_list(args.temporal_views, "--temporal-views") if args.temporal_views else temporal_default
-    settings = settings_for(tables, r, loaded, spec, temporal, (*levels[1:], levels[-1] + step))
-    for setting in settings:  # every configuration must fit before anything is measured
-        _apply(loaded.model, setting)
-    staprune.unpatch(loaded.model)
-    print(f"staprune ablate: {loaded.source}, {len(settings)} settings ({len(done)} already done), default r={r}",
-          file=sys.stderr, flush=True)
-    rows = []
-    for i, setting in enumerate(settings):
-        if setting.key in done:
-            rows.append(done[setting.key])
+    rows_to_measure = settings_for(tables, r, loaded, spec, temporal, (*levels[1:], levels[-1] + step))
+    for row in rows_to_measure:  # every configuration must fit before anything is measured
+        row.setting.apply(loaded.model)
+    unpatch(loaded.model)
+    print(f"staprune ablate: {loaded.source}, {len(rows_to_measure)} settings ({len(done)} already done), "
+          f"default r={r}", file=sys.stderr, flush=True)
+    rows: list[dict[str, Any]] = []
+    for i, spec_row in enumerate(rows_to_measure):
+        if spec_row.key in done:
+            rows.append(done[spec_row.key])
             continue
         start = time.perf_counter()
         # The default configuration is a row of almost every table: measure it once, report it in each.
-        same = next((row for s, row in zip(settings, rows, strict=False)
-                     if s.config() == setting.config() and s.views == setting.views), None)
+        same = next((row for s, row in zip(rows_to_measure, rows, strict=False)
+                     if s.config() == spec_row.config() and s.views == spec_row.views), None)
         if same is not None:
-            row = {**same, "key": setting.key, "table": setting.table, "setting": setting.name,
-                   "options": recorded(dict(setting.options)), "flops_matched": setting.matched}
+            row = {**same, "key": spec_row.key, "table": spec_row.table, "setting": spec_row.name,
+                   "options": recorded(dict(spec_row.options)), "flops_matched": spec_row.matched}
         else:
-            row = measure(setting, loaded, source, frames, size)
-        _append(rows_path, row)
+            row = measure(spec_row, loaded, source, frames, size)
+        append_jsonl(rows_path, row)
         rows.append(row)
-        print(f"  [{i + 1}/{len(settings)}] {setting.table} {setting.name} r={setting.r}: top-1 {row['top1']:.2f}, "
-              f"{row['gflops']:.3f} GFLOPs ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+        print(f"  [{i + 1}/{len(rows_to_measure)}] {spec_row.table} {spec_row.name} r={spec_row.r}: "
+              f"top-1 {row['top1']:.2f}, {row['gflops']:.3f} GFLOPs ({time.perf_counter() - start:.0f} s)",
+              file=sys.stderr, flush=True)
     report = {"model": loaded.source, "default_r": r, "clips": None if args.data else args.clips,
               "data": args.data, "rows": rows}
-    atomic_write_text(out / "results.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_json(out / "results.json", report)
     _write_csv(out / "results.csv", rows)
     print(format_tables(rows), file=sys.stderr if args.json else sys.stdout)
     if args.json:
@@ -431,4 +390,4 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
         raise write_error(path, err) from err
 
 
-__all__ = ["Setting", "add_arguments", "format_tables", "placements", "run", "settings_for"]
+__all__ = ["Row", "add_arguments", "format_tables", "placements", "run", "settings_for"]

@@ -22,7 +22,7 @@ import staprune
 
 from ..analysis.backbones import StageGrid
 from ..analysis.gradnorm import gradnorm, mass_fraction, random_mass_fraction
-from ..analysis.inputs import LoadedModel, add_clip_arguments, load_model, read_clip
+from ..analysis.inputs import AnalysisModel, add_clip_arguments, at_input, read_clip
 from ..analysis.redundancy import clip_trajectory_sums
 from ..analysis.visualize import (
     IMAGE_FORMATS,
@@ -34,8 +34,16 @@ from ..analysis.visualize import (
     resize_tile,
     save_png,
 )
+from ..api.loading import load
+from ..api.settings import Setting, recorded
 from ..data import VideoReadError, load_items
-from ..runs.arguments import add_pruning_arguments, check_pruning_options, pruning_options, recorded
+from ..demo.data import generate
+from ..runs.arguments import (
+    add_model_arguments,
+    add_pruning_arguments,
+    check_pruning_options,
+    pruning_options,
+)
 from ..storage.outputs import writable_file, write_error
 
 FEATURES = (
@@ -48,11 +56,10 @@ FEATURES = (
 
 # --- redundancy -----------------------------------------------------------------------------------
 def _sums_and_length(
-    loaded: LoadedModel, x: torch.Tensor, method: str, r: int, **options
+    loaded: AnalysisModel, x: torch.Tensor, method: str, r: int, **options
 ) -> tuple[Tensor, int]:
     model, backbone = loaded.model, loaded.backbone
-    if method != "dense":
-        staprune.patch(model, r=r, method=method, **options)
+    (Setting(0, "none") if method == "dense" else Setting.of(method, r, options)).apply(model)
     try:
         with torch.no_grad():
             tokens, source = backbone.final_features(model, x)
@@ -62,23 +69,21 @@ def _sums_and_length(
     return clip_trajectory_sums(tokens, source, grid.frames, grid.tokens_per_frame), tokens.shape[1]
 
 
-def trajectory_sums(loaded: LoadedModel, x: torch.Tensor, method: str, r: int, **options) -> Tensor:
-    """``(B,)`` trajectory sums of a batch of model inputs; ``method="dense"`` runs unpatched."""
+def trajectory_sums(loaded: AnalysisModel, x: torch.Tensor, method: str, r: int, **options) -> Tensor:
+    """``(B,)`` trajectory sums of a batch of model inputs; ``method="dense"`` drops nothing."""
     return _sums_and_length(loaded, x, method, r, **options)[0]
 
 
-def _demo_clips(loaded: LoadedModel, count: int, seed: int) -> Iterator[torch.Tensor]:
-    """The demo's synthetic clips at the model's geometry, normalised as the demo does it."""
-    from ..demo.data import generate, to_model_input  # optional component: ImportError reported by run()
-
-    backbone = loaded.backbone
+def _demo_clips(loaded: AnalysisModel, count: int, seed: int) -> Iterator[torch.Tensor]:
+    """The demo's synthetic clips at the model's geometry, normalised with the model's preprocessing."""
+    backbone, prep = loaded.backbone, loaded.preprocessing
     clips, _ = generate(count, seed, frames=backbone.frames, size=backbone.size)
     for clip in clips:
-        yield backbone.model_input(to_model_input(clip[None], "BTCHW"))
+        yield backbone.model_input(prep.normalize_pixels(clip[None]))
 
 
 def _list_clips(
-    loaded: LoadedModel, data: str, root: str | None, count: int, dataset: str | None
+    loaded: AnalysisModel, data: str, root: str | None, count: int, dataset: str | None
 ) -> Iterator[torch.Tensor]:
     items, _ = load_items(data, root)
     for item in items[:count]:
@@ -100,7 +105,7 @@ def _batches(clips: Iterator[torch.Tensor], size: int) -> Iterator[torch.Tensor]
 
 
 def measure_redundancy(
-    loaded: LoadedModel,
+    loaded: AnalysisModel,
     batches: Iterator[torch.Tensor],
     r: int,
     methods: tuple[str, ...] = ("dense", "random", "sta"),
@@ -126,7 +131,7 @@ def summarize(values: list[float]) -> dict[str, float | int]:
 
 def run_redundancy(args: argparse.Namespace) -> int:
     check_pruning_options(args)
-    loaded = load_model(args.model, args.frames, args.size)
+    loaded = at_input(load(args.model, args.weights), args.frames, args.size)
     args.r = args.r if args.r is not None else loaded.default_r()
     if args.demo:
         clips = _demo_clips(loaded, args.max_clips, args.seed)
@@ -160,7 +165,7 @@ def run_redundancy(args: argparse.Namespace) -> int:
 
 # --- gradnorm -------------------------------------------------------------------------------------
 def sta_kept(
-    loaded: LoadedModel, x: torch.Tensor, r: int, method: str = "sta", **options
+    loaded: AnalysisModel, x: torch.Tensor, r: int, method: str = "sta", **options
 ) -> tuple[torch.Tensor, StageGrid]:
     """Kept mask ``(T, h, w)`` after the final pruning stage of a batch-of-one input, and its grid."""
     model = loaded.model
@@ -174,7 +179,7 @@ def sta_kept(
     return kept_mask(kept[0], grid.frames, grid.height, grid.width), grid
 
 
-def gradnorm_report(loaded: LoadedModel, x: torch.Tensor, r: int, draws: int = 32, seed: int = 0, **options) -> dict:
+def gradnorm_report(loaded: AnalysisModel, x: torch.Tensor, r: int, draws: int = 32, seed: int = 0, **options) -> dict:
     """GradNorm heat ``(T, h, w)`` on the final stage's grid, STA's kept mask and the mass shares
     (``options``: STAConfig fields of the STA run)."""
     mask, grid = sta_kept(loaded, x, r, **options)
@@ -218,7 +223,7 @@ def gradnorm_figure(images: np.ndarray, frame_ids: list[int], result: dict, laye
 def run_gradnorm(args: argparse.Namespace) -> int:
     output = writable_file(args.output, "-o", tuple(IMAGE_FORMATS))  # before any work
     check_pruning_options(args)
-    loaded = load_model(args.model, args.frames, args.size)
+    loaded = at_input(load(args.model, args.weights), args.frames, args.size)
     args.r = args.r if args.r is not None else loaded.default_r()
     clip = read_clip(args.video, loaded, args.dataset)
     options = pruning_options(args)
@@ -248,9 +253,7 @@ def run_gradnorm(args: argparse.Namespace) -> int:
 
 # --- argparse -------------------------------------------------------------------------------------
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model", required=True, help="demo-vit, demo-swin, a registry name or a model directory"
-    )
+    add_model_arguments(parser, required=True)
     parser.add_argument(
         "--r", type=int, help="tokens dropped per unit at the first stage (default: the middle of the model's "
         "three levels)"

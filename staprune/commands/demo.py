@@ -18,36 +18,22 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
-import staprune
-
+from ..api.evaluation import score_clips
+from ..api.loading import load
+from ..api.patching import unpatch
+from ..api.settings import Setting, recorded
 from ..core.errors import UsageError
 from ..core.flops import measure_flops
-from ..demo.data import generate, to_model_input
-from ..demo.models import DEMO_MODELS, LEVELS, load_demo_model, logits_of, model_card, weights_path
-from ..runs.arguments import add_pruning_arguments, check_pruning_options, pruning_options, recorded
-from ..storage.outputs import atomic_write_text, writable_dir, write_error
+from ..demo.data import generate
+from ..demo.models import DEMO_MODELS, model_card, weights_path
+from ..families.base import LoadedModel
+from ..runs.arguments import add_pruning_arguments, apply_threads, check_pruning_options, pruning_options
+from ..storage.outputs import writable_dir, write_error
+from ..storage.runfolder import atomic_write_json
 
-METHODS = {"demo-vit": ("sta", "random", "tome"), "demo-swin": ("sta", "random")}
 MIN_Y_SPAN = 5.0  # top-1 points the plot's y axis spans at least
 DEFAULT_SEED = 7  # neither the training seed (0) nor the model cards' held-out seed
-
-
-@dataclass(frozen=True)
-class Setting:
-    model: str
-    method: str  # "dense" or a staprune method
-    r: int
-
-    def apply(self, net: nn.Module, options: dict | None = None) -> None:
-        staprune.unpatch(net)
-        if self.method != "dense":
-            staprune.patch(net, r=self.r, method=self.method, **(options or {}))
-        else:
-            # Dense through the patched model's own kernels (the Swin's fused window attention), so
-            # the speed ratio measures pruning, not the attention kernel.
-            staprune.patch(net, r=0, method="none")
 
 
 @dataclass
@@ -61,45 +47,30 @@ class Row:
     selection_gflops: float = 0.0
 
 
-def settings_for(model: str) -> list[Setting]:
-    out = [Setting(model, "dense", 0)]
-    for method in METHODS[model]:
-        out += [Setting(model, method, r) for r in LEVELS[model]]
-    return out
+def settings_for(loaded: LoadedModel, options: dict | None = None) -> list[Setting]:
+    """Dense, then every method at each of the model's three levels (ToMe where its family runs it)."""
+    methods = ("sta", "random", "tome") if loaded.family.supports_tome else ("sta", "random")
+    return [Setting(0, "none")] + [Setting.of(m, r, options) for m in methods for r in loaded.default_levels()]
 
 
 def evaluate_model(name: str, clips: torch.Tensor, labels: torch.Tensor, batch: int, log,
                    options: dict | None = None) -> list[Row]:
     """Run every setting of ``name`` over the clips (N, T, 3, H, W) uint8; one Row per setting
     (``options``: STAConfig fields applied to every pruned setting)."""
-    net, layout = load_demo_model(name)
-    settings = settings_for(name)
+    loaded = load(name, init="bundled")
+    settings = settings_for(loaded, options)
+    one_clip = loaded.to_input(loaded.preprocessing.normalize_pixels(clips[:1]))
     flops = {}
     for s in settings:
-        s.apply(net, options)
-        m = measure_flops(net, to_model_input(clips[:1], layout))
+        s.apply(loaded.model)
+        m = measure_flops(loaded.model, one_clip)
         flops[s] = (m.backbone / 1e9, m.selection / 1e9)
-    correct = dict.fromkeys(settings, 0)
-    seconds = dict.fromkeys(settings, 0.0)
-    with torch.inference_mode():
-        s0 = settings[0]  # warm-up: first calls allocate and pick kernels
-        s0.apply(net, options)
-        logits_of(net, to_model_input(clips[:batch], layout))
-        for i in range(0, len(labels), batch):
-            x = to_model_input(clips[i:i + batch], layout)
-            y = labels[i:i + batch]
-            for s in settings:  # same batch through every setting, back to back
-                s.apply(net, options)
-                start = time.perf_counter()
-                pred = logits_of(net, x).argmax(-1)
-                seconds[s] += time.perf_counter() - start
-                correct[s] += int((pred == y).sum())
-            log(f"  {name}: {min(i + batch, len(labels))}/{len(labels)} clips")
-    staprune.unpatch(net)
+    scores = score_clips(loaded, clips, labels, settings, batch_size=batch, warmup=True,
+                         on_batch=lambda done: log(f"  {name}: {done}/{len(labels)} clips"))
+    unpatch(loaded.model)
     n = len(labels)
-    return [
-        Row(name, s.method, s.r, correct[s] / n, flops[s][0], n / seconds[s], flops[s][1]) for s in settings
-    ]
+    return [Row(name, "dense" if s.is_dense else s.method, s.r, scores[s].correct1 / n, flops[s][0],
+                n / scores[s].forward_s, flops[s][1]) for s in settings]
 
 
 def format_table(rows: list[Row]) -> str:
@@ -177,8 +148,7 @@ def run(args: argparse.Namespace) -> int:
     if missing:  # the default set: run what is installed, say plainly what is not
         log(f"note: skipping {', '.join(missing)} (its weights are not bundled yet: {hint})")
     names = [name for name in names if name not in missing]
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     start = time.time()
     log(f"generating {args.clips} held-out clips (seed {args.seed}) ...")
     clips, labels = generate(args.clips, args.seed)
@@ -205,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as err:
         raise write_error(out, err) from err
     json_path, png_path = out / "results.json", out / "accuracy_vs_gflops.png"
-    atomic_write_text(json_path, json.dumps(results, indent=2) + "\n")
+    atomic_write_json(json_path, results)
     try:
         plot(rows, png_path)
     except OSError as err:

@@ -30,6 +30,8 @@ Checkpoints (``--out``), written by rank 0 after every epoch, atomically, JSON l
   ``param_groups`` (hyper-parameters, parameter indices), non-tensor optimizer state, the recipe,
   cumulative training seconds.
 
+The file names and the "complete epoch" rule (all three files exist; the JSON is written last)
+are :mod:`staprune.storage.runfolder`'s, which :func:`staprune.load` shares to load a run folder.
 ``--resume`` continues from the latest complete epoch in ``--out`` and refuses if the recipe
 changed. The data order and the augmentation of epoch ``e`` are pure functions of
 ``(--seed, e)``, so together with the restored weights, optimizer state and RNG states a resumed
@@ -40,7 +42,7 @@ Data parallel: ``torchrun --nproc-per-node N -m staprune finetune ... --rs 12`` 
 ``--r`` as ambiguous; ``--rs`` is the same option). DistributedDataParallel on gloo (CPU) or nccl;
 each step every rank takes its slice of the same global batch; the processes must share ``--out``.
 
-Gradient checkpointing (``--gradient-checkpointing``, Hugging Face VideoMAE only): the pruning
+Gradient checkpointing (``--gradient-checkpointing``, families that allow it: VideoMAE): the pruning
 step mutates per-forward state, so it must not be re-run in backward. With transformers >= 5 the
 checkpoint wrapper sits in each layer class's ``forward``; the pruning layers' patched forward
 replaces the instance's ``forward``, so those layers run un-checkpointed (once) and every other
@@ -56,9 +58,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import re
 import sys
 import time
 import warnings
@@ -72,18 +71,40 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..core.errors import DataError, ExistingResultsError, UsageError
+from ..adapters.state import get_config, pruning_stage_count, recorded_stage_count
+from ..api.evaluation import check_compatible, resolve_protocol, score_clips
+from ..api.loading import load
+from ..api.settings import Setting, recorded
+from ..core.errors import DataError, UsageError
+from ..data.lists import load_items
 from ..data.transforms import Preprocessing
-from ..families import Family, LoadedModel
+from ..data.video import VideoReadError, decode_worker_init
+from ..demo.data import HELD_OUT_SEED, NUM_CLASSES, generate
+from ..families import Family, LoadedModel, families, family_of
 from ..runs import distributed as dist_utils
-from ..runs.arguments import add_pruning_arguments, check_pruning_options, pruning_options, recorded
+from ..runs.arguments import (
+    add_device_arguments,
+    add_model_arguments,
+    add_pruning_arguments,
+    apply_threads,
+    check_pruning_options,
+    pruning_options,
+)
 from ..runs.devices import resolve_device
+from ..runs.list_evaluation import ListEvaluation
+from ..runs.training import build_optimizer, lr_at
 from ..storage.outputs import writable_dir
+from ..storage.runfolder import (
+    atomic_write,
+    atomic_write_json,
+    check_no_results,
+    differences,
+    epoch_files,
+    latest_epoch,
+)
 
 METHODS = ("sta", "random", "none")
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
-DEMO_HELD_OUT_SEED = 1_000_000  # the demo models' held-out seed (staprune.demo.train); never a training seed
-CKPT_RE = re.compile(r"^epoch_(\d{3,})\.train\.json$")
 FORMAT_VERSION = 1
 # Recipe fields that must not change between a run and its resumption.
 RECIPE_KEYS = (
@@ -117,13 +138,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="training list file ('path label' lines) or folder per class")
     src.add_argument("--demo", action="store_true", help="train on generated demo clips (staprune.demo.data)")
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="demo-vit | demo-swin (default with --demo), or anything `staprune eval --model` "
-        "takes (HF VideoMAE dir, release .pth, swin3d_t:PATH, registry name)",
-    )
-    parser.add_argument("--weights", help="weights file for a torchvision Swin3D name")
+    add_model_arguments(parser, note=" (default with --demo: demo-vit)")
     parser.add_argument(
         "--init",
         default="auto",
@@ -200,8 +215,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--stop-after", type=int, help="end this invocation after this epoch (schedule unchanged)"
     )
     parser.add_argument("--workers", type=int, default=2, help="decoding workers (--data)")
-    parser.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads per process (default: torch's)")
+    add_device_arguments(parser, dtype=False)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_pruning_arguments(parser, seed_flag=False)  # --seed is the training seed here
 
@@ -210,29 +224,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def scaled_lr(base_lr: float, global_batch: int) -> float:
     """The paper's linear scaling rule: ``base_lr * global_batch / 256``."""
     return base_lr * global_batch / 256
-
-
-def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine to 0."""
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay only weight matrices/kernels; biases, norms (ndim < 2) and Swin's relative-position
-    tables are excluded, as in the VideoMAE / Video Swin fine-tuning code."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.ndim >= 2 and "relative_position" not in name else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999))
 
 
 def mix_seed(*parts: int) -> int:
@@ -295,8 +286,6 @@ class ListClipSet(Dataset):
         return len(self.items)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, int]:
-        from ..data.video import VideoReadError
-
         index, seed = key
         for attempt in range(len(self.items)):  # an unreadable video is replaced by the next one
             item = self.items[(index + attempt) % len(self.items)]
@@ -342,57 +331,17 @@ def rank_batches(
         batch_size=per_rank,
         sampler=keys,
         num_workers=workers,
-        worker_init_fn=_worker_init if workers else None,
+        worker_init_fn=decode_worker_init if workers else None,
         drop_last=False,
     )
     yield from loader
 
 
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)  # decoding workers must not fight the model for cores
-
-
 # --- model --------------------------------------------------------------------------------------
-def load_model(
-    spec: str,
-    *,
-    init: str,
-    seed: int,
-    weights: str | None = None,
-    frames: int | None = None,
-    image_size: int | None = None,
-) -> LoadedModel:
-    """A model to fine-tune (train mode, fp32, CPU).
-
-    Registry models with weights of their own (``demo-vit`` / ``demo-swin``): those weights (``init``
-    auto/bundled) or a random init drawn after ``torch.manual_seed(seed)`` (``init`` random, or auto
-    without bundled weights), so dense and pruned runs with the same seed start from the same
-    weights. Anything else goes through :func:`staprune.checkpoints.load`.
-    """
-    from ..api.loading import load
-    from ..families import find_model
-
-    entry = find_model(spec)
-    if entry is not None and entry.loader is not None:
-        torch.manual_seed(seed)  # a random init (init random, or auto without bundled weights) follows the seed
-        loaded = entry.loader(init)
-    else:
-        if init == "bundled":
-            raise UsageError(f"--init bundled is for models with weights of their own (the demo models), not {spec}")
-        loaded = load(spec, weights, frames=frames, image_size=image_size)
-    loaded.model.train()
-    return loaded
-
-
 def apply_pruning(model: nn.Module, method: str, r: int | None, options: dict | None = None) -> nn.Module:
     """(Re-)patch ``model`` for ``method`` at ``r`` (and other STAConfig ``options``); ``none`` or r=0
-    leaves it dense."""
-    import staprune
-
-    staprune.unpatch(model)
-    if method != "none" and r:
-        staprune.patch(model, r=r, method=method, **(options or {}))
-    return model
+    is the dense setting."""
+    return Setting.of(method, r or 0, options if method != "none" else None).apply(model)
 
 
 def logits_of(model: nn.Module, x: Tensor, family: Family) -> Tensor:
@@ -400,23 +349,16 @@ def logits_of(model: nn.Module, x: Tensor, family: Family) -> Tensor:
     return family.logits(model(family.to_input(x)))
 
 
-def pruning_stage_count(model: nn.Module) -> int | None:
-    """Stages that drop tokens per forward of the patched ``model`` (None: not patched / no forward yet)."""
-    from ..adapters.state import PATCH_ATTR
-
-    p = model.__dict__.get(PATCH_ATTR)
-    if p is None or p.state is None:
-        return None
-    return sum(1 for s in p.state.plan.stages if s.r)
-
-
 def enable_checkpointing(model: nn.Module) -> None:
-    """Turn on Hugging Face activation (gradient) checkpointing, under either of its names."""
+    """Turn on Hugging Face activation (gradient) checkpointing, under either of its names, where the
+    model's family allows it with pruning (:attr:`~staprune.families.Family.supports_gradient_checkpointing`)."""
+    family = family_of(model)
     enable = getattr(model, "activation_checkpointing_enable", None) or getattr(
         model, "gradient_checkpointing_enable", None
     )
-    if enable is None:
-        raise UsageError("--gradient-checkpointing needs a Hugging Face model (VideoMAE)")
+    if enable is None or not family.supports_gradient_checkpointing:
+        supported = ", ".join(f.title for f in families() if f.supports_gradient_checkpointing)
+        raise UsageError(f"--gradient-checkpointing is available for {supported}, not {family.title}")
     enable()
 
 
@@ -435,11 +377,9 @@ def check_gradient_checkpointing(model: nn.Module) -> None:
         ValueError: checkpointing is on and the model prunes with ToMe, or the installed
             transformers checkpoints whole layers (``layer.__call__``) from the encoder loop.
     """
-    import staprune
-
     if not checkpointing_enabled(model):
         return
-    cfg = staprune.get_config(model)
+    cfg = get_config(model)
     if cfg is None or cfg.method == "none":
         return
     if cfg.method == "tome":
@@ -447,8 +387,6 @@ def check_gradient_checkpointing(model: nn.Module) -> None:
             "gradient checkpointing cannot be combined with ToMe: the re-run layers read merge "
             "sizes that later layers have already changed; turn one of them off"
         )
-    from ..families import family_of
-
     layer_cls = type(family_of(model).blocks(model)[0][0])
     if not hasattr(layer_cls.forward, "__wrapped__"):
         raise UsageError(
@@ -461,12 +399,10 @@ def check_gradient_checkpointing(model: nn.Module) -> None:
 def assert_pruned_once(model: nn.Module) -> None:
     """After backward: each pruning stage of the last forward was applied exactly once (a re-run by
     gradient checkpointing would append to the kept-token record again)."""
-    from ..adapters.state import PATCH_ATTR
-
     expected = pruning_stage_count(model)
     if expected is None:
         return
-    kept = len(model.__dict__[PATCH_ATTR].state.kept)
+    kept = recorded_stage_count(model)
     if kept != expected:
         raise RuntimeError(
             f"pruning state was updated {kept} times for {expected} stages in one step: a "
@@ -529,11 +465,6 @@ def try_compile(model: nn.Module, first_step, backend: str = "inductor") -> tupl
 
 
 # --- checkpoints --------------------------------------------------------------------------------
-def _paths(out: Path, epoch: int) -> tuple[Path, Path, Path]:
-    stem = out / f"epoch_{epoch:03d}"
-    return stem.with_suffix(".safetensors"), Path(f"{stem}.train.safetensors"), Path(f"{stem}.train.json")
-
-
 def flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Optimizer state as flat named tensors plus JSON-able metadata (param_groups, scalars)."""
     sd = opt.state_dict()
@@ -559,12 +490,6 @@ def unflatten_optimizer(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dic
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(
     out: Path,
     epoch: int,
@@ -577,12 +502,12 @@ def save_checkpoint(
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    weights, train_st, train_json = _paths(out, epoch)
+    files = epoch_files(out, epoch)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors, opt_meta = flatten_optimizer(opt)
     tensors.update({f"rng.torch.rank{k}": s.contiguous() for k, s in enumerate(rng_states)})
-    _atomic(weights, lambda p: save_file(state, str(p)))
-    _atomic(train_st, lambda p: save_file(tensors, str(p)))
+    atomic_write(files.weights, lambda p: save_file(state, str(p)))
+    atomic_write(files.train_tensors, lambda p: save_file(tensors, str(p)))
     doc = {
         "format": FORMAT_VERSION,
         "epoch": epoch,
@@ -590,60 +515,44 @@ def save_checkpoint(
         "optimizer": opt_meta,
         "world_size": len(rng_states),
     }
-    _atomic(train_json, lambda p: p.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8"))
-    return weights
-
-
-def latest_checkpoint(out: Path) -> int | None:
-    """The highest epoch in ``out`` whose three checkpoint files all exist."""
-    if not out.is_dir():
-        return None
-    epochs = [int(m.group(1)) for p in out.iterdir() if (m := CKPT_RE.match(p.name))]
-    complete = [e for e in epochs if all(p.is_file() for p in _paths(out, e))]
-    return max(complete) if complete else None
+    atomic_write_json(files.train_json, doc, indent=1)
+    return files.weights
 
 
 def load_checkpoint(out: Path, epoch: int) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Any]]:
     """(model state_dict, training tensors, training JSON) of epoch ``epoch``."""
     from safetensors.torch import load_file
 
-    weights, train_st, train_json = _paths(out, epoch)
+    files = epoch_files(out, epoch)
     return (
-        load_file(str(weights)),
-        load_file(str(train_st)),
-        json.loads(train_json.read_text(encoding="utf-8")),
+        load_file(str(files.weights)),
+        load_file(str(files.train_tensors)),
+        json.loads(files.train_json.read_text(encoding="utf-8")),
     )
 
 
 def check_recipe(stored: dict[str, Any], current: dict[str, Any], where: Path) -> None:
     """Raise ValueError naming every recipe field that differs from the checkpoint's."""
-    diff = [k for k in RECIPE_KEYS if stored.get(k) != current.get(k)]
-    if diff:
-        shown = ", ".join(f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in diff)
-        raise UsageError(f"cannot resume from {where}: the recipe changed ({shown})")
+    changed = differences(stored, current, RECIPE_KEYS)
+    if changed:
+        raise UsageError(f"cannot resume from {where}: the recipe changed ({changed})")
 
 
 # --- evaluation ---------------------------------------------------------------------------------
-@torch.no_grad()
 def top1_on_clips(
-    model: nn.Module,
-    family: Family,
+    loaded: LoadedModel,
+    setting: Setting,
     data: ClipTensorSet,
     info: dist_utils.DistInfo,
     batch: int,
     autocast: torch.dtype | None,
-    device: torch.device,
 ) -> float:
-    """Top-1 (percent) over all clips of ``data``, sharded over ranks and summed."""
-    model.eval()
+    """Top-1 (percent) of ``loaded`` under ``setting`` over all clips of ``data``, sharded over ranks
+    and summed."""
     mine = torch.arange(len(data))[info.rank :: info.world_size]
-    correct = 0
-    for part in mine.split(batch):
-        x, y = data.batch(part)
-        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            pred = logits_of(model, x.to(device), family).argmax(-1).cpu()
-        correct += int((pred == y).sum())
-    return 100.0 * sum(dist_utils.all_gather(info, correct)) / max(1, len(data))
+    scores = score_clips(loaded, data.clips[mine], data.labels[mine], (setting,), batch_size=batch,
+                         autocast=autocast)[setting]
+    return 100.0 * sum(dist_utils.all_gather(info, scores.correct1)) / max(1, len(data))
 
 
 def eval_entries(method: str, train_r: int | None, eval_r: Sequence[int] | None) -> list[tuple[str, int]]:
@@ -654,33 +563,22 @@ def eval_entries(method: str, train_r: int | None, eval_r: Sequence[int] | None)
 
 
 def evaluate_list(
-    ctx_args: argparse.Namespace,
+    args: argparse.Namespace,
     loaded: LoadedModel,
     info: dist_utils.DistInfo,
     entries: Sequence[tuple[str, int]],
     device: torch.device,
     out: Path,
 ) -> list[dict[str, Any]]:
-    """Evaluate ``--val`` through :func:`staprune.evaluate.evaluate_entry` (multi-view protocol)."""
-    from ..data.lists import load_items
-    from . import evaluate as ev
-
-    proto = ev.resolve_protocol(loaded.protocol(ctx_args.dataset), ctx_args.val_views, ctx_args.frames, None)
-    items, _ = load_items(ctx_args.val, ctx_args.root)
-    ev.check_compatible(loaded, proto, items)
-    eval_args = argparse.Namespace(
-        data=ctx_args.val,
-        resume=True,
-        batch_size=ctx_args.batch_size,
-        workers=ctx_args.workers,
-        dtype="fp32",
-        quiet=ctx_args.quiet,
-        json=False,
-    )
+    """Evaluate ``--val`` with the multi-view protocol, into resumable run folders under ``out``."""
+    proto = resolve_protocol(loaded.protocol(args.dataset), args.val_views, args.frames, None)
+    items, _ = load_items(args.val, args.root)
+    check_compatible(loaded, proto, items)
     loaded.model.eval()
-    ctx = ev.Context(eval_args, info, loaded, items, proto, device, torch.float32, out)
-    options = tuple(sorted(pruning_options(ctx_args).items()))
-    return [ev.evaluate_entry(ctx, ev.Entry(m, r, options if m != "none" else ())) for m, r in entries]
+    evaluation = ListEvaluation(loaded, items, proto, out, str(args.val), device, batch_size=args.batch_size,
+                                workers=args.workers, resume=True, quiet=args.quiet, info=info)
+    options = pruning_options(args)
+    return [evaluation.evaluate(Setting.of(m, r, options if m != "none" else None)) for m, r in entries]
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -727,19 +625,15 @@ def _check_args(args: argparse.Namespace) -> None:
 def _datasets(args: argparse.Namespace, loaded: LoadedModel) -> tuple[Any, ClipTensorSet | None, int, int]:
     """(training set, demo held-out set or None, frames, stride) for ``args``."""
     if args.demo:
-        from ..demo.data import NUM_CLASSES, generate
-
         if loaded.num_classes < NUM_CLASSES:
             raise UsageError(f"--demo has {NUM_CLASSES} classes; the model has {loaded.num_classes}")
         frames = args.frames or loaded.frames or 16
         size = loaded.image_size or loaded.preprocessing.size
         train = ClipTensorSet(*generate(args.train_clips, args.data_seed, frames, size), loaded.preprocessing)
         held = ClipTensorSet(
-            *generate(args.val_clips, DEMO_HELD_OUT_SEED, frames, size), loaded.preprocessing
+            *generate(args.val_clips, HELD_OUT_SEED, frames, size), loaded.preprocessing
         )
         return train, held, frames, 1
-    from ..data.lists import load_items
-
     base = loaded.protocol(args.dataset)
     frames, stride = args.frames or base.frames, args.stride or base.stride
     items, _ = load_items(args.data, args.root)
@@ -778,7 +672,7 @@ def _recipe(
         "flip": bool(args.flip) if args.data else None,
         "init": None,  # filled in by setup: where the initial weights came from
         "options": recorded(pruning_options(args)) or None,  # the other STAConfig fields set
-        # Not compared on resume; what `staprune.checkpoints.load` needs to rebuild the architecture.
+        # Not compared on resume; what `staprune.load` needs to rebuild the architecture.
         "weights": args.weights,
         "image_size": args.image_size,
     }
@@ -787,22 +681,16 @@ def _recipe(
 def setup(args: argparse.Namespace, info: dist_utils.DistInfo) -> Run:
     """Load the model and data, patch, wrap (DDP), build the optimizer, restore a checkpoint."""
     _check_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     device = resolve_device(args.device, info.local_rank if info.distributed else None)
     args.model = args.model or ("demo-vit" if args.demo else None)
     if args.model is None:
         raise UsageError("--model is required with --data")
     if info.is_main:
         writable_dir(args.out)  # before the model is loaded or a clip decoded
-    loaded = load_model(
-        args.model,
-        init=args.init,
-        seed=args.seed,
-        weights=args.weights,
-        frames=args.frames,
-        image_size=args.image_size,
-    )
+    torch.manual_seed(args.seed)  # a random init (--init random, or auto without bundled weights) follows the seed
+    loaded = load(args.model, args.weights, frames=args.frames, image_size=args.image_size, init=args.init)
+    loaded.model.train()
     if args.method != "none" and not args.r:
         args.r = loaded.default_r()
         _log(info, f"--r not given: training at r={args.r}, the middle of this model's levels {loaded.default_levels()}")
@@ -818,7 +706,7 @@ def setup(args: argparse.Namespace, info: dist_utils.DistInfo) -> Run:
         enable_checkpointing(model)
         check_gradient_checkpointing(model)
     model.to(device).train()
-    opt = build_optimizer(model, recipe["lr"], args.weight_decay)
+    opt = build_optimizer(model, recipe["lr"], args.weight_decay, loaded.family.no_weight_decay)
     out = Path(args.out)
     run = Run(
         args,
@@ -846,11 +734,8 @@ def setup(args: argparse.Namespace, info: dist_utils.DistInfo) -> Run:
 def _restore(run: Run) -> None:
     """Resume from the latest checkpoint of ``--out`` (or refuse to overwrite one); seed dropout RNG."""
     info, out = run.info, run.out
-    latest = latest_checkpoint(out)
-    if latest is not None and not run.args.resume:
-        raise ExistingResultsError(
-            f"{out} already holds checkpoints (epoch {latest}); pass --resume or use another --out"
-        )
+    latest = latest_epoch(out)
+    check_no_results(out, latest is not None, run.args.resume, f"checkpoints (epoch {latest})")
     torch.manual_seed(mix_seed(run.args.seed, info.rank, 0xD20))  # dropout / drop-path stream of this rank
     if latest is None:
         if run.args.resume:
@@ -950,16 +835,8 @@ def final_evaluation(run: Run) -> list[dict[str, Any]]:
     elif run.val_set is not None:
         result = []
         for method, r in entries:
-            apply_pruning(model, method, r, pruning_options(args))
-            top1 = top1_on_clips(
-                model,
-                run.loaded.family,
-                run.val_set,
-                info,
-                args.batch_size,
-                run.step_cfg.autocast,
-                run.step_cfg.device,
-            )
+            setting = Setting.of(method, r, pruning_options(args) if method != "none" else None)
+            top1 = top1_on_clips(run.loaded, setting, run.val_set, info, args.batch_size, run.step_cfg.autocast)
             result.append({"method": method, "r": r, "top1": top1, "videos": len(run.val_set)})
     else:
         result = []
@@ -1040,10 +917,7 @@ def run(args: argparse.Namespace) -> int:
         )
         summary = run_training(run_)
         if info.is_main:
-            _atomic(
-                run_.out / "summary.json",
-                lambda p: p.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8"),
-            )
+            atomic_write_json(run_.out / "summary.json", summary, indent=1)
             print(format_summary(summary))
         dist_utils.barrier(info)
         return 0
@@ -1058,7 +932,7 @@ def interrupted(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m staprune.finetune`` (the same as ``staprune finetune``)."""
+    """``python -m staprune.commands.finetune`` (the same as ``staprune finetune``)."""
     parser = argparse.ArgumentParser(prog="staprune finetune", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -8,6 +8,7 @@ import json
 from torch import nn
 
 from ..api.flops import analytic_flops, measure_model, paper_tables, r_for_budget, resolve_spec
+from ..api.loading import load
 
 
 # --- CLI ----------------------------------------------------------------------------------------
@@ -44,8 +45,9 @@ def _options(args: argparse.Namespace) -> dict[str, object]:
 
 def _row(args: argparse.Namespace, name: str, spec, net: nn.Module | None, r: int) -> dict:
     """One JSON row; ``net`` is the built model when counting with FlopCounterMode."""
+    from ..api.settings import recorded
     from ..families import find_model
-    from ..runs.arguments import pruning_options, recorded
+    from ..runs.arguments import pruning_options
 
     dense = analytic_flops(spec, 0).gflops
     if net is not None:
@@ -114,9 +116,7 @@ def run(args: argparse.Namespace) -> int:
     for name, spec in specs.items():
         net = None
         if args.measured:
-            from ..api.models import load_model
-
-            net = load_model(name, args.frames, args.size)
+            net = load(name, frames=args.frames, image_size=args.size).model
         rows += [_row(args, name, spec, net, r) for r in (args.r or default_levels(name, spec))]
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -18,7 +18,7 @@ import torch
 import staprune
 
 from ..analysis.backbones import Backbone
-from ..analysis.inputs import Clip, add_clip_arguments, load_model, read_clip
+from ..analysis.inputs import Clip, add_clip_arguments, at_input, read_clip
 from ..analysis.visualize import (
     IMAGE_FORMATS,
     default_tile_side,
@@ -29,7 +29,13 @@ from ..analysis.visualize import (
     save_gif,
     save_png,
 )
-from ..runs.arguments import add_pruning_arguments, check_pruning_options, pruning_options
+from ..api.loading import load
+from ..runs.arguments import (
+    add_model_arguments,
+    add_pruning_arguments,
+    check_pruning_options,
+    pruning_options,
+)
 from ..storage.outputs import writable_file, write_error
 
 
@@ -107,9 +113,7 @@ def animation(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("video", help="any video PyAV can read")
-    parser.add_argument(
-        "--model", required=True, help="demo-vit, demo-swin, a registry name or a model directory"
-    )
+    add_model_arguments(parser, required=True)
     parser.add_argument(
         "--r", type=int, help="tokens dropped per unit at the first stage (r1 for Swin); default: the middle of "
         "the model's three levels"
@@ -128,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     output = writable_file(args.output, "-o", tuple(IMAGE_FORMATS))  # before any work
     gif = writable_file(args.gif, "--gif", (".gif",)) if args.gif else None
     check_pruning_options(args)
-    loaded = load_model(args.model, args.frames, args.size)
+    loaded = at_input(load(args.model, args.weights), args.frames, args.size)
     clip = read_clip(args.video, loaded, args.dataset)
     r = args.r if args.r is not None else loaded.default_r()
     views = stage_views(loaded.model, loaded.backbone, clip, r, args.method, **pruning_options(args))

@@ -34,9 +34,11 @@ def tome_merge(
     partner, weighted by how many original tokens each already stands for.
 
     Args:
-        x: tokens ``(B, L, C)``; metric: ``(B, L, c)`` (keys averaged over heads);
-        size: tokens represented by each token ``(B, L)``; source: original index of each
-        token's representative ``(B, L)``; r: tokens to remove (at most ``ceil(L/2)``).
+        x: tokens ``(B, L, C)``.
+        metric: ``(B, L, c)`` (keys averaged over heads).
+        size: tokens represented by each token ``(B, L)``.
+        source: original index of each token's representative ``(B, L)``.
+        r: tokens to remove (at most ``ceil(L/2)``).
     Returns:
         merged ``x`` ``(B, L-r, C)``, ``size`` ``(B, L-r)``, ``source`` ``(B, L-r)``; unmerged A
         tokens first, then all B tokens.

@@ -1,6 +1,6 @@
 """FLOP counts per view: analytic (the paper's convention) and measured (``FlopCounterMode``).
 
-Convention (DESIGN.md, fvcore as used by the paper): one multiply-add = one FLOP; only matrix
+Convention (docs/algorithm/flops.md, fvcore as used by the paper): one multiply-add = one FLOP; only matrix
 products and convolutions are counted, not softmax, GELU, additions or norms (a layer norm would
 add a few FLOPs per element, < 0.1% of any figure here, so the choice cannot move a rounded
 number); the patch embedding is included and so is the classifier head (< 0.001%). With this

@@ -1,4 +1,4 @@
-"""STA as tensor functions (DESIGN.md "The algorithm as published", steps 1-8).
+"""STA as tensor functions (docs/algorithm/index.md, "The algorithm as published", steps 1-8).
 
 Nothing here knows about models: callers pass hidden states and a similarity metric laid out
 as ``(B, L, ·)`` with ``L = units * n`` (units contiguous, temporal order) and get back the
@@ -115,7 +115,7 @@ def combine_scores(accumulated: Tensor | None, semantic: Tensor, score: str) -> 
 # Each returns a permutation (B, n) of the unit's tokens: the n-r kept ones first, then the r
 # dropped ones. The published "all tokens of the first unit" transition uses the whole permutation.
 def bipartite_first_unit(metric: Tensor, r: int) -> Tensor:
-    """Bipartite drop (ToMe's matching, dropping instead of merging), DESIGN.md step 5.
+    """Bipartite drop (ToMe's matching, dropping instead of merging), docs/algorithm/index.md step 5.
 
     A = even positions, B = odd. Each A token's best cosine match in B; the r A tokens with the
     highest best match are dropped. Kept order: all B tokens, then the other A tokens by best
@@ -189,7 +189,7 @@ def sta_keep_indices(
     positions: Tensor | None = None,
     grid_hw: tuple[int, int] | None = None,
 ) -> Tensor:
-    """Select the tokens STA keeps at one stage (DESIGN.md steps 2-8).
+    """Select the tokens STA keeps at one stage (docs/algorithm/index.md steps 2-8).
 
     Args:
         hidden: block output ``(B, L, C)``, ``L = units * n``, units contiguous in temporal order.

@@ -131,6 +131,10 @@ class Preprocessing:
         """uint8 (T, H, W, 3) -> float32 (num_crops, T, 3, size, size); see ``make_views``."""
         return make_views(frames, self.size, num_crops, self.mean, self.std)
 
+    def normalize_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 clips ``(..., 3, H, W)`` already at the input size -> normalised float32."""
+        return normalize(pixels.float() / 255, self.mean, self.std)
+
     @classmethod
     def imagenet_default(cls, size: int = 224) -> Preprocessing:
         """ImageNet mean/std (used by VideoMAE checkpoints)."""

@@ -196,3 +196,9 @@ def read_frames(path: str | Path, indices: Sequence[int]) -> torch.Tensor:
             path, f"could not decode frame {missing[0]} (header says {info.num_frames} frames)"
         )
     return torch.from_numpy(np.stack([found[i] for i in wanted_list]))
+
+
+def decode_worker_init(_: int) -> None:
+    """``worker_init_fn`` of DataLoaders that decode videos: one thread per worker, so decoding
+    workers do not fight the model for cores."""
+    torch.set_num_threads(1)

@@ -1,5 +1,6 @@
-"""The demo: synthetic action videos (:mod:`.data`), two small bundled models (:mod:`.models`),
-their training script (:mod:`.train`) and the ``staprune demo`` command (:mod:`.runner`)."""
+"""The demo: synthetic action videos (:mod:`.data`), two small bundled models (:mod:`.models`,
+registered as ``demo-vit`` and ``demo-swin`` through the ``staprune.models`` entry point) and their
+training script (:mod:`.train`). The ``staprune demo`` command is :mod:`staprune.commands.demo`."""
 
 from .data import CLASS_NAMES, generate
 from .models import DEMO_MODELS, load_demo_model

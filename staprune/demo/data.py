@@ -59,6 +59,9 @@ CLASS_NAMES: list[str] = [
 ]
 class_names = CLASS_NAMES  # the name the brief / callers use
 NUM_CLASSES = len(CLASS_NAMES)
+# The seed of the held-out clips the demo models are scored on (their model cards, ablate, finetune
+# --demo); disjoint from the training seed 0, and from the demo command's default seed.
+HELD_OUT_SEED = 1_000_000
 SHAPES = ("ellipse", "square", "triangle", "cross", "L")
 
 # (dx, dy) unit direction of the four translation classes, image coordinates (y down).
@@ -308,17 +311,3 @@ def generate_with_masks(
         if alpha is not None:
             alpha[start:start + _CHUNK] = mask
     return out, labels, alpha
-
-
-def to_model_input(clips: Tensor, layout: str) -> Tensor:
-    """uint8/float clips ``(N, T, 3, H, W)`` -> float model input, normalised to mean 0.5 / std 0.5.
-
-    layout ``"BTCHW"`` (VideoMAE) keeps the shape; ``"BCTHW"`` (Video Swin) permutes to (N, 3, T, H, W).
-    """
-    x = clips.float() / 255 if clips.dtype == torch.uint8 else clips.float()
-    x = (x - 0.5) / 0.5
-    if layout == "BCTHW":
-        return x.permute(0, 2, 1, 3, 4).contiguous()
-    if layout != "BTCHW":
-        raise ValueError(f"unknown layout {layout!r}; expected 'BTCHW' or 'BCTHW'")
-    return x

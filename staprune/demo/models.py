@@ -22,14 +22,18 @@ import torch
 from torch import nn
 
 from ..core.errors import ConfigError, NotFoundError, UnknownModelError, UsageError
+from ..data.sampling import ViewProtocol
+from ..data.transforms import Preprocessing
+from ..families import family_of
+from ..families.base import LoadedModel, ModelEntry
+from ..families.swin3d import SwinSpec
+from ..families.videomae import ViTSpec
 from .data import NUM_CLASSES
 
 FRAMES = 16
 SIZE = 112
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEMO_MODELS = ("demo-vit", "demo-swin")
-# Input layout each model's forward expects, for :func:`staprune.demo.data.to_model_input`.
-LAYOUTS = {"demo-vit": "BTCHW", "demo-swin": "BCTHW"}
 # Pruning levels per model: ViT r per tubelet-frame of 49 tokens (0.79/0.70/0.61 of dense
 # GFLOPs); Swin r1 per frame of the 4x4 grid of its second (last) stage (0.94/0.87/0.80: its
 # first stage, 60% of the FLOPs, is never pruned).
@@ -111,13 +115,6 @@ def build_demo_swin(num_classes: int = NUM_CLASSES) -> nn.Module:
 BUILDERS = {"demo-vit": build_demo_vit, "demo-swin": build_demo_swin}
 
 
-def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Logits ``(B, classes)`` of either demo model on input already in its layout: the ViT returns
-    a Hugging Face output object, the Swin a plain tensor."""
-    out = model(x)
-    return out.logits if hasattr(out, "logits") else out
-
-
 def _check_name(name: str) -> None:
     if name not in BUILDERS:
         raise UnknownModelError(f"unknown demo model {name!r}; choose from {', '.join(DEMO_MODELS)}")
@@ -135,12 +132,9 @@ def model_card(name: str) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def load_demo_model(name: str) -> tuple[nn.Module, str]:
-    """A bundled, trained demo model in eval mode (fp32), and its input layout.
-
-    Returns:
-        ``(model, layout)``: layout ``"BTCHW"`` (ViT, input (B, T, 3, H, W)) or ``"BCTHW"``
-        (Swin, input (B, 3, T, H, W)).
+def load_demo_model(name: str) -> nn.Module:
+    """A bundled, trained demo model in eval mode (fp32); its family knows its input layout
+    (:func:`staprune.load` gives both).
 
     Raises:
         ValueError: unknown name. FileNotFoundError: the weights are not bundled.
@@ -149,7 +143,7 @@ def load_demo_model(name: str) -> tuple[nn.Module, str]:
     path = weights_path(name)
     if not path.exists():
         raise NotFoundError(f"{path} is missing; train it with `python -m staprune.demo.train --model {name}`")
-    return load_weights(BUILDERS[name](), path).eval(), LAYOUTS[name]
+    return load_weights(BUILDERS[name](), path).eval()
 
 
 def load_weights(model: nn.Module, path: Path) -> nn.Module:
@@ -196,50 +190,46 @@ def roundtrip_fp16(model: nn.Module) -> nn.Module:
 
 
 # --- registry -----------------------------------------------------------------------------------
-def preprocessing():
-    """What :func:`staprune.demo.data.to_model_input` does: ``(x / 255 - 0.5) / 0.5`` at 112²."""
-    from ..data.transforms import Preprocessing
-
+def preprocessing() -> Preprocessing:
+    """The demo models' normalisation: ``(x / 255 - 0.5) / 0.5`` at 112²."""
     return Preprocessing(size=SIZE, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 
-def protocols() -> dict:
+def protocols() -> dict[str, ViewProtocol]:
     """Both datasets' protocol for the demo models: the centre 16 consecutive frames (they were
     trained on 16-frame clips at one frame per step), one centre crop."""
-    from ..data.sampling import ViewProtocol
-
     consecutive = ViewProtocol(clips=1, crops=1, frames=FRAMES, stride=1, sampling="uniform")
     return {"k400": consecutive, "ssv2": consecutive}
 
 
-def loaded_demo_model(name: str, weights: str = "auto"):
+def as_loaded(name: str, model: nn.Module, how: str = "") -> LoadedModel:
+    """A demo model (trained or not) as a :class:`staprune.families.LoadedModel`: its family, its
+    normalisation, input, sampling and pruning levels."""
+    source = f"{name} ({how})" if how else name
+    return LoadedModel(model, family_of(model), preprocessing(), NUM_CLASSES, FRAMES, SIZE, source,
+                       protocols=protocols(), levels=LEVELS[name])
+
+
+def loaded_demo_model(name: str, weights: str = "auto") -> LoadedModel:
     """The demo model as a :class:`staprune.families.LoadedModel`.
 
     ``weights``: ``auto`` the bundled trained weights when present, else an untrained model (FLOPs
     and speed do not depend on the weights; the source says which); ``bundled`` the trained weights
     or FileNotFoundError; ``random`` an untrained model drawn from torch's global RNG.
     """
-    from ..families import family_of
-    from ..families.base import LoadedModel
-
     if weights == "bundled" or (weights == "auto" and weights_path(name).exists()):
-        model, how = load_demo_model(name)[0], "bundled weights"
+        model, how = load_demo_model(name), "bundled weights"
     elif weights in ("auto", "random"):
         model = BUILDERS[name]().eval()
         how = "random init" if weights == "random" else "UNTRAINED: weights not bundled"
     else:
         raise UsageError(f"weights={weights!r}; choose auto, bundled or random")
-    return LoadedModel(model, family_of(model), preprocessing(), NUM_CLASSES, FRAMES, SIZE, f"{name} ({how})",
-                       protocols=protocols(), levels=LEVELS[name])
+    return as_loaded(name, model, how)
 
 
 def register(registry) -> None:
     """Entry point of the ``staprune.models`` group: add both demo models to ``registry``
     (:mod:`staprune.families`)."""
-    from ..families.base import ModelEntry
-    from ..families.swin3d import SwinSpec
-    from ..families.videomae import ViTSpec
-
     specs = {
         "demo-vit": ("videomae", ViTSpec(128, 6, 4, frames=FRAMES, size=SIZE, num_classes=NUM_CLASSES)),
         "demo-swin": ("swin3d", SwinSpec(128, (4, 2), (4, 8), patch=(2, 16, 16), frames=FRAMES, size=SIZE,

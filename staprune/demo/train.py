@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -32,17 +31,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import staprune
-
+from ..api.evaluation import score_clips
+from ..api.patching import unpatch
+from ..api.settings import Setting
 from ..core.errors import CheckpointError, NotFoundError
-from .data import NUM_CLASSES, generate, to_model_input
+from ..families.base import LoadedModel
+from ..runs.training import build_optimizer, lr_at
+from ..storage.runfolder import atomic_write
+from .data import HELD_OUT_SEED, NUM_CLASSES, generate
 from .models import (
     BUILDERS,
     DEMO_MODELS,
-    LAYOUTS,
     WEIGHTS_DIR,
+    as_loaded,
     load_weights,
-    logits_of,
     roundtrip_fp16,
     save_demo_weights,
 )
@@ -59,7 +61,6 @@ DEFAULTS = {  # per model: steps, batch size, peak learning rate
     "demo-vit": {"steps": 7000, "batch": 16, "lr": 5e-4},
     "demo-swin": {"steps": 4000, "batch": 16, "lr": 5e-4},
 }
-HELD_OUT_SEED = 1_000_000  # disjoint from the training seed; the demo uses other seeds again
 
 
 def augment(clips: Tensor, labels: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -74,15 +75,10 @@ def augment(clips: Tensor, labels: Tensor, g: torch.Generator) -> tuple[Tensor, 
     return clips, labels
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, layout: str, clips: Tensor, labels: Tensor, batch: int = 32) -> float:
-    """Top-1 accuracy (fraction) of ``model`` on uint8 clips (N, T, 3, H, W)."""
-    model.eval()
-    correct = 0
-    for i in range(0, len(labels), batch):
-        pred = logits_of(model, to_model_input(clips[i:i + batch], layout)).argmax(-1)
-        correct += int((pred == labels[i:i + batch]).sum())
-    return correct / max(1, len(labels))
+def evaluate(loaded: LoadedModel, clips: Tensor, labels: Tensor, batch: int = 32) -> float:
+    """Top-1 accuracy (fraction) of the dense model on uint8 clips (N, T, 3, H, W)."""
+    scores = score_clips(loaded, clips, labels, (Setting(),), batch_size=batch)[Setting()]
+    return scores.correct1 / max(1, len(labels))
 
 
 def temporal_difference_init(model: nn.Module, fraction: float = 0.5) -> None:
@@ -141,13 +137,6 @@ def init_stage1_from_vit(swin: nn.Module, path: Path) -> dict:
             "demo-vit": _card_of(path)}
 
 
-def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def train_one(name: str, clips: Tensor, labels: Tensor, held: tuple[Tensor, Tensor], args) -> dict:
     """Train demo model ``name`` on uint8 ``clips`` (N, T, 3, H, W), evaluate on ``held``, write
     weights and model card."""
@@ -165,15 +154,12 @@ def train_one(name: str, clips: Tensor, labels: Tensor, held: tuple[Tensor, Tens
         init = load_init_weights(model, Path(args.init_from))
     else:
         temporal_difference_init(model)
-    if name == "demo-swin":
-        # Train through staprune's fused window attention (r=0: no pruning, same function as
-        # stock to float rounding, gradients included); the weights are unaffected by patching.
-        staprune.patch(model, r=0, method="none")
-    layout = LAYOUTS[name]
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "relative_position" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "relative_position" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=peak, betas=(0.9, 0.999))
+    loaded = as_loaded(name, model)
+    family, prep = loaded.family, loaded.preprocessing
+    # Train as staprune's dense model (r=0: no pruning): the Swin through its fused window attention,
+    # the same function as stock to float rounding, gradients included; the weights are unaffected.
+    Setting().apply(model)
+    opt = build_optimizer(model, peak, 0.05, family.no_weight_decay)
     g = torch.Generator().manual_seed(args.seed + 1)
     warmup = max(1, steps // 20)
     order = torch.empty(0, dtype=torch.long)
@@ -196,10 +182,10 @@ def train_one(name: str, clips: Tensor, labels: Tensor, held: tuple[Tensor, Tens
         idx, order = order[:batch], order[batch:]
         x, y = augment(clips[idx], labels[idx], g)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, peak, warmup)
+            group["lr"] = lr_at(step, steps, warmup, peak)
         # bf16 autocast: ~1.5x (ViT) to 2x (Swin) faster steps on CPUs with bf16 instructions.
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            logits = logits_of(model, to_model_input(x, layout))
+            logits = family.logits(model(family.to_input(prep.normalize_pixels(x))))
         loss = F.cross_entropy(logits.float(), y, label_smoothing=0.1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -210,7 +196,7 @@ def train_one(name: str, clips: Tensor, labels: Tensor, held: tuple[Tensor, Tens
             print(f"[{name}] step {step}/{steps} loss {loss.item():.3f} batch-acc {acc:.2f} "
                   f"lr {opt.param_groups[0]['lr']:.2e} {time.time() - start:.0f}s", file=sys.stderr, flush=True)
         if args.eval_every and step and step % args.eval_every == 0:
-            acc = evaluate(model, layout, held[0][:96], held[1][:96])
+            acc = evaluate(loaded, held[0][:96], held[1][:96])
             print(f"[{name}] step {step} held-out(96) top-1 {acc:.3f}", file=sys.stderr, flush=True)
             model.train()
         if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and step + 1 < steps:
@@ -219,18 +205,17 @@ def train_one(name: str, clips: Tensor, labels: Tensor, held: tuple[Tensor, Tens
             state = {"model": model.state_dict(), "opt": opt.state_dict(), "batch_rng": g.get_state(),
                      "torch_rng": torch.get_rng_state(), "order": order, "step": step + 1,
                      "elapsed": time.time() - start}
-            torch.save(state, ckpt_path.with_suffix(".tmp"))
-            ckpt_path.with_suffix(".tmp").replace(ckpt_path)
+            atomic_write(ckpt_path, lambda tmp, state=state: torch.save(state, tmp))
     minutes = (time.time() - start) / 60
-    staprune.unpatch(model)
+    unpatch(model)
     roundtrip_fp16(model)  # measure what ships
-    top1 = evaluate(model, layout, *held)
+    top1 = evaluate(loaded, *held)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_demo_weights(model, name, out_dir / f"{name}.safetensors")
     card = {
         "model": name,
         "classes": NUM_CLASSES,
-        "input": "(B, 16, 3, 112, 112)" if layout == "BTCHW" else "(B, 3, 16, 112, 112)",
+        "input": "(B, 3, 16, 112, 112)" if family.input_layout == "BCTHW" else "(B, 16, 3, 112, 112)",
         "normalisation": "x / 255, then (x - 0.5) / 0.5",
         "held_out_top1": round(top1, 4),
         "held_out_clips": len(held[1]),
@@ -260,9 +245,7 @@ def load_or_generate(n: int, seed: int, cache: str | None) -> tuple[Tensor, Tens
     clips, labels = generate(n, seed)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"clips": clips, "labels": labels}, tmp)
-        tmp.replace(path)
+        atomic_write(path, lambda tmp: torch.save({"clips": clips, "labels": labels}, tmp))
     return clips, labels
 
 

@@ -1,4 +1,9 @@
-"""The pruning options on the command line: one argument group, the same in every command.
+"""Argument groups every command shares: the model, the device, and the pruning options.
+
+``--model`` takes the same forms in every command (:data:`MODEL_FORMS`, resolved by
+:func:`staprune.load`); each command may give it a default of its own.
+
+The pruning options: one argument group, the same in every command.
 
 Every :class:`~staprune.config.STAConfig` field has a named flag (``--schedule``, ``--order``,
 ``--first-unit``, ``--similarity``, ``--score``, ``--first-transition``, ``--locations``,
@@ -16,8 +21,17 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+import torch
+
 from ..core.config import FIRST_TRANSITION, FIRST_UNIT, SCHEDULES, SCORES, SIMILARITY, TOME_MODES, STAConfig
 from ..core.errors import UsageError
+from .devices import DTYPES
+
+MODEL_FORMS = (
+    "a registry name (ViT-B, VideoSwin-T, ViViT-B, demo-vit, ...: `staprune flops` lists the paper's; random "
+    "weights except the bundled demo models), a Hugging Face folder or hub id, a VideoMAE / VideoMAE V2 release "
+    ".pth, swin3d_t|s|b[:WEIGHTS], or a `staprune finetune` checkpoint or run folder"
+)
 
 # flag -> STAConfig field
 FIELDS = {
@@ -31,6 +45,32 @@ FIELDS = {
     "tome_mode": "tome_mode",
     "prune_seed": "seed",
 }
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, *, default: str | None = None, required: bool = False,
+                        note: str = "") -> None:
+    """``--model`` (:data:`MODEL_FORMS`) and ``--weights`` (the weights file of an architecture name)."""
+    shown = f" (default {default})" if default else ""
+    parser.add_argument("--model", default=default, required=required, help=MODEL_FORMS + shown + note)
+    parser.add_argument("--weights", help="weights file for an architecture name (swin3d_t|s|b)")
+
+
+def add_device_arguments(parser: argparse.ArgumentParser, *, dtype: bool = True, device_default: str | None = None,
+                         threads: bool = True) -> None:
+    """``--device``, ``--dtype`` (the forward pass's number format) and ``--threads``."""
+    default = f"default {device_default}" if device_default else "default: cuda if available"
+    parser.add_argument("--device", default=device_default, help=f"cpu, cuda or cuda:N ({default})")
+    if dtype:
+        parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES),
+                            help="number format of the model and its inputs (default fp32)")
+    if threads:
+        parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """Set torch's CPU threads from ``--threads`` (when given)."""
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
 
 
 def parse_schedule(text: str) -> str | tuple[tuple[int, int], ...]:
@@ -103,23 +143,20 @@ def check_pruning_options(args: argparse.Namespace) -> None:
     config_from_args(args, 0, _method(args))
 
 
-def recorded(options: dict[str, Any]) -> dict[str, Any]:
-    """Options as JSON values (schedule pairs and locations as lists)."""
-    return {k: [list(p) for p in v] if k == "schedule" and not isinstance(v, str) else
-            (list(v) if isinstance(v, tuple) else v) for k, v in options.items()}
-
-
 def _method(args: argparse.Namespace) -> str:
     method = getattr(args, "method", None) or "sta"
     return "sta" if method in ("none", "dense") else method
 
 
 __all__ = [
+    "MODEL_FORMS",
+    "add_device_arguments",
+    "add_model_arguments",
     "add_pruning_arguments",
+    "apply_threads",
     "check_pruning_options",
     "config_from_args",
     "parse_locations",
     "parse_schedule",
     "pruning_options",
-    "recorded",
 ]

@@ -7,7 +7,6 @@ in words (a read-only disk, a file where a folder should be, a folder where a pi
 from __future__ import annotations
 
 import errno
-import os
 import tempfile
 from pathlib import Path
 
@@ -67,14 +66,4 @@ def write_error(path: str | Path, err: OSError) -> OutputError:
     return OutputError(f"cannot write {path}: {_reason(err)}")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file, so a reader never sees half of it."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as err:
-        raise write_error(path, err) from err
-
-
-__all__ = ["atomic_write_text", "writable_dir", "writable_file", "write_error"]
+__all__ = ["writable_dir", "writable_file", "write_error"]

@@ -1,0 +1,199 @@
+"""Run folders: the files every long command writes as it goes, written one way.
+
+Nothing is lost and nothing is mixed (docs/usage/commands.md#long-runs):
+
+* **Documents** (``results.json``, ``meta.json``, ``summary.json``, weights) are replaced atomically
+  through a temporary file (:func:`atomic_write`), so a reader never sees half of one.
+* **Records** are JSON lines, appended and flushed one at a time (:class:`JsonlWriter`,
+  :func:`append_jsonl`). A run killed mid-write leaves a torn last line: :func:`read_jsonl` skips
+  lines that do not parse, and :func:`repair_tail` cuts the torn line before more are appended.
+* **Resuming** is allowed only into a folder whose recorded settings are the current ones:
+  :func:`check_no_results` refuses a folder with results unless ``--resume`` is given, and
+  :func:`differences` names what changed between the stored settings and the current ones.
+* **Epoch files** of a fine-tuning run: ``epoch_NNN.safetensors`` (the weights),
+  ``epoch_NNN.train.safetensors`` (optimizer state, RNG states) and ``epoch_NNN.train.json`` (the
+  recipe and progress, written last). An epoch is complete when all three exist
+  (:func:`latest_epoch`); the loader and the fine-tuning command use that one rule.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from ..core.errors import ExistingResultsError
+from .outputs import write_error
+
+_FSYNC_EVERY_S = 10.0
+_FSYNC_EVERY_N = 32
+
+
+# --- documents ------------------------------------------------------------------------------------
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file next to ``path``, then move it over ``path``.
+
+    Raises:
+        OutputError: the file cannot be written (with the reason: read-only, no space, ...).
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, err) from err
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any, indent: int = 2) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+# --- records --------------------------------------------------------------------------------------
+def read_jsonl(paths: Path | Iterable[Path]) -> Iterator[dict[str, Any]]:
+    """The records (JSON objects) of one or more JSON-lines files, in order; lines that do not parse
+    (the torn last line of a killed run) and files that do not exist are skipped."""
+    for path in [paths] if isinstance(paths, Path) else paths:
+        if not path.is_file():
+            continue
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(record, dict):
+                    yield record
+
+
+def repair_tail(path: Path) -> None:
+    """Cut a partial last line (a run killed mid-write) so appended records start on a fresh line."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
+    """Append one record and make it durable (flush and fsync) before returning."""
+    try:
+        with path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise write_error(path, err) from err
+
+
+class JsonlWriter:
+    """Appends records to one JSON-lines file: each flushed at once, fsynced every few records or
+    seconds and on close (many small records: one fsync each would dominate)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.file: TextIO = path.open("a", encoding="utf-8")
+        except OSError as err:
+            raise write_error(path, err) from err
+        self.unsynced, self.last_sync = 0, time.monotonic()
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        self.unsynced += 1
+        if self.unsynced >= _FSYNC_EVERY_N or time.monotonic() - self.last_sync > _FSYNC_EVERY_S:
+            self.sync()
+
+    def sync(self) -> None:
+        os.fsync(self.file.fileno())
+        self.unsynced, self.last_sync = 0, time.monotonic()
+
+    def close(self) -> None:
+        self.sync()
+        self.file.close()
+
+
+# --- resuming -------------------------------------------------------------------------------------
+def check_no_results(folder: Path, has_results: bool, resume: bool, what: str) -> None:
+    """Refuse to write into ``folder`` when it already holds ``what`` and ``--resume`` was not given.
+
+    Raises:
+        ExistingResultsError: naming the folder and both ways on.
+    """
+    if has_results and not resume:
+        raise ExistingResultsError(f"{folder} already holds {what}; pass --resume to continue, or use another --out")
+
+
+def differences(stored: Mapping[str, Any], current: Mapping[str, Any], keys: Iterable[str] | None = None) -> str:
+    """``"key: stored -> current, ..."`` for every key (default: every key of either) whose values
+    differ; empty when the two describe the same result."""
+    names = sorted(set(stored) | set(current)) if keys is None else list(keys)
+    return ", ".join(f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in names if stored.get(k) != current.get(k))
+
+
+# --- epoch files ----------------------------------------------------------------------------------
+_EPOCH_JSON = re.compile(r"^epoch_(\d{3,})\.train\.json$")
+
+
+@dataclass(frozen=True)
+class EpochFiles:
+    """The three files of one fine-tuning epoch (see the module docstring)."""
+
+    weights: Path
+    train_tensors: Path
+    train_json: Path
+
+    @property
+    def complete(self) -> bool:
+        return self.weights.is_file() and self.train_tensors.is_file() and self.train_json.is_file()
+
+
+def epoch_files(folder: Path, epoch: int) -> EpochFiles:
+    """The files of epoch ``epoch`` (1-based) in a run folder."""
+    stem = f"epoch_{epoch:03d}"
+    return EpochFiles(folder / f"{stem}.safetensors", folder / f"{stem}.train.safetensors",
+                      folder / f"{stem}.train.json")
+
+
+def training_record_of(weights: Path) -> Path:
+    """The ``.train.json`` written beside an epoch's weights file."""
+    return weights.with_name(weights.name.removesuffix(".safetensors") + ".train.json")
+
+
+def latest_epoch(folder: Path) -> int | None:
+    """The highest complete epoch of a run folder (its three files exist), or None."""
+    if not folder.is_dir():
+        return None
+    epochs = [int(m.group(1)) for p in folder.iterdir() if (m := _EPOCH_JSON.match(p.name))]
+    complete = [e for e in epochs if epoch_files(folder, e).complete]
+    return max(complete) if complete else None
+
+
+__all__ = [
+    "EpochFiles",
+    "JsonlWriter",
+    "append_jsonl",
+    "atomic_write",
+    "atomic_write_json",
+    "atomic_write_text",
+    "check_no_results",
+    "differences",
+    "epoch_files",
+    "latest_epoch",
+    "read_jsonl",
+    "repair_tail",
+    "training_record_of",
+]
