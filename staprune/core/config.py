@@ -1,4 +1,4 @@
-"""Pruning configuration: the options (see the docs, docs/algorithm.md), schedule presets, and
+"""Pruning configuration: the options (docs/algorithm/options.md), schedule presets, and
 stage planning for every backbone.
 
 A :class:`STAConfig` is model-independent. Stage planning turns it into a concrete
