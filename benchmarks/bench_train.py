@@ -1,11 +1,12 @@
 """Training with STA vs dense on the demo ViT: step speed side by side, then fine-tuning accuracy.
 
 Part 1 (always): two copies of the model from the same weights, one dense and one patched with
-STA at ``--r``, take training steps (forward, backward, AdamW update) on the same generated
-batches, alternating dense / STA step by step so that any slowdown of the shared machine hits
-both; after ``--warmup`` untimed rounds, the median step time of each gives clips/s and the
-speed ratio (dense median / STA median). ``--compile`` repeats this with ``torch.compile``d
-models (the first, compiling, step is reported separately).
+STA at ``--r`` (each as ``staprune finetune`` trains it), take training steps (forward, backward,
+AdamW update) on the same generated batches, alternating dense / STA step by step so that any
+slowdown of the shared machine hits both; after ``--warmup`` untimed rounds, the median step time
+of each gives clips/s and the speed ratio (dense median / STA median), with the spread of the
+rounds (min-max step times, and of the per-round ratio). ``--compile`` repeats this with
+``torch.compile``d models (the first, compiling, step is reported separately).
 
 Part 2 (``--finetune``): two ``staprune finetune --demo`` runs with the same initial weights
 (the bundled demo-vit weights if present, else the same seeded random init), the same data,
@@ -13,7 +14,9 @@ seed and recipe, one dense and one with STA; each trained model is evaluated on 
 clips dense and with STA, giving the three-way table (dense-trained/dense, dense-trained/STA
 off the shelf, STA-trained/STA) with training times. Runs resume if ``--out`` already holds them.
 
+    python benchmarks/bench_train.py --threads 2 --dtype bf16 --finetune --epochs 3
     python benchmarks/bench_train.py --threads 1 --steps 8 --finetune --epochs 2
+    python benchmarks/bench_train.py --smoke   # CI: both parts at batch 4, a few steps, seconds; not a result
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +34,15 @@ import torch
 from torch import nn
 
 import staprune
+from staprune.api.settings import Setting
 from staprune.commands import finetune as ft
+from staprune.families import LoadedModel
+
+# --smoke: the same code path at a tiny setting (CI runs it so the script cannot rot); explicit
+# options still override these. out=None: the fine-tuning runs go to a temporary folder.
+SMOKE = {"batch_size": 4, "steps": 3, "warmup": 1, "threads": 1, "finetune": True, "epochs": 1,
+         "train_clips": 8, "val_clips": 8, "out": None}
+SMOKE_NOTE = "SMOKE RUN (--smoke): a tiny setting that checks the script runs; its numbers are not a result"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per model (part 1)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="where both parts train (default cpu)")
     parser.add_argument("--dtype", default="fp32", choices=tuple(ft.AUTOCAST))
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd steps")
     parser.add_argument("--finetune", action="store_true", help="part 2: fine-tune dense and STA, evaluate")
@@ -54,46 +67,76 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--lr", type=float, help="peak lr of the fine-tuning runs (default: 1e-3 x batch / 256)"
     )
     parser.add_argument("--out", default="bench-train-out", help="fine-tuning runs (part 2)")
-    return parser.parse_args(argv)
+    parser.add_argument("--smoke", action="store_true",
+                        help="CI check: batch 4, 1+3 steps, --finetune 1 epoch on 8 clips into a temporary "
+                        "folder, 1 thread (seconds); not a result")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args(argv)
+    return args
 
 
 # --- part 1: alternating steps ------------------------------------------------------------------
-def _models(args: argparse.Namespace) -> tuple[ft.LoadedModel, ft.LoadedModel]:
-    """Dense and STA copies of the same initial weights."""
-    dense = ft.load_model(args.model, init=args.init, seed=args.seed)
-    sta = ft.load_model(args.model, init=args.init, seed=args.seed)
+def load_initial(args: argparse.Namespace) -> LoadedModel:
+    """The model both fine-tuning runs start from, as ``staprune finetune`` loads it (a random init
+    follows ``--seed``), in train mode."""
+    torch.manual_seed(args.seed)
+    loaded = staprune.load(args.model, init=args.init)
+    loaded.model.train()
+    return loaded
+
+
+def _models(args: argparse.Namespace) -> tuple[LoadedModel, LoadedModel]:
+    """Dense and STA copies of the same initial weights, patched as ``staprune finetune`` trains them
+    (``--method none``: staprune's dense model, dropping nothing)."""
+    dense, sta = load_initial(args), load_initial(args)
     sta.model.load_state_dict(dense.model.state_dict())
-    staprune.patch(sta.model, r=args.r)
+    ft.apply_pruning(dense.model, "none", None)
+    ft.apply_pruning(sta.model, "sta", args.r)
+    device = torch.device(args.device)
+    for loaded in (dense, sta):
+        loaded.model.to(device).train()
     return dense, sta
 
 
 def _batches(
-    args: argparse.Namespace, loaded: ft.LoadedModel, count: int
+    args: argparse.Namespace, loaded: LoadedModel, count: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     from staprune.demo.data import generate
 
     clips, labels = generate(count * args.batch_size, seed=4242, frames=loaded.frames, size=loaded.image_size)
     data = ft.ClipTensorSet(clips, labels, loaded.preprocessing)
-    return [data.batch(torch.arange(i, i + args.batch_size)) for i in range(0, len(labels), args.batch_size)]
+    device = torch.device(args.device)
+    return [tuple(t.to(device) for t in data.batch(torch.arange(i, i + args.batch_size)))
+            for i in range(0, len(labels), args.batch_size)]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def time_alternating(args: argparse.Namespace, compile_models: bool = False) -> dict[str, object]:
     """Median training-step seconds of dense and STA, stepping alternately on the same batches."""
     dense, sta = _models(args)
-    cfg = ft.StepConfig(dense.backbone, ft.AUTOCAST[args.dtype], 0.1, 0.0, torch.device("cpu"))
+    device = torch.device(args.device)
+    cfg = ft.StepConfig(dense.family, ft.AUTOCAST[args.dtype], 0.1, 0.0, device)
     lr = ft.scaled_lr(1e-3, args.batch_size)
     runners: dict[str, tuple[nn.Module, torch.optim.Optimizer]] = {}
     first_step: dict[str, float] = {}
     for name, loaded in (("dense", dense), ("sta", sta)):
         runners[name] = (
             torch.compile(loaded.model) if compile_models else loaded.model,
-            ft.build_optimizer(loaded.model, lr, 0.05),
+            ft.build_optimizer(loaded.model, lr, 0.05, loaded.family.no_weight_decay),
         )
     times: dict[str, list[float]] = {"dense": [], "sta": []}
     for i, (x, y) in enumerate(_batches(args, dense, args.warmup + args.steps)):
         for name, (model, opt) in runners.items():
+            _sync(device)
             start = time.perf_counter()
             ft.train_step(model, opt, x, y, lr, cfg)
+            _sync(device)
             seconds = time.perf_counter() - start
             if i == 0:
                 first_step[name] = seconds
@@ -104,22 +147,29 @@ def time_alternating(args: argparse.Namespace, compile_models: bool = False) -> 
         "median_s": med,
         "clips_per_s": {n: args.batch_size / s for n, s in med.items()},
         "ratio": med["dense"] / med["sta"],
+        "round_ratios": [d / s for d, s in zip(times["dense"], times["sta"], strict=True)],
         "first_step_s": first_step,
         "times": times,
     }
 
 
 def print_speed(label: str, res: dict) -> None:
-    med, cps = res["median_s"], res["clips_per_s"]
+    med, cps, times, rounds = res["median_s"], res["clips_per_s"], res["times"], res["round_ratios"]
     print(
         f"{label}: dense {med['dense']:.3f} s/step ({cps['dense']:.1f} clips/s), STA {med['sta']:.3f} s/step "
         f"({cps['sta']:.1f} clips/s) -> STA trains {res['ratio']:.2f}x faster "
         f"(first step: dense {res['first_step_s']['dense']:.1f} s, STA {res['first_step_s']['sta']:.1f} s)"
     )
+    print(
+        f"  spread over {len(rounds)} rounds: dense {min(times['dense']):.3f}-{max(times['dense']):.3f} s/step, "
+        f"STA {min(times['sta']):.3f}-{max(times['sta']):.3f} s/step; per-round speed ratio "
+        f"{min(rounds):.2f}-{max(rounds):.2f}x"
+    )
 
 
 # --- part 2: fine-tuning ------------------------------------------------------------------------
 def _finetune(args: argparse.Namespace, method: str, out: Path) -> dict:
+    """One ``staprune finetune --demo`` run (resumed if ``out`` holds one); its summary."""
     parser = argparse.ArgumentParser()
     ft.add_arguments(parser)
     argv = [
@@ -138,6 +188,8 @@ def _finetune(args: argparse.Namespace, method: str, out: Path) -> dict:
         str(args.seed),
         "--dtype",
         args.dtype,
+        "--device",
+        args.device,
         "--workers",
         "0",
         "--out",
@@ -145,14 +197,14 @@ def _finetune(args: argparse.Namespace, method: str, out: Path) -> dict:
         "--resume",
         "--method",
         method,
-        "--r",
-        str(args.r),
         "--eval-r",
         "0",
         str(args.r),
     ]
+    argv += ["--r", str(args.r)] if method != "none" else []  # dense training takes no --r
     argv += ["--init", args.init] + (["--threads", str(args.threads)] if args.threads else [])
     argv += ["--lr", str(args.lr)] if args.lr else []
+    argv += ["--quiet"] if args.smoke else []
     if ft.run(parser.parse_args(argv)) != 0:
         raise RuntimeError(f"fine-tuning {method} failed")
     return json.loads((out / "summary.json").read_text())
@@ -167,22 +219,17 @@ def _train_rate(summary: dict) -> float:
     return rec["epochs"] * rec["steps_per_epoch"] * rec["global_batch"] / summary["train_seconds"]
 
 
-@torch.no_grad()
 def initial_top1(args: argparse.Namespace) -> tuple[float, float]:
     """Held-out top-1 of the initial weights, dense and with STA (no fine-tuning)."""
-    from staprune.demo.data import generate
+    from staprune.demo.data import HELD_OUT_SEED, generate
 
-    loaded = ft.load_model(args.model, init=args.init, seed=args.seed)
-    held = ft.ClipTensorSet(
-        *generate(args.val_clips, ft.DEMO_HELD_OUT_SEED, loaded.frames, loaded.image_size),
-        loaded.preprocessing,
-    )
-    info = ft.dist_utils.DistInfo()
-    cpu = torch.device("cpu")
-    dense = ft.top1_on_clips(loaded.model, loaded.backbone, held, info, 32, ft.AUTOCAST[args.dtype], cpu)
-    staprune.patch(loaded.model, r=args.r)
-    sta = ft.top1_on_clips(loaded.model, loaded.backbone, held, info, 32, ft.AUTOCAST[args.dtype], cpu)
-    return dense, sta
+    loaded = load_initial(args)
+    loaded.model.to(torch.device(args.device))
+    clips, labels = generate(args.val_clips, HELD_OUT_SEED, loaded.frames, loaded.image_size)
+    dense, sta = Setting(), Setting.of("sta", args.r)
+    scores = staprune.score_clips(loaded, clips, labels, (dense, sta), batch_size=32,
+                                  autocast=ft.AUTOCAST[args.dtype])
+    return scores[dense].top1, scores[sta].top1
 
 
 def print_table(args: argparse.Namespace, dense: dict, sta: dict, initial: tuple[float, float]) -> None:
@@ -196,7 +243,8 @@ def print_table(args: argparse.Namespace, dense: dict, sta: dict, initial: tuple
     print("|---|---|---|---|---|")
     for trained, evaluated, top1, summary in rows:
         seconds, rate = summary["train_seconds"], _train_rate(summary)
-        print(f"| {trained} | {evaluated} | {top1:.2f} | {seconds:.0f} | {rate:.1f} |")
+        shown = f"{seconds:.0f}" if seconds >= 10 else f"{seconds:.1f}"
+        print(f"| {trained} | {evaluated} | {top1:.2f} | {shown} | {rate:.1f} |")
     print(
         f"\nalso: STA-trained evaluated dense {_top1(sta, 0):.2f}%; before fine-tuning ({dense['source']}): "
         f"dense {initial[0]:.2f}%, STA r={r} {initial[1]:.2f}%"
@@ -224,9 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     args.init = "bundled" if demo_weights_exist(args.model) else "random"
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.smoke:
+        print(SMOKE_NOTE)
     print(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
-        f"threads, {args.model} ({args.init} init), batch {args.batch_size}, {args.dtype}; STA r={args.r}"
+        f"threads, {args.model} ({args.init} init), batch {args.batch_size}, {args.dtype}, {args.device}; "
+        f"STA r={args.r}"
     )
     res = time_alternating(args)
     print_speed(f"eager, median of {args.steps} alternating steps", res)
@@ -238,9 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.flush()
     if args.finetune:
         initial = initial_top1(args)
-        out = Path(args.out)
-        dense = _finetune(args, "none", out / "dense")
-        sta = _finetune(args, "sta", out / f"sta_r{args.r}")
+        with tempfile.TemporaryDirectory(prefix="bench-train-") as scratch:
+            out = Path(args.out if args.out is not None else scratch)
+            dense = _finetune(args, "none", out / "dense")
+            sta = _finetune(args, "sta", out / f"sta_r{args.r}")
         print_table(args, dense, sta, initial)
     return 0
 
