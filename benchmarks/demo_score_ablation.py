@@ -16,6 +16,7 @@ all on the same batches. For each setting it prints
     python benchmarks/demo_score_ablation.py --model demo-vit --r 12 --clips 600
     python benchmarks/demo_score_ablation.py --model demo-swin --r 12 --clips 600
     python benchmarks/demo_score_ablation.py --model demo-vit --r 37 --locations 3 --clips 300
+    python benchmarks/demo_score_ablation.py --smoke   # CI: the same code on 8 clips, seconds; not a result
 
 The README's "Why STA loses more than ToMe" / "Why STA falls below random" tables come from it.
 """
@@ -30,14 +31,18 @@ import torch
 import torch.nn.functional as F
 
 import staprune
-from staprune.demo.data import generate_with_masks, to_model_input
-from staprune.demo.models import DEMO_MODELS, load_demo_model, logits_of
+from staprune.demo.data import generate_with_masks
+from staprune.demo.models import DEMO_MODELS
 
 # Token cell of the last pruned stage on each demo model: (frames per token, pixels per side).
 # demo-vit: tubelet 2 x patch 16 (8 x 7x7 tokens); demo-swin: stage 2 after one 2x2 patch
 # merging of its 2x16x16 patches (8 x 4x4 tokens, the last row/column half padding).
 CELL = {"demo-vit": (2, 16), "demo-swin": (2, 32)}
 SCORES = ("sta", "temporal", "semantic")
+# --smoke: the same code path at a tiny setting (CI runs it so the script cannot rot); explicit
+# options still override these.
+SMOKE = {"clips": 8, "batch": 8, "threads": 1}
+SMOKE_NOTE = "SMOKE RUN (--smoke): a tiny setting that checks the script runs; its numbers are not a result"
 
 
 def settings(net: torch.nn.Module, model: str, r: int, locations: tuple[int, ...] | None = None) -> list[tuple[str, dict]]:
@@ -64,7 +69,8 @@ def object_tokens(masks: torch.Tensor, frames_per_token: int, cell: int) -> torc
 def run(args: argparse.Namespace) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
-    net, layout = load_demo_model(args.model)
+    loaded = staprune.load(args.model, init="bundled")  # the bundled trained weights, or an error
+    net = loaded.model
     clips, labels, masks = generate_with_masks(args.clips, args.seed)
     configs = settings(net, args.model, args.r, tuple(args.locations) if args.locations else None)
     correct, agree, hit = [0] * len(configs), [0] * len(configs), [0] * len(configs)
@@ -73,7 +79,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     frames_per_token, cell = CELL[args.model]
     with torch.inference_mode():
         for start in range(0, len(labels), args.batch):
-            x = to_model_input(clips[start:start + args.batch], layout)
+            x = loaded.to_input(loaded.preprocessing.normalize_pixels(clips[start:start + args.batch]))
             y = labels[start:start + args.batch]
             obj = object_tokens(masks[start:start + args.batch], frames_per_token, cell).flatten(1)
             total_obj += int(obj.sum())
@@ -82,7 +88,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 staprune.unpatch(net)
                 if options:
                     staprune.patch(net, **options)
-                pred = logits_of(net, x).argmax(-1)
+                pred = loaded.family.logits(net(x)).argmax(-1)
                 dense_pred = pred if dense_pred is None else dense_pred
                 correct[i] += int((pred == y).sum())
                 agree[i] += int((pred == dense_pred).sum())
@@ -119,7 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="CI check: 8 clips, 1 thread (seconds); not a result")
     args = parser.parse_args(argv)
+    if args.smoke:
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args(argv)
+        print(SMOKE_NOTE, file=sys.stderr if args.json else sys.stdout)
     rows = run(args)
     if args.json:
         print(json.dumps(rows, indent=1))

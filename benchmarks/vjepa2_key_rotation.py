@@ -20,6 +20,7 @@ the same batches for every setting:
   (cosine of block-0 keys, the first stage's metric) is itself at the same place.
 
     python benchmarks/vjepa2_key_rotation.py --steps 1500 --clips 600 --threads 2 --cache /tmp/vjepa2_demo.safetensors
+    python benchmarks/vjepa2_key_rotation.py --smoke   # CI: 2 steps, 8 clips, seconds; not a result
 """
 
 from __future__ import annotations
@@ -34,18 +35,28 @@ import torch
 import torch.nn.functional as F
 
 import staprune
-from staprune.demo.data import generate, generate_with_masks, to_model_input
-from staprune.demo.models import LEVELS, load_demo_model
+from staprune.demo.data import HELD_OUT_SEED, generate, generate_with_masks
+from staprune.demo.models import LEVELS, preprocessing
+from staprune.families import family_of
 from staprune.families.vjepa2 import patch_vjepa2
 
-HELD_OUT_SEED, TRAIN_SEED = 1_000_000, 1  # the demo's held-out seed; training clips from another seed
+TRAIN_SEED = 1  # training clips from another seed than the demo's held-out one
+# --smoke: the same code path at a tiny setting (CI runs it so the script cannot rot); explicit
+# options still override these. No --cache: a smoke run never writes weights.
+SMOKE = {"steps": 2, "batch": 4, "train_clips": 8, "clips": 8, "static_clips": 4, "threads": 1, "cache": None}
+SMOKE_NOTE = "SMOKE RUN (--smoke): a tiny setting that checks the script runs; its numbers are not a result"
+
+
+def model_input(model: torch.nn.Module, clips: torch.Tensor) -> torch.Tensor:
+    """uint8 clips (B, T, 3, H, W) -> normalised as the demo models' inputs, in ``model``'s layout."""
+    return family_of(model).to_input(preprocessing().normalize_pixels(clips))
 
 
 def transplant() -> torch.nn.Module:
     """A V-JEPA 2 classifier whose encoder carries the trained demo ViT's weights (positions aside)."""
     from transformers import VJEPA2Config, VJEPA2ForVideoClassification
 
-    vit, _ = load_demo_model("demo-vit")
+    vit = staprune.load("demo-vit", init="bundled").model  # the bundled trained weights, or an error
     hf = vit.config
     torch.manual_seed(0)
     model = VJEPA2ForVideoClassification(VJEPA2Config(
@@ -76,8 +87,6 @@ def fine_tune(model: torch.nn.Module, steps: int, batch: int, lr: float, train_c
     """AdamW (staprune finetune's recipe: warm-up, cosine decay, label smoothing 0.1), random batches
     from a fixed set of generated training clips; returns the per-step losses."""
     from staprune.commands import finetune as ft
-    from staprune.families import family_of
-
     clips, labels = generate(train_clips, TRAIN_SEED)
     opt = ft.build_optimizer(model, lr, 0.05)
     cfg = ft.StepConfig(family_of(model), None, 0.1, 1.0, torch.device("cpu"))
@@ -85,7 +94,7 @@ def fine_tune(model: torch.nn.Module, steps: int, batch: int, lr: float, train_c
     model.train()
     for step in range(steps):
         idx = torch.randint(0, len(labels), (batch,), generator=g)
-        x = to_model_input(clips[idx], "BTCHW")
+        x = model_input(model, clips[idx])
         losses.append(float(ft.train_step(model, opt, x, labels[idx], ft.lr_at(step, steps, steps // 20, lr), cfg)))
         if step % 100 == 0:
             print(f"  step {step}: loss {sum(losses[-100:]) / len(losses[-100:]):.3f}", file=sys.stderr, flush=True)
@@ -112,7 +121,7 @@ def evaluate(model: torch.nn.Module, clips: int, batch: int, levels: tuple[int, 
     model.eval()
     with torch.inference_mode():
         for start in range(0, clips, batch):
-            x = to_model_input(data[start:start + batch], "BTCHW")
+            x = model_input(model, data[start:start + batch])
             y = labels[start:start + batch]
             obj = object_tokens(masks[start:start + batch])
             total_obj += int(obj.sum())
@@ -150,7 +159,7 @@ def static_match(model: torch.nn.Module, clips: int = 32) -> dict[str, float]:
     """On clips of one repeated frame: share of block-0 key tokens whose best cosine match in the
     previous tubelet-frame is at the same place, with keys before and after the rotation."""
     data, _ = generate(clips, HELD_OUT_SEED + 1)
-    x = to_model_input(data[:, :1].expand(-1, data.shape[1], -1, -1, -1), "BTCHW")
+    x = model_input(model, data[:, :1].expand(-1, data.shape[1], -1, -1, -1))
     layer = model.vjepa2.encoder.layer[0]
     seen = {}
     handle = layer.attention.key.register_forward_hook(lambda m, a, o: seen.__setitem__("k", o))
@@ -179,8 +188,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clips", type=int, default=600, help="held-out clips for the comparison")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--cache", help="safetensors file to store / reuse the fine-tuned weights")
+    parser.add_argument("--static-clips", type=int, default=32, help="static clips for the best-match count")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--smoke", action="store_true",
+                        help="CI check: 2 fine-tuning steps on 8 clips, 8 held-out clips, 1 thread (seconds); "
+                        "not a result")
     args = parser.parse_args(argv)
+    if args.smoke:
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args(argv)
+        print(SMOKE_NOTE)
     if args.threads:
         torch.set_num_threads(args.threads)
     from safetensors.torch import load_file, save_file
@@ -198,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cache:
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.cache)
     rows = evaluate(model, args.clips, 32, LEVELS["demo-vit"])
-    static = static_match(model)
+    static = static_match(model, args.static_clips)
     print(f"{'setting':<28}{'r':>4}{'top-1':>8}{'object recall':>15}{'kept share':>12}{'overlap':>9}")
     for row in rows:
         overlap = row.get("kept_overlap_with_before")
