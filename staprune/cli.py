@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command. A :class:`~staprune.errors.StapruneError` (something the user can fix) is one
+    """Run one command. A :class:`~staprune.core.errors.StapruneError` (something the user can fix) is one
     line on stderr and exit status 2; Ctrl-C says what was kept and how to go on, exit 130. Set
     ``STAPRUNE_TRACEBACK=1`` to get the traceback instead."""
     parser = build_parser()

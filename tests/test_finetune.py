@@ -351,7 +351,7 @@ def test_list_training_and_validation_through_evaluate(tiny_dir, tmp_path):
         ("none", 0, 4),
     ]
     assert all(row["error"] is None and 0 <= row["top1"] <= 100 for row in summary["eval"])
-    assert len(list((out / "eval").glob("*/sta_r4/rank0.jsonl"))) == 1  # records written by staprune.evaluate
+    assert len(list((out / "eval").glob("*/sta_r4/rank0.jsonl"))) == 1  # records written by the run-folder evaluation
 
 
 @pytest.mark.parametrize(
@@ -387,7 +387,7 @@ def test_r_defaults_to_the_models_middle_level(tiny_dir, tmp_path, capsys):
 def test_ddp_two_processes_gloo(tiny_dir, tmp_path):
     from staprune.cli import COMMANDS
 
-    entry = ["-m", "staprune", "finetune"] if "finetune" in COMMANDS else ["-m", "staprune.finetune"]
+    entry = ["-m", "staprune", "finetune"] if "finetune" in COMMANDS else ["-m", "staprune.commands.finetune"]
     out = tmp_path / "ddp"
     # --standalone: a free local port (a fixed --master-port 0 hangs the rendezvous).
     cmd = [

@@ -9,7 +9,8 @@ import torch
 
 import staprune
 from staprune.api.flops import analytic_flops, paper_tables, r_for_budget
-from staprune.api.models import build_model, example_input, get_spec, load_model, names, spec_of_model
+from staprune.api.loading import load
+from staprune.api.models import build_model, example_input, get_spec, names, spec_of_model
 from staprune.core.config import STAConfig, resolve_plan
 from staprune.core.flops import flop_counter, measure_flops
 
@@ -182,9 +183,9 @@ def test_registry_names_and_errors(tmp_path):
     with pytest.raises(ValueError, match="ViT-S.*VideoSwin-B-SSV2"):
         get_spec("ViT-XL")
     with pytest.raises(FileNotFoundError, match="not found"):
-        load_model(str(tmp_path / "missing"))
+        load(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="did you mean 'ViT-L'"):
-        load_model("ViT-XL")  # a near-miss of a registry name never reaches for the hub
+        load("ViT-XL")  # a near-miss of a registry name never reaches for the hub
     spec = spec_of_model(build_model("VideoSwin-B-SSV2"))
     assert spec.window == (16, 7, 7) and spec.num_classes == 174 and spec.depths == (2, 2, 18, 2)
     paper_models = {"ViT-S", "ViT-B", "ViT-L", "ViT-H", "VideoSwin-T", "VideoSwin-S", "VideoSwin-B", "VideoSwin-B-SSV2"}
@@ -193,7 +194,7 @@ def test_registry_names_and_errors(tmp_path):
 
 def test_load_model_from_local_directory(tmp_path):
     _tiny_vit().save_pretrained(tmp_path)
-    model = load_model(str(tmp_path))
+    model = load(str(tmp_path)).model
     assert spec_of_model(model).hidden == 64 and not model.training
 
 

@@ -350,7 +350,7 @@ def test_errors() -> None:
 def test_flops_match_paper_table3(monkeypatch) -> None:
     """Swin-T at 32x224², r1 = 0/192/256/320 -> 88/68/61/54 GFLOPs (1 multiply-add = 1 FLOP).
 
-    FlopCounterMode counts 2 FLOPs per multiply-add (hence /2); ``staprune.flops.flop_counter``
+    FlopCounterMode counts 2 FLOPs per multiply-add (hence /2); ``staprune.core.flops.flop_counter``
     makes it count the CPU fused kernel (aten._scaled_dot_product_flash_attention_for_cpu, which
     some torch releases leave out of its registry), so the dense window attention needs no
     analytic term; the check below fails if attention stops being counted. Stock measures 87.8 (linear layers 66.6, window attention 17.9, patch merging 2.8,

@@ -24,7 +24,7 @@ def patch(model: nn.Module, r: int | None = None, *, config: STAConfig | None = 
     """Make ``model`` prune spatio-temporal tokens, in place; returns the same model.
 
     Args:
-        model: a supported backbone (see :func:`staprune.patch.supported`).
+        model: a supported backbone (see :func:`supported`).
         r: tokens dropped per temporal unit at the first stage (the paper's r_1).
         config: a full :class:`STAConfig`; ``r`` and ``options`` override its fields.
         **options: any STAConfig field, e.g. ``method="random"``, ``order="FFF"``.

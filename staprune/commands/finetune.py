@@ -18,7 +18,7 @@ with probability 0.5 (off with ``--no-flip``; it must be off for direction-sensi
 augmentation.
 
 Pruning runs in train mode: the kept indices are computed without gradients, the kept tokens are
-gathered with them (:mod:`staprune.patch`). Dropout and drop-path work as in the stock model.
+gathered with them (:mod:`staprune.adapters`). Dropout and drop-path work as in the stock model.
 
 Checkpoints (``--out``), written by rank 0 after every epoch, atomically, JSON last:
 

@@ -1,6 +1,6 @@
 """Baselines under STA's interface: random dropping and ToMe merging, as tensor functions.
 
-``random_keep_indices`` returns keep indices exactly like :func:`staprune.score.sta_keep_indices`.
+``random_keep_indices`` returns keep indices exactly like :func:`staprune.core.score.sta_keep_indices`.
 ToMe changes token values (size-weighted averages), so :func:`tome_merge` returns the merged
 tokens together with their sizes and representative source indices.
 """

@@ -345,7 +345,7 @@ class Family:
 
     # FLOPs, building, loading ------------------------------------------------------------------
     def flops(self, spec: Spec, config: STAConfig):
-        """Analytic :class:`staprune.flops.FlopCount` of one view of ``spec`` under ``config``."""
+        """Analytic :class:`staprune.core.flops.FlopCount` of one view of ``spec`` under ``config``."""
         raise NotImplementedError
 
     def build(self, spec: Spec, attn_implementation: str = "sdpa") -> nn.Module:

@@ -4,7 +4,7 @@ The paper's ViT family: joint space-time attention over ``T/2 x (H/p)(W/p)`` tub
 CLS token, mean pooling. Token ``t * N + s`` is tubelet-frame ``t``, spatial token ``s``.
 
 **Adapter.** It only finds tensors and applies indices: the attention of a pruning block records
-the metric (keys / queries / values), the block's output is handed to :mod:`staprune.score` (or the
+the metric (keys / queries / values), the block's output is handed to :mod:`staprune.core.score` (or the
 baselines), and the returned indices are gathered. Blocks that do not prune keep the stock
 forward, except under ToMe, whose proportional attention needs every block's attention.
 
@@ -459,7 +459,7 @@ class VideoMAEFamily(HuggingFaceFamily):
 
     # FLOPs and building
     def flops(self, spec: ViTSpec, config: STAConfig) -> FlopCount:
-        """Blocks as :func:`staprune.flops.columnar_flops`; patch embedding ``L·C·3·tubelet·p²``;
+        """Blocks as :func:`staprune.core.flops.columnar_flops`; patch embedding ``L·C·3·tubelet·p²``;
         classifier ``C·classes``."""
         parts, selection = tubelet_vit_parts(spec, self.plan(spec, config))
         parts["head"] = spec.hidden * spec.num_classes

@@ -7,7 +7,7 @@ never dropped and takes no part in scoring; :func:`staprune.kept_tokens` reports
 only. The classifier reads the CLS token, which every kept token still feeds, so pruning needs no
 change to the head.
 
-The adapter is the hook-based columnar one (:mod:`staprune.patch.columnar`): the chosen projection
+The adapter is the hook-based columnar one (:mod:`staprune.adapters.columnar`): the chosen projection
 (``k_proj`` for the default key similarity) records the metric, the block's output is pruned. The
 stock attention (eager or SDPA, whatever the config selects) runs unchanged.
 
@@ -127,7 +127,7 @@ class VivitFamily(HuggingFaceFamily):
         ).with_input(frames, size)
 
     def flops(self, spec: VivitSpec, config: STAConfig) -> FlopCount:
-        """Blocks as :func:`staprune.flops.columnar_flops` with the CLS token in every block;
+        """Blocks as :func:`staprune.core.flops.columnar_flops` with the CLS token in every block;
         tubelet embedding ``L·C·3·t·p²``; classifier on the CLS token ``C·classes``."""
         parts, selection = tubelet_vit_parts(spec, self.plan(spec, config), extra_tokens=1)
         parts["head"] = spec.hidden * spec.num_classes

@@ -194,7 +194,7 @@ class VJEPA2Family(HuggingFaceFamily):
         ).with_input(frames, size)
 
     def flops(self, spec: VJEPA2Spec, config: STAConfig) -> FlopCount:
-        """Encoder blocks as :func:`staprune.flops.columnar_flops` (the rotation is elementwise: not
+        """Encoder blocks as :func:`staprune.core.flops.columnar_flops` (the rotation is elementwise: not
         counted); tubelet embedding ``L·C·3·2·p²``; the classifier's attentive pooler on the ``L_f``
         tokens the encoder leaves: ``pooler_layers`` transformer blocks (MLP 4C) plus a cross
         attention from one query (``C² + 2·L_f·C² + 2·L_f·C`` and a one-token MLP), then ``C·classes``."""

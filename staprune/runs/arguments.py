@@ -5,7 +5,7 @@
 
 The pruning options: one argument group, the same in every command.
 
-Every :class:`~staprune.config.STAConfig` field has a named flag (``--schedule``, ``--order``,
+Every :class:`~staprune.core.config.STAConfig` field has a named flag (``--schedule``, ``--order``,
 ``--first-unit``, ``--similarity``, ``--score``, ``--first-transition``, ``--locations``,
 ``--tome-mode``, ``--prune-seed``; ``--seed`` as well where the command has no seed of its own),
 listed in ``--help`` with its values. Values are validated by :class:`STAConfig` itself, so a bad
