@@ -1,7 +1,8 @@
 """Evaluation as functions: top-1 / top-5 of a model under pruning settings, on video files or on
 clips in memory. ``staprune eval``, ``ablate``, ``finetune`` and ``demo`` all score through here.
 
-* :func:`score_videos`: the multi-view protocol on decoded video files (docs/algorithm/evaluation.md): each video gives ``clips x crops`` views (:meth:`ViewProtocol.clip_indices`,
+* :func:`score_videos`: the multi-view protocol on decoded video files (docs/algorithm/evaluation.md):
+  each video gives ``clips x crops`` views (:meth:`ViewProtocol.clip_indices`,
   :meth:`Preprocessing.views`); its score is the **mean over its views of the softmax of each view's
   logits** (VideoMAE's test-time merge). One record per video goes to a callback as soon as the
   video is scored, so the caller can store it (resumable runs: :mod:`staprune.runs.list_evaluation`).
@@ -365,7 +366,7 @@ def score_clips(
             return loaded.family.logits(model(x)).float()
 
     def inputs(chunk: Tensor) -> list[Tensor]:
-        return [loaded.to_input(prep.normalize_pixels(chunk[:, view])).to(param.device) for view in views]
+        return [loaded.to_input(prep.normalize_pixels(chunk[:, view])).to(param.device, param.dtype) for view in views]
 
     model.eval()
     with torch.inference_mode():
