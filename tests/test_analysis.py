@@ -193,7 +193,8 @@ def test_visualize_cli_png_and_gif(assets, tmp_path, capsys):
         assert anim.size[::-1] == grid_size(1, 4, tile, tile, header=True)
     from staprune.cli import main
 
-    assert main(["visualize", str(assets["videos"][1]), "--model", assets["model"], "--r", "99", "-o", str(png)]) == 2
+    assert main(["visualize", str(assets["videos"][1]), "--model", assets["model"], "--r", "99", "-o", str(png),
+                 "--force"]) == 2
     assert "too large" in capsys.readouterr().err  # r too large: a message, not a traceback
 
 

@@ -84,7 +84,7 @@ OPTION_PAIRS = {
 
 
 def _kept(out: Path) -> tuple[dict, dict[str, str]]:
-    (row,) = json.loads((out / "results.json").read_text())
+    (row,) = [r for r in json.loads((out / "results.json").read_text()) if not r.get("dense")]
     run_dir = out / row["run_dir"]
     kept = {json.loads(line)["path"]: json.loads(line)["kept_sha1"]
             for line in (run_dir / "rank0.jsonl").read_text().splitlines()}
@@ -98,8 +98,10 @@ def test_every_flag_reaches_the_model_through_eval(assets, tmp_path, option):
     results = []
     for value in (a, b):
         out = tmp_path / value.replace(",", "_")
+        # An explicit schedule gives every stage's r itself: no --r beside it (eval then runs dense and it).
+        r = [] if option == "schedule-explicit" else ["--r", "2"]
         rc, _, err = _cli("eval", "--model", str(assets["model"]), "--data", str(assets["list"]), "--out", str(out),
-                          "--views", "1x1", "--r", "2", "--workers", "0", "--quiet", flag, value, *extra)
+                          "--views", "1x1", *r, "--workers", "0", "--quiet", flag, value, *extra)
         assert rc == 0, err
         results.append(_kept(out))
     (row_a, kept_a), (row_b, kept_b) = results

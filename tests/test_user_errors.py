@@ -178,15 +178,26 @@ def test_read_only_output_is_one_line(assets, monkeypatch, command):
 
 
 def test_ctrl_c_during_eval_says_how_to_resume(assets, monkeypatch, tmp_path):
+    """After a finished video, Ctrl-C offers --resume; before any, it says nothing was written."""
     import staprune.runs.list_evaluation as ev
+
+    score = ev.score_videos
+
+    def one_video_then_interrupt(loaded, videos, *args, on_record, **kwargs):
+        score(loaded, videos[:1], *args, on_record=on_record, **kwargs)
+        raise KeyboardInterrupt
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ev, "score_videos", interrupt)
-    rc, _, err = _cli("eval", "--model", str(assets["model"]), "--data", str(assets["list"]), "--out",
-                      str(tmp_path / "o"), "--views", "1x1", "--method", "none", "--workers", "0")
+    argv = ["eval", "--model", str(assets["model"]), "--data", str(assets["list"]), "--views", "1x1", "--method",
+            "none", "--workers", "0", "--quiet"]
+    monkeypatch.setattr(ev, "score_videos", one_video_then_interrupt)
+    rc, _, err = _cli(*argv, "--out", str(tmp_path / "o"))
     assert rc == 130 and "--resume" in err and "Traceback" not in err
+    monkeypatch.setattr(ev, "score_videos", interrupt)
+    rc, _, err = _cli(*argv, "--out", str(tmp_path / "nothing"))
+    assert rc == 130 and "nothing was written" in err and "--resume" not in err and "Traceback" not in err
 
 
 def test_all_videos_failing_exits_non_zero(assets, tmp_path):
@@ -309,7 +320,8 @@ def test_eval_demo_models_by_name(name, demo_clips, tmp_path):
     rows = json.loads(out)
     from staprune.demo.models import LEVELS
 
-    assert rc == 0 and [r["r"] for r in rows] == list(LEVELS[name])
+    assert rc == 0 and [r["r"] for r in rows] == [0, *LEVELS[name]]  # dense, then the model's levels
+    assert rows[0]["dense"] and not any(r["dense"] for r in rows[1:])
     assert all(r["videos"] == 6 and r["frames"] == 16 and r["views"] == "1x1" for r in rows)
     assert all(r["top1"] >= 50 for r in rows), rows  # trained models on their own kind of clips
 

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..storage.runfolder import atomic_write
+
 WHITE = 255
 BACKGROUND = (208, 208, 208)  # neutral grey: white patches at a tile's edge stay visible
 TEXT_COLOR = "#202020"
@@ -194,7 +196,8 @@ def save_png(image: np.ndarray, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt = IMAGE_FORMATS.get(path.suffix.lower(), "PNG")
-    Image.fromarray(image).save(path, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
+    picture = Image.fromarray(image)
+    atomic_write(path, lambda tmp: picture.save(tmp, format=fmt, **({"quality": 92} if fmt == "JPEG" else {})))
     return path
 
 
@@ -206,7 +209,8 @@ def save_gif(frames: Sequence[np.ndarray], path: str | Path, frame_ms: int = 500
     path.parent.mkdir(parents=True, exist_ok=True)
     # An adaptive palette per frame without dithering: GIF's default web palette dithers gradients.
     images = [Image.fromarray(f).quantize(colors=256, dither=Image.Dither.NONE) for f in frames]
-    images[0].save(path, format="GIF", save_all=True, append_images=images[1:], duration=frame_ms, loop=0)
+    atomic_write(path, lambda tmp: images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
+                                                   duration=frame_ms, loop=0))
     return path
 
 

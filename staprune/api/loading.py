@@ -21,11 +21,28 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 from torch import Tensor
 
-from ..core.errors import CheckpointError, NotFoundError, StapruneError, UnknownModelError, UsageError
+from ..core.errors import (
+    CheckpointError,
+    ConfigError,
+    NotFoundError,
+    StapruneError,
+    UnknownModelError,
+    UsageError,
+)
+from ..families import (
+    Family,
+    families,
+    family_of_entry,
+    find_model,
+    model_entry,
+    model_names,
+    suggest,
+)
 from ..families.base import LoadedModel
 from ..storage.runfolder import epoch_files, latest_epoch, training_record_of
 from ..storage.state_dicts import STATE_DICT_SUFFIXES, listing, load_verified, read_state_dict
@@ -47,17 +64,20 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _family_of_folder(folder: Path, name: str):
+def _family_of_folder(folder: Path, name: str) -> Family:
     """The family whose ``hf_model_types`` include the folder's ``config.json`` ``model_type``."""
-    from ..families import families
-
     config = folder / "config.json"
     if not config.is_file():
         raise CheckpointError(
             f"{name}: the folder {folder} holds no model (no config.json); pass a Hugging Face model "
             "folder, a checkpoint file, or a registry name"
         )
-    model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    try:
+        document = json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{name}: {config} is not valid JSON ({err}); restore it from where the model "
+                              "came from") from err
+    model_type = document.get("model_type") if isinstance(document, dict) else None
     for family in families():
         if model_type in family.hf_model_types:
             return family
@@ -78,8 +98,6 @@ def _hub_folder(repo_id: str) -> Path:
     """The local snapshot of a hub repository (downloaded unless ``HF_HUB_OFFLINE`` is set)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
-
-    from ..families import model_names
 
     if not _hub_offline():
         try:  # already in the local cache: no network needed
@@ -159,8 +177,6 @@ def load_file(path: Path, *, frames: int | None = None, image_size: int | None =
               num_heads: int | None = None) -> LoadedModel:
     """A state-dict file: one staprune wrote (its card says which architecture, see
     :func:`model_card`), else loaded by the family that recognises its key layout."""
-    from ..families import families
-
     state = read_state_dict(path)
     card = model_card(path)
     if card is not None:
@@ -182,8 +198,6 @@ def load_registry(name: str, frames: int | None = None, image_size: int | None =
     """A registry model: its own weights when the entry has a loader (the demo models; ``init``
     chooses, see :func:`load`), else a model of its geometry with RANDOM weights (timing, FLOPs,
     smoke tests), drawn from torch's global RNG."""
-    from ..families import family_of_entry, model_entry
-
     entry = model_entry(name)
     spec = entry.spec_for(frames, image_size)
     family = family_of_entry(entry)
@@ -228,10 +242,26 @@ def load(
         FileNotFoundError: a path that does not exist (or an unloadable hub id).
         CheckpointError: weights that do not match the model (missing / unexpected / shapes).
     """
-    from ..families import families, find_model, model_names, suggest
-
     if init not in INITS:
         raise UsageError(f"init={init!r}; choose one of {', '.join(INITS)}")
+    return _at_image_size(_resolve(spec, weights, frames, image_size, num_heads, init), image_size)
+
+
+def _at_image_size(loaded: LoadedModel, image_size: int | None) -> LoadedModel:
+    """Honour ``image_size`` for every model: one that takes any input side (Video Swin) reads its
+    views at it; one built for a fixed side refuses another rather than ignoring it."""
+    if image_size is None or image_size == loaded.image_size:
+        return loaded
+    if loaded.image_size is not None:
+        raise ConfigError(f"{loaded.source} takes {loaded.image_size}x{loaded.image_size} clips (its size is fixed "
+                          f"by its config); drop --image-size {image_size}")
+    loaded.family.spec_of(loaded.model, None, image_size)  # refuses a side its patches do not divide
+    loaded.preprocessing = replace(loaded.preprocessing, size=image_size)
+    return loaded
+
+
+def _resolve(spec: str, weights: str | Path | None, frames: int | None, image_size: int | None,
+             num_heads: int | None, init: str) -> LoadedModel:
     builders = {name: family for family in families() for name in family.builder_names}
     name, _, rest = spec.partition(":")
     if weights is None and name in builders and rest:

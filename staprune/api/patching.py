@@ -11,12 +11,11 @@ from torch import nn
 from ..adapters.state import PATCH_ATTR, get_config
 from ..core.config import STAConfig, as_config
 from ..core.errors import UsageError
+from ..families import family_of, supported_classes
 
 
 def supported() -> list[str]:
     """The model classes staprune patches (one entry per class of every registered family)."""
-    from ..families import supported_classes
-
     return supported_classes()
 
 
@@ -34,8 +33,6 @@ def patch(model: nn.Module, r: int | None = None, *, config: STAConfig | None = 
         ValueError: invalid option value, or r too large / frames not divisible for the model's
             configured input.
     """
-    from ..families import family_of
-
     family = family_of(model)  # TypeError naming the supported families
     if r is None and config is None and "r" not in options:
         try:

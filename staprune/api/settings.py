@@ -46,8 +46,13 @@ class Setting:
 
     @property
     def is_dense(self) -> bool:
-        """Drops nothing: ``method="none"``, or r=0 with a dropping method."""
-        return self.method == "none" or (self.r == 0 and self.method != "tome")
+        """Drops nothing: ``method="none"``, or r=0 with a dropping method (and no explicit schedule,
+        which gives every stage's r itself)."""
+        if self.method == "none":
+            return True
+        schedule = dict(self.options).get("schedule", "decreasing")
+        drops = self.r > 0 or (not isinstance(schedule, str) and any(r for _, r in schedule))
+        return not drops and self.method != "tome"
 
     def config(self) -> STAConfig:
         """The STAConfig this setting patches with (dense: ``method="none"``, no options)."""

@@ -20,11 +20,15 @@ counts as decreasing (same FLOPs). The placements of s3 are compared at the same
 placements cost more (the paper: 308/339/370 GFLOPs), and s2's columns are different r by design.
 Every row reports the GFLOPs per view measured (``FlopCounterMode``) on the configuration that ran.
 
-Data: ``--data LIST`` evaluates through ``staprune eval``'s loop (multi-view protocol, per-video
-records, so an interrupted setting resumes video by video); without it, held-out clips generated for
-the bundled demo models (``--clips``), evaluated in memory. Rows are appended to ``OUT/rows.jsonl``
-as each setting finishes; ``--resume`` skips the settings already there, so a killed run resumes to
-the same table (every field but the measured clips/s of the setting that was interrupted).
+Data: ``--data LIST`` evaluates through the run-folder evaluation (multi-view protocol, per-video
+records, so an interrupted setting resumes video by video; unreadable videos are counted and said
+once); without it, held-out clips generated for the bundled demo models (``--clips``), evaluated in
+memory. Rows are appended to ``OUT/rows.jsonl`` as each setting finishes, and ``OUT/meta.json``
+records what defines them (model and a digest of its weights, data, clips, views, frames, size,
+default r). ``--resume`` skips the settings already there when that definition is the same, and
+refuses naming what changed otherwise, so a killed run resumes to the same table (every field but
+the measured clips/s of the setting that was interrupted) and never mixes two. One run writes into
+an ``--out`` at a time.
 """
 
 from __future__ import annotations
@@ -55,9 +59,16 @@ from ..families.base import LoadedModel
 from ..runs import distributed as dist_utils
 from ..runs.arguments import add_device_arguments, add_model_arguments, apply_threads
 from ..runs.devices import resolve_device
-from ..runs.list_evaluation import ListEvaluation
+from ..runs.list_evaluation import ListEvaluation, list_fingerprint
 from ..storage.outputs import writable_dir, write_error
-from ..storage.runfolder import append_jsonl, atomic_write_json, check_no_results, read_jsonl
+from ..storage.runfolder import (
+    RunLock,
+    append_jsonl,
+    atomic_write_json,
+    check_no_results,
+    differences,
+    read_jsonl,
+)
 
 TABLES = ("6a", "6b", "6c", "6d", "6e", "s3", "s2")
 TITLES = {
@@ -218,7 +229,8 @@ class ListClips:
         evaluation = replace(self.evaluation, protocol=proto, out=self.out / "runs" / f"views-{proto.clips}x{proto.crops}")
         result = evaluation.evaluate(row.setting)
         return {"top1": result["top1"], "top5": result["top5"], "clips_per_s": result["clips_per_s"],
-                "videos": result["videos"], "views": result["views"]}
+                "videos": result["videos"], "views": result["views"], "failed": len(result["failed"]),
+                "failed_reasons": result["failed_reasons"]}
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -280,8 +292,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def interrupted(args: argparse.Namespace) -> str:
-    return (f"every finished setting is in {Path(args.out) / 'rows.jsonl'}; run the same command with --resume to "
-            "measure only the rest")
+    """What Ctrl-C leaves behind (printed by the CLI): resuming is offered only when something was."""
+    rows = Path(args.out) / "rows.jsonl"
+    if not any("key" in row for row in read_jsonl(rows)):
+        return "no setting had finished; nothing was written"
+    return f"every finished setting is in {rows}; run the same command with --resume to measure only the rest"
 
 
 def _int_list(text: str, flag: str) -> list[int]:
@@ -302,6 +317,35 @@ def _list_evaluation(args: argparse.Namespace, device: torch.device, info: dist_
                           workers=args.workers, resume=True, quiet=True, info=info)
 
 
+def _definition(args: argparse.Namespace, loaded: LoadedModel, source, frames: int, size: int, r: int,
+                temporal: Sequence[int]) -> dict[str, Any]:
+    """What defines this ablation's rows: resuming reuses them only when every field is the same."""
+    if isinstance(source, ListClips):
+        p = source.evaluation.protocol
+        data = {"data": str(args.data), "list_sha1": list_fingerprint(source.evaluation.items),
+                "videos": len(source.evaluation.items), "views": f"{p.clips}x{p.crops}", "stride": p.stride,
+                "sampling": p.sampling}
+    else:
+        data = {"data": "demo clips", "clips": source.count, "seed": HELD_OUT_SEED}
+    return {"model": loaded.source, "model_digest": loaded.digest(), **data, "frames": frames, "size": size,
+            "default_r": r, "temporal_views": list(temporal)}
+
+
+def _resumable_rows(out: Path, definition: dict[str, Any], resume: bool) -> dict[str, dict[str, Any]]:
+    """The rows already in ``out`` that this run may reuse (all of them, or it refuses)."""
+    done = {row["key"]: row for row in read_jsonl(out / "rows.jsonl") if "key" in row and "top1" in row}
+    check_no_results(out, bool(done), resume, "ablation rows")
+    meta = out / "meta.json"
+    if done:
+        stored = json.loads(meta.read_text(encoding="utf-8")) if meta.is_file() else {}
+        changed = differences(stored, definition)
+        if changed:
+            raise UsageError(f"cannot resume {out}: its rows were measured on another definition ({changed}); "
+                             "use another --out")
+    atomic_write_json(meta, definition)
+    return done
+
+
 def run(args: argparse.Namespace) -> int:
     """``staprune ablate``: returns 0."""
     tables = [t.strip().lower() for t in args.tables.split(",") if t.strip()]
@@ -312,13 +356,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--clips and --batch-size must be >= 1")
     apply_threads(args)
     out = writable_dir(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise write_error(out, err) from err
-    rows_path = out / "rows.jsonl"
-    done = {row["key"]: row for row in read_jsonl(rows_path) if "key" in row}
-    check_no_results(out, bool(done), args.resume, "ablation rows")
+    # Refuse existing rows without --resume before anything is loaded (the definition is checked below).
+    check_no_results(out, any("key" in row for row in read_jsonl(out / "rows.jsonl")), args.resume, "ablation rows")
     device = resolve_device(args.device)
 
     if args.data:
@@ -346,8 +385,25 @@ def run(args: argparse.Namespace) -> int:
     for row in rows_to_measure:  # every configuration must fit before anything is measured
         row.setting.apply(loaded.model)
     unpatch(loaded.model)
-    print(f"staprune ablate: {loaded.source}, {len(rows_to_measure)} settings ({len(done)} already done), "
-          f"default r={r}", file=sys.stderr, flush=True)
+    with RunLock(out):
+        done = _resumable_rows(out, _definition(args, loaded, source, frames, size, r, temporal), args.resume)
+        print(f"staprune ablate: {loaded.source}, {len(rows_to_measure)} settings ({len(done)} already done), "
+              f"default r={r}", file=sys.stderr, flush=True)
+        rows = _measure_all(rows_to_measure, done, loaded, source, frames, size, out / "rows.jsonl")
+        report = {"model": loaded.source, "default_r": r, "clips": None if args.data else args.clips,
+                  "data": args.data, "rows": rows}
+        print(format_tables(rows), file=sys.stderr if args.json else sys.stdout)
+        _report_failures(rows)
+        atomic_write_json(out / "results.json", report)
+        _write_csv(out / "results.csv", rows)
+    if args.json:
+        print(json.dumps([{k: v for k, v in row.items() if k != "key"} for row in rows], indent=2))
+    return 0
+
+
+def _measure_all(rows_to_measure: Sequence[Row], done: dict[str, dict[str, Any]], loaded: LoadedModel, source,
+                 frames: int, size: int, rows_path: Path) -> list[dict[str, Any]]:
+    """Every row, measured (or reused from ``done``), each appended to ``rows_path`` as it finishes."""
     rows: list[dict[str, Any]] = []
     for i, spec_row in enumerate(rows_to_measure):
         if spec_row.key in done:
@@ -367,19 +423,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"  [{i + 1}/{len(rows_to_measure)}] {spec_row.table} {spec_row.name} r={spec_row.r}: "
               f"top-1 {row['top1']:.2f}, {row['gflops']:.3f} GFLOPs ({time.perf_counter() - start:.0f} s)",
               file=sys.stderr, flush=True)
-    report = {"model": loaded.source, "default_r": r, "clips": None if args.data else args.clips,
-              "data": args.data, "rows": rows}
-    atomic_write_json(out / "results.json", report)
-    _write_csv(out / "results.csv", rows)
-    print(format_tables(rows), file=sys.stderr if args.json else sys.stdout)
-    if args.json:
-        print(json.dumps([{k: v for k, v in row.items() if k != "key"} for row in rows], indent=2))
-    return 0
+    return rows
+
+
+def _report_failures(rows: Sequence[dict[str, Any]]) -> None:
+    """Videos that could not be read (``--data``): said once, with the first reason."""
+    failed = next((row for row in rows if row.get("failed")), None)
+    if failed is not None:
+        first = next(iter(failed["failed_reasons"].items()))
+        print(f"staprune ablate: {failed['failed']} of {failed['failed'] + failed['videos']} videos could not be read "
+              f"and are left out of every row (first: {first[0]}: {first[1]})", file=sys.stderr)
 
 
 def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     fields = ["table", "setting", "r", "options", "flops_matched", "gflops", "selection_gflops", "top1", "top5",
-              "clips_per_s", "videos", "views"]
+              "clips_per_s", "videos", "views", "failed"]
     try:
         with path.open("w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")

@@ -36,12 +36,14 @@ from ..analysis.visualize import (
 )
 from ..api.loading import load
 from ..api.settings import Setting, recorded
+from ..core.errors import UsageError
 from ..data import VideoReadError, load_items
 from ..demo.data import generate
 from ..runs.arguments import (
     add_model_arguments,
     add_pruning_arguments,
     check_pruning_options,
+    explicit_schedule,
     pruning_options,
 )
 from ..storage.outputs import writable_file, write_error
@@ -131,8 +133,11 @@ def summarize(values: list[float]) -> dict[str, float | int]:
 
 def run_redundancy(args: argparse.Namespace) -> int:
     check_pruning_options(args)
+    for name in ("max_clips", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     loaded = at_input(load(args.model, args.weights), args.frames, args.size)
-    args.r = args.r if args.r is not None else loaded.default_r()
+    args.r = args.r if args.r is not None else (0 if explicit_schedule(pruning_options(args)) else loaded.default_r())
     if args.demo:
         clips = _demo_clips(loaded, args.max_clips, args.seed)
     else:
@@ -221,10 +226,12 @@ def gradnorm_figure(images: np.ndarray, frame_ids: list[int], result: dict, laye
 
 
 def run_gradnorm(args: argparse.Namespace) -> int:
-    output = writable_file(args.output, "-o", tuple(IMAGE_FORMATS))  # before any work
+    output = writable_file(args.output, "-o", tuple(IMAGE_FORMATS), replace=args.force)  # before any work
     check_pruning_options(args)
+    if args.draws < 1:
+        raise UsageError(f"--draws must be >= 1, got {args.draws}")
     loaded = at_input(load(args.model, args.weights), args.frames, args.size)
-    args.r = args.r if args.r is not None else loaded.default_r()
+    args.r = args.r if args.r is not None else (0 if explicit_schedule(pruning_options(args)) else loaded.default_r())
     clip = read_clip(args.video, loaded, args.dataset)
     options = pruning_options(args)
     result = gradnorm_report(loaded, clip.x, args.r, args.draws, args.seed, **options)
@@ -285,6 +292,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _model_arguments(grad)
     grad.add_argument("-o", "--output", required=True, help="picture to write (.png, .jpg or .webp)")
     grad.add_argument("--draws", type=int, default=32, help="random token sets for the baseline share")
+    grad.add_argument("--force", action="store_true", help="replace -o when it exists")
     grad.add_argument("--seed", type=int, default=0)
     grad.set_defaults(_analysis=run_gradnorm)
 

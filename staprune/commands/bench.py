@@ -25,6 +25,7 @@ from ..runs.arguments import (
     add_pruning_arguments,
     apply_threads,
     check_pruning_options,
+    levels_or_schedule,
     pruning_options,
 )
 from ..runs.devices import DTYPES, resolve_device
@@ -74,11 +75,11 @@ def run(args: argparse.Namespace) -> int:
     model = loaded.model.to(device=device, dtype=dtype)
     spec = spec_of_model(model, args.frames, args.size)
     options = pruning_options(args)
-    rs = args.r or levels_of(args.model, spec)
+    pruned = [Setting.of(args.method, r, options) for r in levels_or_schedule(args, levels_of(args.model, spec))]
     # Dense is the patched model dropping nothing; where the patch changes kernels (Video Swin's fused
     # window attention) the unpatched stock model is timed beside it.
     stock = [] if loaded.family.stock_kernels_at_r0 else [STOCK]
-    variants = [*stock, Setting()] + [Setting.of(args.method, r, options) for r in rs if r or args.method == "tome"]
+    variants = [*stock, Setting(), *(s for s in pruned if not s.is_dense)]
     for variant in variants:  # validate every config before timing anything
         apply(model, variant)
     unpatch(model)

@@ -28,9 +28,15 @@ from ..core.flops import measure_flops
 from ..demo.data import generate
 from ..demo.models import DEMO_MODELS, model_card, weights_path
 from ..families.base import LoadedModel
-from ..runs.arguments import add_pruning_arguments, apply_threads, check_pruning_options, pruning_options
-from ..storage.outputs import writable_dir, write_error
-from ..storage.runfolder import atomic_write_json
+from ..runs.arguments import (
+    add_pruning_arguments,
+    apply_threads,
+    check_pruning_options,
+    explicit_schedule,
+    pruning_options,
+)
+from ..storage.outputs import writable_dir
+from ..storage.runfolder import RunLock, atomic_write, atomic_write_json
 
 MIN_Y_SPAN = 5.0  # top-1 points the plot's y axis spans at least
 DEFAULT_SEED = 7  # neither the training seed (0) nor the model cards' held-out seed
@@ -50,7 +56,8 @@ class Row:
 def settings_for(loaded: LoadedModel, options: dict | None = None) -> list[Setting]:
     """Dense, then every method at each of the model's three levels (ToMe where its family runs it)."""
     methods = ("sta", "random", "tome") if loaded.family.supports_tome else ("sta", "random")
-    return [Setting(0, "none")] + [Setting.of(m, r, options) for m in methods for r in loaded.default_levels()]
+    levels = [0] if explicit_schedule(options or {}) else loaded.default_levels()  # it gives every stage's r
+    return [Setting(0, "none")] + [Setting.of(m, r, options) for m in methods for r in levels]
 
 
 def evaluate_model(name: str, clips: torch.Tensor, labels: torch.Tensor, batch: int, log,
@@ -113,7 +120,7 @@ def plot(rows: list[Row], path: Path) -> None:
         middle = (low + high) / 2
         axes[0][0].set_ylim(middle - MIN_Y_SPAN / 2, middle + MIN_Y_SPAN / 2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
 
@@ -124,7 +131,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=16, help="batch size of the timed forward passes")
     parser.add_argument("--models", nargs="+", choices=DEMO_MODELS, default=None,
                         help="which bundled models (default: every one whose weights are installed)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON on stdout (the rest to stderr)")
     add_pruning_arguments(parser, seed_flag=False)  # --seed is the clips' seed here
 
@@ -141,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     out = writable_dir(args.out)  # before the work, not after it
     names = args.models or list(DEMO_MODELS)
     missing = [name for name in names if not weights_path(name).exists()]
-    hint = "train them with `python -m staprune.demo.train --model NAME`"
+    hint = "train them with `python -m staprune.demo.train --model NAME --install`"
     if missing and (args.models or len(missing) == len(names)):
         log(f"bundled weights missing for {', '.join(missing)}: {hint}")
         return 2
@@ -149,39 +156,35 @@ def run(args: argparse.Namespace) -> int:
         log(f"note: skipping {', '.join(missing)} (its weights are not bundled yet: {hint})")
     names = [name for name in names if name not in missing]
     apply_threads(args)
-    start = time.time()
-    log(f"generating {args.clips} held-out clips (seed {args.seed}) ...")
-    clips, labels = generate(args.clips, args.seed)
-    rows: list[Row] = []
-    for name in names:
-        log(f"evaluating {name} ...")
-        rows += evaluate_model(name, clips, labels, args.batch, log, pruning_options(args))
-    runtime = time.time() - start
+    with RunLock(out):  # one run writes an --out at a time
+        start = time.time()
+        log(f"generating {args.clips} held-out clips (seed {args.seed}) ...")
+        clips, labels = generate(args.clips, args.seed)
+        rows: list[Row] = []
+        for name in names:
+            log(f"evaluating {name} ...")
+            rows += evaluate_model(name, clips, labels, args.batch, log, pruning_options(args))
+        runtime = time.time() - start
 
-    results = {
-        "seed": args.seed,
-        "clips": args.clips,
-        "batch": args.batch,
-        "threads": torch.get_num_threads(),
-        "runtime_s": round(runtime, 1),
-        "flops_convention": "FlopCounterMode / 2 (1 multiply-add = 1 FLOP), one clip; selection excluded",
-        "options": recorded(pruning_options(args)),
-        "models": {name: model_card(name) for name in names},
-        "skipped": missing,
-        "rows": [asdict(r) for r in rows],
-    }
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise write_error(out, err) from err
-    json_path, png_path = out / "results.json", out / "accuracy_vs_gflops.png"
-    atomic_write_json(json_path, results)
-    try:
+        results = {
+            "seed": args.seed,
+            "clips": args.clips,
+            "batch": args.batch,
+            "threads": torch.get_num_threads(),
+            "runtime_s": round(runtime, 1),
+            "flops_convention": "FlopCounterMode / 2 (1 multiply-add = 1 FLOP), one clip; selection excluded",
+            "options": recorded(pruning_options(args)),
+            "models": {name: model_card(name) for name in names},
+            "skipped": missing,
+            "rows": [asdict(r) for r in rows],
+        }
+        # The table first: a full disk must not cost the numbers of the run.
+        print(format_table(rows), file=report)
+        print(f"{args.clips} clips, seed {args.seed}, {torch.get_num_threads()} threads, {runtime:.0f} s",
+              file=report)
+        json_path, png_path = out / "results.json", out / "accuracy_vs_gflops.png"
+        atomic_write_json(json_path, results)
         plot(rows, png_path)
-    except OSError as err:
-        raise write_error(png_path, err) from err
-    print(format_table(rows), file=report)
-    print(f"{args.clips} clips, seed {args.seed}, {torch.get_num_threads()} threads, {runtime:.0f} s", file=report)
     print(f"wrote {json_path}\nwrote {png_path}", file=report)
     if args.json:
         keys = ("model", "method", "r", "top1", "gflops", "clips_per_s")

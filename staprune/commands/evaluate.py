@@ -34,12 +34,13 @@ from ..runs.arguments import (
     add_model_arguments,
     add_pruning_arguments,
     check_pruning_options,
+    explicit_schedule,
     pruning_options,
 )
 from ..runs.devices import DTYPES, resolve_device
 from ..runs.list_evaluation import ListEvaluation, model_dirname
 from ..storage.outputs import writable_dir, write_error
-from ..storage.runfolder import atomic_write_json
+from ..storage.runfolder import atomic_write, atomic_write_json
 
 METHODS = ("sta", "random", "tome", "none")
 
@@ -74,8 +75,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(method: str, rs: Sequence[int] | None, levels: Sequence[int] = (),
                        options: dict[str, Any] | None = None) -> list[Setting]:
-    """The sweep: one setting per r (method ``none`` runs once, as r=0); without ``rs``, the model's
-    ``levels``; ``options`` (other STAConfig fields) apply to every pruned setting."""
+    """The sweep: one setting per r (method ``none`` runs once, as r=0). Without ``rs``: the dense
+    model, then the model's ``levels`` (an explicit schedule in ``options`` gives every stage's r, so
+    then dense and that schedule). ``options`` (other STAConfig fields) apply to every pruned setting."""
+    options = options or {}
     if method == "none":
         if options:
             raise UsageError(f"--method none evaluates the dense model; pruning options {sorted(options)} do not apply")
@@ -83,12 +86,14 @@ def settings_from_args(method: str, rs: Sequence[int] | None, levels: Sequence[i
             raise UsageError(f"--method none evaluates the dense model and takes no --r (got {list(rs)}); drop --r, "
                              "or give a pruning method (--method sta)")
         return [Setting(0, "none")]
-    rs = rs or list(levels)
-    if not rs:
-        raise UsageError(f"--r is required for --method {method} (e.g. --r 64, or several for a sweep)")
-    if any(r < 0 for r in rs):
+    if rs and any(r < 0 for r in rs):
         raise UsageError(f"--r values must be >= 0, got {list(rs)}")
-    return [Setting.of(method, r, options) for r in dict.fromkeys(rs)]
+    if rs:
+        return [Setting.of(method, r, options) for r in dict.fromkeys(rs)]
+    if not levels:
+        raise UsageError(f"--r is required for --method {method} (e.g. --r 64, or several for a sweep)")
+    pruned = [0] if explicit_schedule(options) else list(dict.fromkeys(levels))
+    return [Setting(0, "none"), *(Setting.of(method, r, options) for r in pruned)]
 
 
 # --- reporting ----------------------------------------------------------------------------------
@@ -100,11 +105,12 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """A fixed-width text table of result rows."""
     lines = [f"{'method':<8}{'r':>6}{'top1':>9}{'top5':>9}{'GFLOPs':>10}{'clips/s':>10}{'videos':>8}{'failed':>8}"]
     for row in rows:
+        method = "dense" if row.get("dense") else row["method"]
         if row.get("error"):
-            lines.append(f"{row['method']:<8}{row['r']:>6}  ERROR: {row['error']}")
+            lines.append(f"{method:<8}{row['r']:>6}  ERROR: {row['error']}")
             continue
         lines.append(
-            f"{row['method']:<8}{row['r']:>6}{_fmt(row['top1'], '.2f'):>9}{_fmt(row['top5'], '.2f'):>9}"
+            f"{method:<8}{row['r']:>6}{_fmt(row['top1'], '.2f'):>9}{_fmt(row['top5'], '.2f'):>9}"
             f"{_fmt(row['gflops'], '.4g'):>10}{_fmt(row['clips_per_s'], '.1f'):>10}{row['videos']:>8}"
             f"{len(row['failed']):>8}"
         )
@@ -171,7 +177,7 @@ def plot_accuracy_vs_gflops(rows: Sequence[dict[str, Any]], path: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return True
 
@@ -182,13 +188,14 @@ def report(run: ListEvaluation, rows: list[dict[str, Any]], as_json: bool) -> No
         run.out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise write_error(run.out, err) from err
-    merged = merge_results(run.out / "results.json", rows)
-    atomic_write_json(run.out / "results.json", merged)
-    plotted = plot_accuracy_vs_gflops(merged, run.out / "accuracy_vs_gflops.png")
+    # The table first: a full disk must not cost the numbers of the run (they are in the records too).
     print(format_table(rows), file=sys.stderr if as_json else sys.stdout)
     for row in rows:
         for path, reason in row["failed_reasons"].items():
             print(f"staprune: failed ({row['method']} r={row['r']}): {path}: {reason}", file=sys.stderr)
+    merged = merge_results(run.out / "results.json", rows)
+    atomic_write_json(run.out / "results.json", merged)
+    plotted = plot_accuracy_vs_gflops(merged, run.out / "accuracy_vs_gflops.png")
     run.log(f"results in {run.out / 'results.json'}" + (", plot accuracy_vs_gflops.png" if plotted else ""))
     if as_json:
         print(json.dumps(rows, indent=2))
@@ -225,7 +232,9 @@ def summary(row: dict[str, Any], listed: int) -> str:
 
 
 def interrupted(args: argparse.Namespace) -> str:
-    """What Ctrl-C leaves behind (printed by the CLI)."""
+    """What Ctrl-C leaves behind (printed by the CLI): resuming is offered only when something was."""
+    if not any(p.stat().st_size for p in Path(args.out).glob("*/*/rank*.jsonl")):
+        return "no video had finished; nothing was written"
     return (f"every finished video is recorded under {args.out}; run the same command with --resume to "
             "evaluate only the rest")
 
@@ -256,16 +265,17 @@ def run(args: argparse.Namespace) -> int:
         evaluation.log(f"{loaded.source}: {len(evaluation.items)} videos, {p.clips}x{p.crops} views of {p.frames} "
                        f"frames ({p.sampling}, stride {p.stride}), {loaded.preprocessing.size}px, "
                        f"{info.world_size} process(es), device {evaluation.device}")
-        rows = [evaluation.evaluate(setting) for setting in settings]
-        for row in rows:
-            if row["error"]:
-                evaluation.log(f"ERROR {row['method']} r={row['r']}: {row['error']}")
-        if info.is_main:
-            report(evaluation, rows, args.json)
+        with dist_utils.locked_on_main(info, evaluation.out):
+            rows = [evaluation.evaluate(setting) for setting in settings]
             for row in rows:
-                if not row["error"]:
-                    evaluation.log(summary(row, len(evaluation.items)))
-        dist_utils.barrier(info)
+                if row["error"]:
+                    evaluation.log(f"ERROR {row['method']} r={row['r']}: {row['error']}")
+            if info.is_main:
+                report(evaluation, rows, args.json)
+                for row in rows:
+                    if not row["error"]:
+                        evaluation.log(summary(row, len(evaluation.items)))
+            dist_utils.barrier(info)
         # (Only rank 0 holds the merged metrics.)
         unscored = [row for row in rows if not row["error"] and not row["videos"]] if info.is_main else []
         if unscored:

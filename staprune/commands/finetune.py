@@ -77,8 +77,8 @@ from ..api.loading import load
 from ..api.settings import Setting, recorded
 from ..core.errors import DataError, UsageError
 from ..data.lists import load_items
-from ..data.transforms import Preprocessing
-from ..data.video import VideoReadError, decode_worker_init
+from ..data.transforms import Preprocessing, normalize, resize_short_side
+from ..data.video import VideoReadError, decode_worker_init, probe, read_frames
 from ..demo.data import HELD_OUT_SEED, NUM_CLASSES, generate
 from ..families import Family, LoadedModel, families, family_of
 from ..runs import distributed as dist_utils
@@ -88,6 +88,7 @@ from ..runs.arguments import (
     add_pruning_arguments,
     apply_threads,
     check_pruning_options,
+    explicit_schedule,
     pruning_options,
 )
 from ..runs.devices import resolve_device
@@ -296,9 +297,6 @@ class ListClipSet(Dataset):
         raise DataError("no training video of the list could be decoded; check --data and --root")
 
     def _clip(self, path: Path, seed: int) -> Tensor:
-        from ..data.transforms import normalize, resize_short_side
-        from ..data.video import probe, read_frames
-
         g = torch.Generator().manual_seed(int(seed))
         n = probe(path).num_frames
         span = (self.frames - 1) * self.stride + 1
@@ -555,8 +553,12 @@ def top1_on_clips(
     return 100.0 * sum(dist_utils.all_gather(info, scores.correct1)) / max(1, len(data))
 
 
-def eval_entries(method: str, train_r: int | None, eval_r: Sequence[int] | None) -> list[tuple[str, int]]:
-    """(method, r) pairs for the final evaluation; r=0 is dense."""
+def eval_entries(method: str, train_r: int | None, eval_r: Sequence[int] | None,
+                 schedule: bool = False) -> list[tuple[str, int]]:
+    """(method, r) pairs for the final evaluation; r=0 is dense. Under an explicit ``schedule`` (it
+    gives every stage's r) the one entry is the trained setting, as ``(method, 0)``."""
+    if schedule and method != "none":
+        return [(method, 0)]
     rs = list(eval_r) if eval_r else [train_r if method != "none" and train_r else 0]
     pruned = "sta" if method == "none" else method
     return [("none", 0) if r == 0 else (pruned, r) for r in dict.fromkeys(rs)]
@@ -613,9 +615,21 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--method none trains the dense model and takes no --r (got {args.r}); drop --r")
     if args.r is not None and args.r < 0:
         raise UsageError(f"--r must be >= 0, got {args.r}")
-    for name in ("epochs", "batch_size"):
+    for name in ("epochs", "batch_size", "train_clips", "val_clips"):
         if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("lr", "base_lr"):
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive learning rate, got {getattr(args, name)}")
+    for name in ("weight_decay", "warmup_epochs", "clip_grad", "workers"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not 0 <= args.label_smoothing < 1:
+        raise UsageError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads} (leave it out for torch's choice)")
+    if args.eval_r and explicit_schedule(pruning_options(args)):
+        raise UsageError(f"--schedule {args.schedule} gives every stage's r; drop --eval-r (got {args.eval_r})")
     if args.stop_after is not None and not 1 <= args.stop_after <= args.epochs:
         raise UsageError("--stop-after must be between 1 and --epochs")
     if args.demo and args.val:
@@ -691,7 +705,7 @@ def setup(args: argparse.Namespace, info: dist_utils.DistInfo) -> Run:
     torch.manual_seed(args.seed)  # a random init (--init random, or auto without bundled weights) follows the seed
     loaded = load(args.model, args.weights, frames=args.frames, image_size=args.image_size, init=args.init)
     loaded.model.train()
-    if args.method != "none" and not args.r:
+    if args.method != "none" and not args.r and not explicit_schedule(pruning_options(args)):
         args.r = loaded.default_r()
         _log(info, f"--r not given: training at r={args.r}, the middle of this model's levels {loaded.default_levels()}")
     train_set, val_set, frames, stride = _datasets(args, loaded)
@@ -818,7 +832,7 @@ def _advance(bar, losses: list[float], lr: float | None = None) -> None:
 def final_evaluation(run: Run) -> list[dict[str, Any]]:
     """Top-1 of the trained model for each ``--eval-r`` (demo held-out clips, or ``--val``)."""
     args, info = run.args, run.info
-    entries = eval_entries(args.method, args.r, args.eval_r)
+    entries = eval_entries(args.method, args.r, args.eval_r, explicit_schedule(pruning_options(args)))
     model = run.loaded.model
     if args.val:
         rows = evaluate_list(args, run.loaded, info, entries, run.step_cfg.device, run.out / "eval")
@@ -926,7 +940,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def interrupted(args: argparse.Namespace) -> str:
-    """What Ctrl-C leaves behind (printed by the CLI)."""
+    """What Ctrl-C leaves behind (printed by the CLI): resuming is offered only when something was."""
+    if latest_epoch(Path(args.out)) is None:
+        return "no epoch had finished; nothing was checkpointed"
     return (f"every finished epoch is checkpointed in {args.out}; run the same command with --resume to "
             "continue from the last one")
 

@@ -9,13 +9,14 @@ from torch import nn
 
 from ..api.flops import analytic_flops, measure_model, paper_tables, r_for_budget, resolve_spec
 from ..api.loading import load
+from ..api.settings import recorded
+from ..families import family_named, find_model, levels_of
+from ..runs.arguments import add_pruning_arguments, check_pruning_options, explicit_schedule, pruning_options
 
 
 # --- CLI ----------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``staprune flops``."""
-    from ..runs.arguments import add_pruning_arguments
-
     parser.add_argument("--model", help="registry name (ViT-B, VideoSwin-T, ViViT-B, demo-vit, ...) or a local "
                         "model path; default: every model of the paper's tables")
     parser.add_argument("--r", type=int, nargs="+", help="r (ViT) or r1 (Video Swin); default the model's levels")
@@ -32,33 +33,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def default_levels(name: str, spec) -> tuple[int, ...]:
     """r values to tabulate for ``name`` when none are given: 0 and the model's three levels."""
-    from ..families import levels_of
-
     return (0, *levels_of(name, spec))
 
 
 def _options(args: argparse.Namespace) -> dict[str, object]:
-    from ..runs.arguments import pruning_options
-
     return {"method": args.method, **pruning_options(args)}
 
 
-def _row(args: argparse.Namespace, name: str, spec, net: nn.Module | None, r: int) -> dict:
-    """One JSON row; ``net`` is the built model when counting with FlopCounterMode."""
-    from ..api.settings import recorded
-    from ..families import find_model
-    from ..runs.arguments import pruning_options
-
+def _row(args: argparse.Namespace, name: str, spec, net: nn.Module | None, r: int, options: dict) -> dict:
+    """One JSON row at ``r`` with the STAConfig ``options``; ``net`` is the built model when counting
+    with FlopCounterMode."""
     dense = analytic_flops(spec, 0).gflops
     if net is not None:
-        count = measure_model(net, r, frames=args.frames, size=args.size, **_options(args))
+        count = measure_model(net, r, frames=args.frames, size=args.size, method=args.method, **options)
     else:
-        count = analytic_flops(spec, r, **_options(args))
+        count = analytic_flops(spec, r, method=args.method, **options)
     row = {
         "model": name,
         "r": r,
         "method": args.method,
-        "options": recorded(pruning_options(args)),
+        "options": recorded(options),
         "gflops": round(count.gflops, 3),
         "selection_gflops": round(count.selection / 1e9, 4),
         "fraction_of_dense": round(count.gflops / dense, 4),
@@ -73,8 +67,6 @@ def _row(args: argparse.Namespace, name: str, spec, net: nn.Module | None, r: in
 
 
 def _r_label(name: str) -> str:
-    from ..families import family_named, find_model
-
     entry = find_model(name)
     return family_named(entry.family).r_name if entry is not None else "r"
 
@@ -84,12 +76,15 @@ def _print_tables(rows: list[dict]) -> None:
     by_model: dict[str, list[dict]] = {}
     for row in rows:
         by_model.setdefault(row["model"], []).append(row)
-    groups: dict[tuple[tuple[int, ...], str], list[str]] = {}
+    groups: dict[tuple[str, ...], list[str]] = {}
     for name, model_rows in by_model.items():
-        groups.setdefault((tuple(r["r"] for r in model_rows), _r_label(name)), []).append(name)
-    for (rs, label), names in groups.items():
+        label = _r_label(name)
+        heads = tuple("schedule" if isinstance(row["options"].get("schedule"), list) else f"{label}={row['r']}"
+                      for row in model_rows)
+        groups.setdefault(heads, []).append(name)
+    for heads, names in groups.items():
         width = max(len(n) for n in names) + 2
-        print(f"{'model':<{width}}" + "".join(f"{f'{label}={r}':>20}" for r in rs))
+        print(f"{'model':<{width}}" + "".join(f"{head:>20}" for head in heads))
         for name in names:
             cells = []
             for row in by_model[name]:
@@ -106,7 +101,6 @@ def _print_tables(rows: list[dict]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``staprune flops``: the paper's tables, one model's GFLOPs for some r, or r for a budget."""
-    from ..runs.arguments import check_pruning_options
     check_pruning_options(args)
     names = [args.model] if args.model else list(paper_tables())
     specs = {name: resolve_spec(name, args.frames, args.size) for name in names}
@@ -117,7 +111,11 @@ def run(args: argparse.Namespace) -> int:
         net = None
         if args.measured:
             net = load(name, frames=args.frames, image_size=args.size).model
-        rows += [_row(args, name, spec, net, r) for r in (args.r or default_levels(name, spec))]
+        options = pruning_options(args)
+        if explicit_schedule(options):  # it gives every stage's r: one row for it, beside dense
+            rows += [_row(args, name, spec, net, 0, {}), _row(args, name, spec, net, 0, options)]
+        else:
+            rows += [_row(args, name, spec, net, r, options) for r in (args.r or default_levels(name, spec))]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

@@ -34,6 +34,7 @@ from ..runs.arguments import (
     add_model_arguments,
     add_pruning_arguments,
     check_pruning_options,
+    explicit_schedule,
     pruning_options,
 )
 from ..storage.outputs import writable_file, write_error
@@ -121,6 +122,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=("sta", "random", "tome"), default="sta")
     parser.add_argument("-o", "--output", required=True, help="picture to write (.png, .jpg or .webp)")
     parser.add_argument("--gif", help="also write an animated GIF, one frame per temporal position")
+    parser.add_argument("--force", action="store_true", help="replace -o / --gif when they exist")
     add_clip_arguments(parser)
     parser.add_argument(
         "--tile-size", type=int, help="tile side in px (default: input size, 112 if > 8 columns)"
@@ -129,12 +131,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    output = writable_file(args.output, "-o", tuple(IMAGE_FORMATS))  # before any work
-    gif = writable_file(args.gif, "--gif", (".gif",)) if args.gif else None
+    output = writable_file(args.output, "-o", tuple(IMAGE_FORMATS), replace=args.force)  # before any work
+    gif = writable_file(args.gif, "--gif", (".gif",), replace=args.force) if args.gif else None
     check_pruning_options(args)
     loaded = at_input(load(args.model, args.weights), args.frames, args.size)
     clip = read_clip(args.video, loaded, args.dataset)
-    r = args.r if args.r is not None else loaded.default_r()
+    r = args.r if args.r is not None else (0 if explicit_schedule(pruning_options(args)) else loaded.default_r())
     views = stage_views(loaded.model, loaded.backbone, clip, r, args.method, **pruning_options(args))
     try:
         path = save_png(figure(clip, loaded.backbone, views, args.tile_size), output)

@@ -41,6 +41,10 @@ class ExistingResultsError(StapruneError, FileExistsError):
     """An output folder that already holds results of another (or the same) run."""
 
 
+class BusyError(StapruneError, RuntimeError):
+    """An output folder another staprune run is writing right now."""
+
+
 class RankError(StapruneError, RuntimeError):
     """Another process of a torchrun job failed (its own message says why)."""
 
@@ -58,6 +62,7 @@ class OutputError(StapruneError, OSError):
 
 
 __all__ = [
+    "BusyError",
     "CheckpointError",
     "ConfigError",
     "DataError",

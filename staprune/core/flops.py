@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import baselines, score
 from .config import PruningPlan, STAConfig, Stage
 
 
@@ -226,8 +227,6 @@ def wrapping_selection(wrap: Callable[[Callable], Callable]) -> Iterator[None]:
     Adapters import the functions by name (``from ..score import sta_keep_indices``), so each module
     attribute that *is* the original function is replaced, and restored on exit.
     """
-    from . import baselines, score
-
     originals = [getattr(score, name, None) or getattr(baselines, name) for name in SELECTION_FUNCTIONS]
     replaced: list[tuple[object, str, Callable]] = []
     for module in [m for name, m in list(sys.modules.items()) if name.startswith("staprune") and m]:

@@ -9,6 +9,7 @@ what makes the seek path return exactly the frames a full sequential decode woul
 from __future__ import annotations
 
 import math
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -200,5 +201,7 @@ def read_frames(path: str | Path, indices: Sequence[int]) -> torch.Tensor:
 
 def decode_worker_init(_: int) -> None:
     """``worker_init_fn`` of DataLoaders that decode videos: one thread per worker, so decoding
-    workers do not fight the model for cores."""
+    workers do not fight the model for cores; Ctrl-C is the main process's to handle (it stops the
+    workers itself), so a worker never prints a traceback of its own."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)

@@ -142,7 +142,7 @@ def load_demo_model(name: str) -> nn.Module:
     _check_name(name)
     path = weights_path(name)
     if not path.exists():
-        raise NotFoundError(f"{path} is missing; train it with `python -m staprune.demo.train --model {name}`")
+        raise NotFoundError(f"{path} is missing; train it with `python -m staprune.demo.train --model {name} --install`")
     return load_weights(BUILDERS[name](), path).eval()
 
 

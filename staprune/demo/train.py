@@ -12,7 +12,8 @@ the tubelet-embedding filters start as temporal differences (:func:`temporal_dif
 The Swin trains through staprune's fused window attention (``patch(r=0)``: same function).
 After training, the weights are rounded to fp16 (as shipped), evaluated on held-out clips of
 another seed, and written with a JSON model card (recipe, minutes, held-out top-1).
-``--init-from W.safetensors`` runs a further cosine cycle from earlier weights (a warm
+Weights go to ``--out`` (default ``./demo-weights``); only ``--install`` writes into the installed
+package, replacing the bundled ones. ``--init-from W.safetensors`` runs a further cosine cycle from earlier weights (a warm
 restart); the earlier card is nested in the new one's recipe, so the chain stays reproducible.
 ``--init-stage1-from-vit W.safetensors`` (Swin only) starts the Swin's patch embedding and stage 1
 from a trained demo ViT's tubelet embedding and first four layers (:mod:`.vit_to_swin`); that
@@ -163,7 +164,7 @@ def train_one(name: str, clips: Tensor, labels: Tensor, held: tuple[Tensor, Tens
     g = torch.Generator().manual_seed(args.seed + 1)
     warmup = max(1, steps // 20)
     order = torch.empty(0, dtype=torch.long)
-    out_dir = Path(args.out) if args.out else WEIGHTS_DIR
+    out_dir = WEIGHTS_DIR if args.install else Path(args.out)
     ckpt_path = out_dir / f"{name}.ckpt.pt"
     first, elapsed = 0, 0.0
     if args.resume and ckpt_path.exists():
@@ -273,7 +274,10 @@ def main(argv: list[str] | None = None) -> int:
                              "weights (same shapes: tubelet embedding + first four layers); the rest fresh")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the checkpoint in --out if there is one")
-    parser.add_argument("--out", default=None, help="where to write weights (default: the package's weights/)")
+    parser.add_argument("--out", default="demo-weights",
+                        help="where to write the weights and model cards (default: ./demo-weights)")
+    parser.add_argument("--install", action="store_true",
+                        help="write them into the installed package (replacing the bundled weights) instead of --out")
     args = parser.parse_args(argv)
     if args.init_stage1_from_vit and args.model != "demo-swin":
         parser.error("--init-stage1-from-vit starts a Swin from a ViT: use it with --model demo-swin")

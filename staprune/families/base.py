@@ -36,6 +36,7 @@ from ..core.config import PruningPlan, STAConfig, Stage
 from ..core.errors import ConfigError, UsageError
 from ..data.sampling import ViewProtocol
 from ..data.transforms import Preprocessing
+from ..storage.state_dicts import state_digest
 
 
 # --- geometry -----------------------------------------------------------------------------------
@@ -100,6 +101,13 @@ class Spec:
         for key, value in changes.items():
             if isinstance(value, bool) or int(value) != value or value < 1:
                 raise ConfigError(f"--{key} must be a positive integer, got {value!r}")
+        patch = getattr(self, "patch", None)
+        if size is not None and isinstance(patch, int) and size % patch:
+            # Square patches cut the frame without padding: the last row and column would be lost.
+            lower, upper = size // patch * patch, (size // patch + 1) * patch
+            fits = " or ".join(str(v) for v in (lower, upper) if v)
+            raise ConfigError(f"an input side of {size} pixels is not a multiple of this model's {patch}-pixel "
+                              f"patches; use {fits}")
         return replace(self, **changes) if changes else self
 
 
@@ -176,6 +184,7 @@ class LoadedModel:
     source: str
     protocols: Mapping[str, ViewProtocol] | None = None
     levels: tuple[int, ...] | None = None
+    _digest: str | None = field(default=None, repr=False, compare=False)
 
     def to_input(self, views: Tensor) -> Tensor:
         """Views ``(B, T, 3, H, W)`` -> the model's input layout."""
@@ -199,6 +208,13 @@ class LoadedModel:
         if self.levels is not None:
             return self.levels
         return self.family.levels(self.family.spec_of(self.model, frames or self.frames, size or self.image_size))
+
+    def digest(self) -> str:
+        """SHA-1 of the model's weights (:func:`staprune.storage.state_dicts.state_digest`), computed
+        once: results record it, so a resumed run is the same model, not just the same name."""
+        if self._digest is None:
+            self._digest = state_digest(self.model)
+        return self._digest
 
     def default_r(self, frames: int | None = None, size: int | None = None) -> int:
         """The middle of :meth:`default_levels`: the r commands use when none is given (as the paper
@@ -247,7 +263,7 @@ class ModelEntry:
         ):
             raise ConfigError(
                 f"{self.name} takes {self.spec.frames}x{self.spec.size}x{self.spec.size} clips only "
-                f"(got frames={frames}, size={size}); drop --frames/--size"
+                f"(got frames={frames}, size={size}); leave out the frame count and the image size options"
             )
         return self.spec.with_input(frames, size)
 

@@ -85,10 +85,12 @@ def load_hf_pretrained(cls, folder: Path, name: str, *, fix_state=None) -> nn.Mo
         CheckpointError: weights that do not fit the folder's config, names that do not match, or
             stored tensors that did not land in the model.
     """
+    from safetensors import SafetensorError
+
     try:
         with _quiet_transformers():
             model = cls.from_pretrained(str(folder))
-    except (OSError, RuntimeError, ValueError) as err:
+    except (OSError, RuntimeError, ValueError, SafetensorError) as err:
         raise CheckpointError(
             f"{name}: the weights in {folder} do not fit its config.json ({str(err).splitlines()[0][:300]})"
         ) from err

@@ -31,14 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..adapters.state import Patch, current_stage
+from ..adapters.state import Patch, current_stage, final_kept
 from ..core.baselines import tome_merge
 from ..core.config import PruningPlan, STAConfig, resolve_plan
 from ..core.errors import CheckpointError, ConfigError
 from ..core.flops import FlopCount, tubelet_vit_parts
 from ..core.score import gather_tokens, head_mean
 from ..data.sampling import ViewProtocol
-from ..storage.state_dicts import listing, load_verified
+from ..storage.state_dicts import listing, load_verified, read_state_dict
 from .base import (
     PAPER_VIT_LEVELS,
     FamilyModels,
@@ -404,8 +404,6 @@ def load_videomae_release(
     """
     from transformers import VideoMAEForVideoClassification
 
-    from ..storage.state_dicts import read_state_dict
-
     state = read_state_dict(path) if state is None else state
     if not is_videomae_release(state):
         raise CheckpointError(f"{path}: not a VideoMAE release checkpoint (keys: {listing(state)})")
@@ -509,8 +507,6 @@ class VideoMAEFamily(HuggingFaceFamily):
     def final_features(self, model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """The encoder's last hidden state (VideoMAE with a mean-pooling head has no final norm
         there); when pruned, the kept tokens with their original indices."""
-        from ..adapters.state import final_kept
-
         tokens = self.backbone(model)(x).last_hidden_state
         return tokens, final_kept(model)
 

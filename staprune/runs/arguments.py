@@ -19,6 +19,7 @@ decreasing schedule at r=64 for 8 tubelet-frames); locations are block indices, 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -68,9 +69,12 @@ def add_device_arguments(parser: argparse.ArgumentParser, *, dtype: bool = True,
 
 
 def apply_threads(args: argparse.Namespace) -> None:
-    """Set torch's CPU threads from ``--threads`` (when given)."""
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
+    """Set torch's CPU threads from ``--threads`` (when given; it must be a positive count)."""
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {threads} (leave it out for torch's choice)")
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def parse_schedule(text: str) -> str | tuple[tuple[int, int], ...]:
@@ -91,7 +95,7 @@ def parse_schedule(text: str) -> str | tuple[tuple[int, int], ...]:
 
 def parse_locations(text: str) -> tuple[int, ...]:
     """``0,4,8`` -> ``(0, 4, 8)``."""
-    parts = [p.strip() for p in text.split(",") if p.strip()]
+    parts = [p.strip() for p in text.split(",")]
     if not parts or not all(p.isdigit() for p in parts):
         raise UsageError(f"--locations {text!r}: give block indices after which to prune, e.g. 0,4,8")
     return tuple(int(p) for p in parts)
@@ -138,9 +142,28 @@ def config_from_args(args: argparse.Namespace, r: int = 0, method: str | None = 
     return STAConfig(r=r, method=method, **pruning_options(args))
 
 
+def explicit_schedule(options: dict[str, Any]) -> bool:
+    """Whether the options give every stage's r themselves (``--schedule UNITSxR,...``)."""
+    return not isinstance(options.get("schedule", "decreasing"), str)
+
+
 def check_pruning_options(args: argparse.Namespace) -> None:
-    """Validate the options before any work (:class:`ConfigError`; r is checked against the model later)."""
+    """Validate the options before any work (:class:`ConfigError`; r is checked against the model later).
+
+    An explicit schedule gives every stage's r, so an ``--r`` beside it would be ignored: refused.
+    """
     config_from_args(args, 0, _method(args))
+    r = getattr(args, "r", None)
+    if explicit_schedule(pruning_options(args)) and r not in (None, []):
+        raise UsageError(f"--schedule {args.schedule} gives every stage's r; drop --r (got {r})")
+
+
+def levels_or_schedule(args: argparse.Namespace, levels: Sequence[int]) -> list[int]:
+    """The r values a command runs: ``--r`` when given, else ``levels`` (the model's); one value, 0,
+    under an explicit schedule (which gives every stage's r itself)."""
+    if explicit_schedule(pruning_options(args)):
+        return [0]
+    return list(getattr(args, "r", None) or levels)
 
 
 def _method(args: argparse.Namespace) -> str:
@@ -156,6 +179,8 @@ __all__ = [
     "apply_threads",
     "check_pruning_options",
     "config_from_args",
+    "explicit_schedule",
+    "levels_or_schedule",
     "parse_locations",
     "parse_schedule",
     "pruning_options",

@@ -7,15 +7,19 @@ both gloo (CPU) and nccl (GPU).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from ..core.errors import RankError
+from ..storage.runfolder import RunLock
 
 # Shards can be unbalanced (a few long videos); the default 30 min would kill a slow but healthy run.
 _TIMEOUT = datetime.timedelta(hours=4)
@@ -101,3 +105,20 @@ def raise_if_any(info: DistInfo, error: BaseException | None) -> None:
     for rank, message in enumerate(errors):
         if message is not None:
             raise RankError(f"rank {rank} failed: {message}")
+
+
+@contextlib.contextmanager
+def locked_on_main(info: DistInfo, folder: str | Path, what: str = "--out") -> Iterator[None]:
+    """Rank 0 holds ``folder``'s :class:`~staprune.storage.runfolder.RunLock` while the block runs
+    (the only writer of a torchrun job's shared files); when it cannot, every rank raises."""
+    lock = RunLock(Path(folder), what) if info.is_main else contextlib.nullcontext()
+    error: BaseException | None = None
+    try:
+        lock.__enter__()
+    except Exception as e:  # noqa: BLE001 - re-raised on every rank just below
+        error = e
+    raise_if_any(info, error)
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)

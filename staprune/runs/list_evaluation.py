@@ -4,8 +4,8 @@ Used by ``staprune eval`` (one setting per r of its sweep), ``staprune ablate --
 and ``staprune finetune --val`` (the trained model at each ``--eval-r``).
 
 Layout: ``OUT/<model>/<setting>/`` (:func:`model_dirname`, :attr:`Setting.dirname`) holds
-``meta.json`` (what defines the result: model, list and its fingerprint, setting, views, frames,
-stride, sampling, size, dtype) and one ``rank<k>.jsonl`` per process with one record per finished
+``meta.json`` (what defines the result: model and a digest of its weights, list and its fingerprint,
+setting, views, frames, stride, sampling, size, dtype) and one ``rank<k>.jsonl`` per process with one record per finished
 video (path, label, mean softmax scores, top-5, or the error), flushed after every video
 (:class:`~staprune.storage.runfolder.JsonlWriter`). With ``resume`` the records of every rank file,
 whatever world size wrote them, count as done and only the remaining videos are evaluated; the
@@ -72,12 +72,19 @@ def compact(rec: dict[str, Any]) -> dict[str, Any]:
             "top5": rec.get("top5"), "error": rec.get("error"), "short": bool(rec.get("short"))}
 
 
+_RECORD_FIELDS = ("index", "path", "label")
+
+
 def read_records(run_dir: Path) -> dict[int, dict[str, Any]]:
-    """Compact records of every rank file; the first record of an index wins."""
+    """Compact records of every rank file; the first record of an index wins. A line that is not a
+    whole record (torn by a killed run, or anything else) counts as not done: that video runs again."""
     done: dict[int, dict[str, Any]] = {}
     for rec in read_jsonl(_rank_files(run_dir)):
-        if "index" in rec:
-            done.setdefault(int(rec["index"]), compact(rec))
+        if not all(k in rec for k in _RECORD_FIELDS) or not isinstance(rec["index"], int):
+            continue
+        if rec.get("error") is None and not isinstance(rec.get("top5"), list):
+            continue
+        done.setdefault(rec["index"], compact(rec))
     return done
 
 
@@ -149,7 +156,8 @@ class ListEvaluation:
     def row_base(self, setting: Setting) -> dict[str, Any]:
         """The result row of ``setting`` before any video is scored."""
         p = self.protocol
-        return {"method": setting.method, "r": setting.r, "options": setting.recorded_options, "top1": None,
+        return {"method": setting.method, "r": setting.r, "dense": setting.is_dense,
+                "options": setting.recorded_options, "top1": None,
                 "top5": None, "gflops": None, "clips_per_s": None, "videos": 0, "failed": [], "failed_reasons": {},
                 "views": f"{p.clips}x{p.crops}", "frames": p.frames, "stride": p.stride, "sampling": p.sampling,
                 "model": self.loaded.source, "error": None}
@@ -167,7 +175,7 @@ class ListEvaluation:
         run_dir = self.run_dir(setting)
         row["run_dir"] = str(run_dir.relative_to(self.out))
         p = self.protocol
-        meta = {"model": self.loaded.source, "data": self.data, "videos": len(self.items),
+        meta = {"model": self.loaded.source, "model_digest": self.loaded.digest(), "data": self.data, "videos": len(self.items),
                 "list_sha1": list_fingerprint(self.items), "method": setting.method, "r": setting.r,
                 "options": row["options"], "views": row["views"], "frames": p.frames, "stride": p.stride,
                 "sampling": p.sampling, "size": self.loaded.preprocessing.size, "dtype": self.dtype_name}

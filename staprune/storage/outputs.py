@@ -10,7 +10,7 @@ import errno
 import tempfile
 from pathlib import Path
 
-from ..core.errors import OutputError, UsageError
+from ..core.errors import ExistingResultsError, OutputError, UsageError
 
 
 def _reason(err: OSError) -> str:
@@ -45,14 +45,19 @@ def writable_dir(path: str | Path, what: str = "--out") -> Path:
     return path
 
 
-def writable_file(path: str | Path, what: str, suffixes: tuple[str, ...] | None = None) -> Path:
-    """Check that a file can be written at ``path`` (its folder is created), before the work.
+def writable_file(path: str | Path, what: str, suffixes: tuple[str, ...] | None = None, *,
+                  replace: bool = False) -> Path:
+    """Check that a file can be written at ``path`` (its folder is created), before the work; an
+    existing file is replaced only when asked (``replace``: the command's ``--force``).
 
     Raises:
         OutputError: ``path`` is a folder, or its folder cannot be written.
         UsageError: a suffix outside ``suffixes`` (e.g. ``.txt`` for a picture).
+        ExistingResultsError: the file exists and ``replace`` is False.
     """
     path = Path(path).expanduser()
+    if path.is_file() and not replace:
+        raise ExistingResultsError(f"{what} {path} already exists; pass --force to replace it, or choose another name")
     if path.is_dir():
         raise OutputError(f"{what} {path} is a folder; give a file name, e.g. {path / ('out' + (suffixes or ('',))[0])}")
     if suffixes and path.suffix.lower() not in suffixes:

@@ -7,6 +7,11 @@ Nothing is lost and nothing is mixed (docs/usage/commands.md#long-runs):
 * **Records** are JSON lines, appended and flushed one at a time (:class:`JsonlWriter`,
   :func:`append_jsonl`). A run killed mid-write leaves a torn last line: :func:`read_jsonl` skips
   lines that do not parse, and :func:`repair_tail` cuts the torn line before more are appended.
+* **One writer per folder**: a long command holds :class:`RunLock` on its output folder while it
+  writes; a second run into the same folder stops at once, naming the run that holds it. The lock
+  is the operating system's (a POSIX record lock, ``lockf``), held by the process itself: it ends
+  with that process however it ended, and forked decoding workers that outlive it a moment do not
+  keep it.
 * **Resuming** is allowed only into a folder whose recorded settings are the current ones:
   :func:`check_no_results` refuses a folder with results unless ``--resume`` is given, and
   :func:`differences` names what changed between the stored settings and the current ones.
@@ -18,17 +23,20 @@ Nothing is lost and nothing is mixed (docs/usage/commands.md#long-runs):
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
+import socket
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, ClassVar, TextIO
 
-from ..core.errors import ExistingResultsError
-from .outputs import write_error
+from ..core.errors import BusyError, ExistingResultsError
+from .outputs import writable_dir, write_error
 
 _FSYNC_EVERY_S = 10.0
 _FSYNC_EVERY_N = 32
@@ -126,6 +134,70 @@ class JsonlWriter:
         self.file.close()
 
 
+# --- one writer per folder ----------------------------------------------------------------------
+LOCK_NAME = ".staprune.lock"
+
+
+class RunLock:
+    """Exclusive hold on an output folder for as long as a command writes into it.
+
+    ``with RunLock(folder, "--out"):`` creates the folder, takes the lock (``folder/.staprune.lock``,
+    which records who holds it: process, host, command line, start time) or raises
+    :class:`~staprune.core.errors.BusyError` naming the holder. Released on exit, and by the
+    operating system when the process ends in any other way. POSIX locks do not exclude the process
+    that holds them, so folders held in this process are tracked too.
+    """
+
+    # Folders this process holds, with what their lock file says (never re-read while held: closing
+    # any other descriptor of the file would release the process's lock).
+    _held: ClassVar[dict[Path, str]] = {}
+
+    def __init__(self, folder: Path, what: str = "--out") -> None:
+        self.folder, self.what = Path(folder), what
+        self._file = None
+
+    def _busy(self, holder: str) -> BusyError:
+        holder = holder or "another process"
+        return BusyError(f"{self.what} {self.folder} is being written by another staprune run ({holder}); wait for it "
+                         f"to finish or use another {self.what}")
+
+    def __enter__(self) -> RunLock:
+        writable_dir(self.folder, self.what)  # a file in the way, a read-only disk: said in words
+        key = self.folder.resolve()
+        if key in RunLock._held:
+            raise self._busy(RunLock._held[key])
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            handle = (self.folder / LOCK_NAME).open("a+", encoding="utf-8")
+        except OSError as err:
+            raise write_error(self.folder, err) from err
+        try:
+            fcntl.lockf(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # EACCES or EAGAIN: another process holds it
+            handle.seek(0)
+            holder = handle.read().strip()
+            handle.close()
+            raise self._busy(holder) from None
+        RunLock._held[key] = ""
+        handle.seek(0)
+        handle.truncate()
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        command = " ".join(["staprune", *sys.argv[1:]])[:200]
+        holder = f"pid {os.getpid()} on {socket.gethostname()}, `{command}`, since {started}"
+        handle.write(holder + "\n")
+        handle.flush()
+        RunLock._held[key] = holder
+        self._file = handle
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            self._file.truncate(0)  # held by no one: the file says nothing (and a refused run leaves it so)
+            self._file.close()  # closing releases the process's lock
+            self._file = None
+            RunLock._held.pop(self.folder.resolve(), None)
+
+
 # --- resuming -------------------------------------------------------------------------------------
 def check_no_results(folder: Path, has_results: bool, resume: bool, what: str) -> None:
     """Refuse to write into ``folder`` when it already holds ``what`` and ``--resume`` was not given.
@@ -183,8 +255,10 @@ def latest_epoch(folder: Path) -> int | None:
 
 
 __all__ = [
+    "LOCK_NAME",
     "EpochFiles",
     "JsonlWriter",
+    "RunLock",
     "append_jsonl",
     "atomic_write",
     "atomic_write_json",

@@ -9,6 +9,7 @@ any difference raises :class:`~staprune.core.errors.CheckpointError`, then they 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 from collections.abc import Iterable, Mapping
@@ -144,3 +145,12 @@ def read_hf_weights(folder: str | Path) -> dict[str, Tensor]:
     raise CheckpointError(f"{folder}: no model.safetensors or pytorch_model.bin found")
 
 
+def state_digest(model: nn.Module) -> str:
+    """SHA-1 of a model's state dict (names, dtypes, shapes and values): what makes two results
+    come from the same weights, whatever path or name the model was loaded by."""
+    digest = hashlib.sha1()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()

@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ...adapters.state import final_kept, kept_stages
 from ...core.config import PruningPlan, STAConfig, Stage, resolve_swin_plan
 from ...core.errors import CheckpointError, UnknownModelError
 from ...core.flops import FlopCount, add_parts, metric_dim, sta_selection_flops
@@ -293,8 +294,6 @@ class Swin3dFamily(Family):
     def final_features(self, model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """The last stage's output before the final norm; when that stage was pruned only its kept
         positions (the refilled ones are copies)."""
-        from ...adapters.state import final_kept, kept_stages
-
         tokens = capture_output(model.features[-1], lambda: model(x)).flatten(1, 3)  # (B, T, h, w, C) -> (B, L, C)
         source = final_kept(model)
         last_stage = len(stage_modules(model)) - 1
