@@ -8,7 +8,9 @@ import importlib
 import os
 import sys
 
+from . import __version__
 from .core.errors import StapruneError
+from .runs.arguments import DefaultsHelpFormatter
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -28,9 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="staprune",
         description="Training-free spatio-temporal token pruning (STA, ICCV 2023) for video transformers.",
     )
+    parser.add_argument("--version", action="version", version=f"staprune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
-        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text,
+                                    formatter_class=DefaultsHelpFormatter)
         sub_parser.set_defaults(_module=module)
         importlib.import_module(module).add_arguments(sub_parser)
     return parser

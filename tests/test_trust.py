@@ -258,3 +258,85 @@ def test_ctrl_c_with_decoding_workers_is_one_clean_message(assets, tmp_path, gro
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "interrupted" in err
+
+
+# --- the first hour ----------------------------------------------------------------------------
+def test_version_and_help_state_their_defaults(capsys):
+    from staprune import __version__
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"staprune {__version__}"
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "training epochs (default: 3)" in text and "(default: 0.05)" in text
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "clips per forward (default: 1)" in text and "(default: None)" not in text
+
+
+def test_paired_difference_and_its_noise():
+    from staprune.api.evaluation import ClipScores, paired_difference
+
+    a = ClipScores(hits=[True] * 60 + [False] * 40)
+    b = ClipScores(hits=[True] * 50 + [False] * 50)
+    diff, se = paired_difference(a, b)
+    assert diff == pytest.approx(10.0) and 2.9 < se < 3.1  # 10 discordant clips of 100: sqrt(0.1*0.9/99)
+    with pytest.raises(ValueError):
+        paired_difference(a, ClipScores(hits=[True]))
+
+
+def test_demo_states_its_noise_and_its_verdicts(tmp_path, capsys, monkeypatch):
+    from staprune.commands.demo import main as demo_main
+    from staprune.demo import models
+
+    torch.manual_seed(0)
+    models.save_demo_weights(models.build_demo_vit(), "demo-vit", tmp_path / "weights" / "demo-vit.safetensors")
+    monkeypatch.setattr(models, "WEIGHTS_DIR", tmp_path / "weights")
+    assert demo_main(["--clips", "8", "--batch", "8", "--models", "demo-vit", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "top-1 ± s.e." in out and out.count("demo-vit r=") == 3
+    assert all(("tie within noise" in ln or "ahead of" in ln or "behind" in ln or "same clips right" in ln)
+               for ln in out.splitlines() if ln.startswith("demo-vit r="))
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert len(saved["verdicts"]) == 3 and all(0 <= row["top1_se"] <= 0.5 for row in saved["rows"])
+
+
+def test_bench_flags_rounds_that_disagree():
+    from staprune.runs.timing import BenchRow, noisy
+
+    def row(lo, med, hi):
+        return BenchRow("m", "dense", "sta", 0, 1, "fp32", "cpu", 1, 5, med, lo, hi, lo, hi, 1 / med, 1.0, 1.0, 1.0,
+                        1.0, 0.0, 0.0, None)
+
+    quiet, busy = row(0.10, 0.11, 0.12), row(0.10, 0.11, 3.0)
+    assert noisy([quiet, busy]) == [busy]
+
+
+def test_long_loops_off_a_terminal_print_lines_with_the_time_left(capsys):
+    import io
+
+    from staprune.runs.progress import LineProgress, progress
+
+    stream = io.StringIO()
+    bar = progress(10, "eval", "video", file=stream)
+    assert isinstance(bar, LineProgress)
+    bar.every = 0.0
+    bar.update(4)
+    assert "eval: 4/10 videos in" in stream.getvalue() and "left" in stream.getvalue()
+    assert progress(10, "eval", "video", enabled=False) is None
+
+
+def test_unreadable_training_videos_are_said_once(assets, tmp_path):
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    lines = assets["list"].read_text().splitlines()
+    listing = tmp_path / "train.txt"
+    listing.write_text("\n".join([f"{assets['root'] / ln.split()[0]} {ln.split()[1]}" for ln in lines]
+                                 + [f"{tmp_path / 'broken.mp4'} 0"]) + "\n")
+    rc, _, err = _cli("finetune", "--data", str(listing), "--model", str(assets["model"]), "--epochs", "1",
+                      "--batch-size", "2", "--workers", "0", "--frames", "8", "--quiet", "--out", str(tmp_path / "ft"))
+    assert rc == 0, err
+    assert sum("broken.mp4" in ln for ln in err.splitlines()) == 1 and "1 of 5 training videos cannot be read" in err
+    assert "Warning" not in err

@@ -302,6 +302,7 @@ class ClipScores:
     Attributes:
         correct1, correct5: clips whose label is the top-1 / among the top-5.
         clips: clips scored; views: views per clip; forward_s: seconds in the model's forward.
+        hits: per clip, in order, whether its label is the top-1 (for paired comparisons).
     """
 
     correct1: int = 0
@@ -309,6 +310,7 @@ class ClipScores:
     clips: int = 0
     views: int = 1
     forward_s: float = 0.0
+    hits: list[bool] = field(default_factory=list)
 
     @property
     def top1(self) -> float:
@@ -321,9 +323,25 @@ class ClipScores:
         return 100.0 * self.correct5 / max(1, self.clips)
 
     @property
+    def top1_se(self) -> float:
+        """Standard error of :attr:`top1` (binomial), in percentage points."""
+        p = self.correct1 / max(1, self.clips)
+        return 100.0 * (p * (1 - p) / max(1, self.clips)) ** 0.5
+
+    @property
     def clips_per_s(self) -> float:
         """Views per second of forward time."""
         return self.clips * self.views / self.forward_s if self.forward_s > 0 else float("nan")
+
+
+def paired_difference(a: ClipScores, b: ClipScores) -> tuple[float, float]:
+    """Top-1 of ``a`` minus top-1 of ``b`` on the same clips, and the standard error of that
+    difference (paired: the clips both get right or wrong cancel), both in percentage points."""
+    if len(a.hits) != len(b.hits) or not a.hits:
+        raise ValueError("a paired difference needs the same clips, in the same order, for both")
+    diffs = torch.tensor(a.hits, dtype=torch.float64) - torch.tensor(b.hits, dtype=torch.float64)
+    se = diffs.std(unbiased=True).item() / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+    return 100.0 * diffs.mean().item(), 100.0 * se
 
 
 def score_clips(
@@ -385,6 +403,7 @@ def score_clips(
                     scores[setting].forward_s += time.perf_counter() - tick
                     merged = logits if len(xs) == 1 else (logits.softmax(-1) if merged is None else merged + logits.softmax(-1))
                 top = merged.topk(min(5, merged.shape[-1]), dim=-1).indices
+                scores[setting].hits += (top[:, 0] == y).tolist()
                 scores[setting].correct1 += int((top[:, 0] == y).sum())
                 scores[setting].correct5 += int((top == y[:, None]).any(-1).sum())
                 scores[setting].clips += len(y)
@@ -403,6 +422,7 @@ __all__ = [
     "finish_video",
     "gflops_per_view",
     "metrics",
+    "paired_difference",
     "resolve_protocol",
     "score_clips",
     "score_videos",

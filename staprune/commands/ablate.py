@@ -60,6 +60,7 @@ from ..runs import distributed as dist_utils
 from ..runs.arguments import add_device_arguments, add_model_arguments, apply_threads
 from ..runs.devices import resolve_device
 from ..runs.list_evaluation import ListEvaluation, list_fingerprint
+from ..runs.progress import format_duration, progress
 from ..storage.outputs import writable_dir, write_error
 from ..storage.runfolder import (
     RunLock,
@@ -212,7 +213,16 @@ class DemoClips:
     def evaluate(self, loaded: LoadedModel, row: Row) -> dict[str, Any]:
         clips, windows = self._views(row.views)
         setting = row.setting
-        scores = score_clips(loaded, clips, self.labels, (setting,), batch_size=self.batch, windows=windows)[setting]
+        bar = progress(self.count, f"  {row.table} {row.name}", "clip")
+        done = [0]
+
+        def advance(total: int) -> None:
+            bar.update(total - done[0])
+            done[0] = total
+
+        scores = score_clips(loaded, clips, self.labels, (setting,), batch_size=self.batch, windows=windows,
+                             on_batch=advance)[setting]
+        bar.close()
         return {"top1": scores.top1, "top5": scores.top5, "clips_per_s": scores.clips_per_s, "videos": self.count,
                 "views": f"{scores.views}x1"}
 
@@ -283,7 +293,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "demo clips, 2,4,6,8 with --data)")
     parser.add_argument("--clips", type=int, default=600, help="without --data: how many demo clips (default 600)")
     parser.add_argument("--frames", type=int, help="frames per clip (default: the model's)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32, help="clips per forward")
     parser.add_argument("--workers", type=int, default=2, help="decoding workers (--data)")
     add_device_arguments(parser, dtype=False)
     parser.add_argument("--out", default="ablate-results", help="folder for rows.jsonl, results.json, results.csv")
@@ -405,6 +415,8 @@ def _measure_all(rows_to_measure: Sequence[Row], done: dict[str, dict[str, Any]]
                  frames: int, size: int, rows_path: Path) -> list[dict[str, Any]]:
     """Every row, measured (or reused from ``done``), each appended to ``rows_path`` as it finishes."""
     rows: list[dict[str, Any]] = []
+    began, measured = time.perf_counter(), 0
+    todo = sum(spec_row.key not in done for spec_row in rows_to_measure)
     for i, spec_row in enumerate(rows_to_measure):
         if spec_row.key in done:
             rows.append(done[spec_row.key])
@@ -420,8 +432,11 @@ def _measure_all(rows_to_measure: Sequence[Row], done: dict[str, dict[str, Any]]
             row = measure(spec_row, loaded, source, frames, size)
         append_jsonl(rows_path, row)
         rows.append(row)
+        measured += 1
+        left = (time.perf_counter() - began) / measured * (todo - measured)
+        eta = f"; about {format_duration(left)} left" if todo > measured else ""
         print(f"  [{i + 1}/{len(rows_to_measure)}] {spec_row.table} {spec_row.name} r={spec_row.r}: "
-              f"top-1 {row['top1']:.2f}, {row['gflops']:.3f} GFLOPs ({time.perf_counter() - start:.0f} s)",
+              f"top-1 {row['top1']:.2f}, {row['gflops']:.3f} GFLOPs ({time.perf_counter() - start:.0f} s{eta})",
               file=sys.stderr, flush=True)
     return rows
 

@@ -279,10 +279,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--demo", action="store_true", help="synthetic demo clips (staprune.demo.data)")
     red.add_argument("--root", help="base directory for relative paths in --data")
     red.add_argument("--seed", type=int, default=0, help="seed of the --demo clips")
-    red.add_argument("--max-clips", type=int, default=50)
-    red.add_argument("--batch-size", type=int, default=4)
+    red.add_argument("--max-clips", type=int, default=50, help="clips measured")
+    red.add_argument("--batch-size", type=int, default=4, help="clips per forward")
     red.add_argument(
-        "--methods", nargs="+", default=["dense", "random", "sta"], choices=("dense", "random", "sta", "tome")
+        "--methods", nargs="+", default=["dense", "random", "sta"], choices=("dense", "random", "sta", "tome"),
+        help="settings measured at the same r",
     )
     red.set_defaults(_analysis=run_redundancy)
     grad = sub.add_parser(
@@ -293,7 +294,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     grad.add_argument("-o", "--output", required=True, help="picture to write (.png, .jpg or .webp)")
     grad.add_argument("--draws", type=int, default=32, help="random token sets for the baseline share")
     grad.add_argument("--force", action="store_true", help="replace -o when it exists")
-    grad.add_argument("--seed", type=int, default=0)
+    grad.add_argument("--seed", type=int, default=0, help="seed of the random token sets")
     grad.set_defaults(_analysis=run_gradnorm)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict
 
 import torch
@@ -35,6 +36,7 @@ from ..runs.timing import (
     cpu_peak_memory_mb,
     cuda_peak_memory_mb,
     format_table,
+    noisy,
     summarize,
     time_variants,
 )
@@ -46,8 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, default="ViT-S")
     parser.add_argument("--r", type=int, nargs="+", help="pruned configurations to time against dense (default: "
                         "the model's three levels)")
-    parser.add_argument("--method", default="sta", choices=("sta", "random", "tome"))
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--method", default="sta", choices=("sta", "random", "tome"), help="pruning method")
+    parser.add_argument("--batch-size", type=int, default=1, help="clips per forward")
     add_device_arguments(parser, device_default="cpu", threads=False)
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds (every config once per round)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds")
@@ -95,6 +97,13 @@ def run(args: argparse.Namespace) -> int:
                                                  threads=torch.get_num_threads())
     rows = summarize(args.model, model, times, batch_size=args.batch_size, dtype=args.dtype,
                      device=str(device), frames=args.frames, size=args.size, memory=memory)
+    busy = noisy(rows)
+    if busy:
+        worst = max(busy, key=lambda r: (r.latency_max_s - r.latency_min_s) / r.latency_median_s)
+        spread = (worst.latency_max_s - worst.latency_min_s) / worst.latency_median_s
+        print(f"staprune bench: warning: the rounds disagree ({worst.config}: {worst.latency_min_s:.3f}-"
+              f"{worst.latency_max_s:.3f} s, {100 * spread:.0f}% of its median); the machine was busy and these "
+              "ratios mean little: rerun on a quiet machine, with more --repeats", file=sys.stderr)
     if args.json:
         print(json.dumps([asdict(r) for r in rows], indent=2))
     else:

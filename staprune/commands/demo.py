@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..api.evaluation import score_clips
+from ..api.evaluation import paired_difference, score_clips
 from ..api.loading import load
 from ..api.patching import unpatch
 from ..api.settings import Setting, recorded
@@ -51,6 +51,7 @@ class Row:
     gflops: float
     clips_per_s: float
     selection_gflops: float = 0.0
+    top1_se: float = 0.0  # standard error of top1 (binomial), as a fraction like top1
 
 
 def settings_for(loaded: LoadedModel, options: dict | None = None) -> list[Setting]:
@@ -61,9 +62,10 @@ def settings_for(loaded: LoadedModel, options: dict | None = None) -> list[Setti
 
 
 def evaluate_model(name: str, clips: torch.Tensor, labels: torch.Tensor, batch: int, log,
-                   options: dict | None = None) -> list[Row]:
-    """Run every setting of ``name`` over the clips (N, T, 3, H, W) uint8; one Row per setting
-    (``options``: STAConfig fields applied to every pruned setting)."""
+                   options: dict | None = None) -> tuple[list[Row], list[str]]:
+    """Run every setting of ``name`` over the clips (N, T, 3, H, W) uint8: one Row per setting
+    (``options``: STAConfig fields applied to every pruned setting), and one verdict per level:
+    STA against random drop at the same FLOPs, paired on the same clips, with its noise."""
     loaded = load(name, init="bundled")
     settings = settings_for(loaded, options)
     one_clip = loaded.to_input(loaded.preprocessing.normalize_pixels(clips[:1]))
@@ -76,17 +78,39 @@ def evaluate_model(name: str, clips: torch.Tensor, labels: torch.Tensor, batch: 
                          on_batch=lambda done: log(f"  {name}: {done}/{len(labels)} clips"))
     unpatch(loaded.model)
     n = len(labels)
-    return [Row(name, "dense" if s.is_dense else s.method, s.r, scores[s].correct1 / n, flops[s][0],
-                n / scores[s].forward_s, flops[s][1]) for s in settings]
+    rows = [Row(name, "dense" if s.is_dense else s.method, s.r, scores[s].correct1 / n, flops[s][0],
+                n / scores[s].forward_s, flops[s][1], scores[s].top1_se / 100) for s in settings]
+    return rows, verdicts(name, settings, scores)
+
+
+def verdicts(name: str, settings: list[Setting], scores: dict) -> list[str]:
+    """STA vs random drop at each level, on the same clips: ahead or behind when the paired
+    difference is more than twice its standard error, else a tie within noise."""
+    lines = []
+    for sta in (s for s in settings if s.method == "sta"):
+        rand = next((s for s in settings if s.method == "random" and s.r == sta.r), None)
+        if rand is None:
+            continue
+        diff, se = paired_difference(scores[sta], scores[rand])
+        if diff == 0 and se == 0:
+            verdict = "STA and random get the same clips right"
+        elif abs(diff) > 2 * se:
+            verdict = f"STA {'ahead of' if diff > 0 else 'behind'} random by {abs(diff):.1f} ± {se:.1f} points"
+        else:
+            verdict = f"STA and random tie within noise ({diff:+.1f} ± {se:.1f} points)"
+        lines.append(f"{name} r={sta.r}: {verdict} (paired, same clips; ± one standard error)")
+    return lines
 
 
 def format_table(rows: list[Row]) -> str:
-    lines = [f"{'model':<10} {'method':<7} {'r':>3} {'top-1':>6} {'GFLOPs':>7} {'rel':>5} {'clips/s':>8} {'speed-up':>8}"]
+    lines = [f"{'model':<10} {'method':<7} {'r':>3} {'top-1 ± s.e.':>13} {'GFLOPs':>7} {'rel':>5} {'clips/s':>8} "
+             f"{'speed-up':>8}"]
     dense = {r.model: r for r in rows if r.method == "dense"}
     for r in rows:
         d = dense[r.model]
+        top1 = f"{100 * r.top1:.1f} ± {100 * r.top1_se:.1f}"
         lines.append(
-            f"{r.model:<10} {r.method:<7} {r.r:>3} {100 * r.top1:>6.1f} {r.gflops:>7.3f} "
+            f"{r.model:<10} {r.method:<7} {r.r:>3} {top1:>13} {r.gflops:>7.3f} "
             f"{r.gflops / d.gflops:>5.2f} {r.clips_per_s:>8.1f} {r.clips_per_s / d.clips_per_s:>7.2f}x"
         )
     return "\n".join(lines)
@@ -161,9 +185,12 @@ def run(args: argparse.Namespace) -> int:
         log(f"generating {args.clips} held-out clips (seed {args.seed}) ...")
         clips, labels = generate(args.clips, args.seed)
         rows: list[Row] = []
+        found: list[str] = []
         for name in names:
             log(f"evaluating {name} ...")
-            rows += evaluate_model(name, clips, labels, args.batch, log, pruning_options(args))
+            model_rows, model_verdicts = evaluate_model(name, clips, labels, args.batch, log, pruning_options(args))
+            rows += model_rows
+            found += model_verdicts
         runtime = time.time() - start
 
         results = {
@@ -177,9 +204,11 @@ def run(args: argparse.Namespace) -> int:
             "models": {name: model_card(name) for name in names},
             "skipped": missing,
             "rows": [asdict(r) for r in rows],
+            "verdicts": found,
         }
         # The table first: a full disk must not cost the numbers of the run.
         print(format_table(rows), file=report)
+        print("\n".join(found), file=report)
         print(f"{args.clips} clips, seed {args.seed}, {torch.get_num_threads()} threads, {runtime:.0f} s",
               file=report)
         json_path, png_path = out / "results.json", out / "accuracy_vs_gflops.png"

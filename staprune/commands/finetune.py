@@ -76,7 +76,7 @@ from ..api.evaluation import check_compatible, resolve_protocol, score_clips
 from ..api.loading import load
 from ..api.settings import Setting, recorded
 from ..core.errors import DataError, UsageError
-from ..data.lists import load_items
+from ..data.lists import VideoItem, load_items
 from ..data.transforms import Preprocessing, normalize, resize_short_side
 from ..data.video import VideoReadError, decode_worker_init, probe, read_frames
 from ..demo.data import HELD_OUT_SEED, NUM_CLASSES, generate
@@ -93,6 +93,7 @@ from ..runs.arguments import (
 )
 from ..runs.devices import resolve_device
 from ..runs.list_evaluation import ListEvaluation
+from ..runs.progress import format_duration, progress
 from ..runs.training import build_optimizer, lr_at
 from ..storage.outputs import writable_dir
 from ..storage.runfolder import (
@@ -189,17 +190,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="R",
         help="r values for the final evaluation, 0 = dense (default: the training r)",
     )
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=3, help="training epochs")
     parser.add_argument("--batch-size", type=int, default=16, help="clips per step per process")
     parser.add_argument(
         "--lr", type=float, help="peak learning rate (default: --base-lr x global batch / 256)"
     )
-    parser.add_argument("--base-lr", type=float, default=1e-3)
-    parser.add_argument("--weight-decay", type=float, default=0.05)
+    parser.add_argument("--base-lr", type=float, default=1e-3, help="learning rate per 256 clips of global batch")
+    parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay of weight matrices")
     parser.add_argument(
         "--warmup-epochs", type=float, help="linear warm-up length (default: 5%% of --epochs)"
     )
-    parser.add_argument("--label-smoothing", type=float, default=0.1)
+    parser.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing")
     parser.add_argument("--clip-grad", type=float, default=0.0, help="max gradient norm (0: no clipping)")
     parser.add_argument("--dtype", default="fp32", choices=tuple(AUTOCAST), help="bf16 = autocast")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (eager fallback)")
@@ -292,8 +293,8 @@ class ListClipSet(Dataset):
             item = self.items[(index + attempt) % len(self.items)]
             try:
                 return self._clip(item.path, seed), item.label
-            except VideoReadError as e:
-                warnings.warn(f"skipping unreadable training video {item.path}: {e.reason}", stacklevel=2)
+            except VideoReadError as e:  # opened at setup, fails to decode now: one line, the next video instead
+                print(f"staprune finetune: skipping training video {item.path}: {e.reason}", file=sys.stderr, flush=True)
         raise DataError("no training video of the list could be decoded; check --data and --root")
 
     def _clip(self, path: Path, seed: int) -> Tensor:
@@ -654,7 +655,25 @@ def _datasets(args: argparse.Namespace, loaded: LoadedModel) -> tuple[Any, ClipT
     bad = [it for it in items if it.label >= loaded.num_classes]
     if not items or bad:
         raise UsageError(f"training list is empty or has labels >= the model's {loaded.num_classes} classes")
-    return ListClipSet(items, frames, stride, loaded.preprocessing, args.flip), None, frames, stride
+    return ListClipSet(_readable(items), frames, stride, loaded.preprocessing, args.flip), None, frames, stride
+
+
+def _readable(items: Sequence[VideoItem]) -> list[VideoItem]:
+    """The training videos that open (their headers read), the others said once, with the first reason."""
+    readable, failed = [], []
+    for item in items:
+        try:
+            probe(item.path)
+            readable.append(item)
+        except VideoReadError as err:
+            failed.append((item.path, err.reason))
+    if not readable:
+        raise DataError(f"no training video of the list could be read (first: {failed[0][0]}: {failed[0][1]}); "
+                        "check --data and --root")
+    if failed:
+        print(f"staprune finetune: {len(failed)} of {len(items)} training videos cannot be read and are left out "
+              f"(first: {failed[0][0]}: {failed[0][1]})", file=sys.stderr, flush=True)
+    return readable
 
 
 def _recipe(
@@ -769,17 +788,8 @@ def _restore(run: Run) -> None:
 
 
 def _progress(run: Run, epoch: int):
-    if run.args.quiet or not run.info.is_main:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(
-        total=run.steps_per_epoch,
-        desc=f"epoch {epoch + 1}/{run.args.epochs}",
-        unit="step",
-        file=sys.stderr,
-        dynamic_ncols=True,
-    )
+    return progress(run.steps_per_epoch, f"epoch {epoch + 1}/{run.args.epochs}", "step",
+                    enabled=not run.args.quiet and run.info.is_main)
 
 
 def train_epoch(run: Run, epoch: int) -> dict[str, float]:
@@ -880,10 +890,12 @@ def run_training(run: Run) -> dict[str, Any]:
                 "last_epoch": history[-1],
             }
             path = save_checkpoint(run.out, epoch + 1, run.loaded.model, run.opt, states, meta)
+            left = end - epoch - 1
+            eta = f"; about {format_duration(left * stats['seconds'])} of training left" if left else ""
             _log(
                 info,
                 f"epoch {epoch + 1}: loss {stats['loss']:.4f}, {stats['seconds']:.1f}s, "
-                f"{stats['clips_per_s']:.1f} clips/s; saved {path}",
+                f"{stats['clips_per_s']:.1f} clips/s; saved {path}{eta}",
             )
         dist_utils.barrier(info)
     summary: dict[str, Any] = {

@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="registry name (ViT-B, VideoSwin-T, ViViT-B, demo-vit, ...) or a local "
                         "model path; default: every model of the paper's tables")
     parser.add_argument("--r", type=int, nargs="+", help="r (ViT) or r1 (Video Swin); default the model's levels")
-    parser.add_argument("--method", default="sta", choices=("sta", "random", "tome"))
+    parser.add_argument("--method", default="sta", choices=("sta", "random", "tome"), help="pruning method")
     parser.add_argument("--frames", type=int, help="input frames (default: the model's)")
     parser.add_argument("--size", type=int, help="input side in pixels (default: the model's)")
     parser.add_argument("--measured", action="store_true",

@@ -119,7 +119,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--r", type=int, help="tokens dropped per unit at the first stage (r1 for Swin); default: the middle of "
         "the model's three levels"
     )
-    parser.add_argument("--method", choices=("sta", "random", "tome"), default="sta")
+    parser.add_argument("--method", choices=("sta", "random", "tome"), default="sta", help="pruning method")
     parser.add_argument("-o", "--output", required=True, help="picture to write (.png, .jpg or .webp)")
     parser.add_argument("--gif", help="also write an animated GIF, one frame per temporal position")
     parser.add_argument("--force", action="store_true", help="replace -o / --gif when they exist")

@@ -48,6 +48,20 @@ FIELDS = {
 }
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """``--help`` that states every default a flag has (unless its help already says it): the value
+    a run uses when the flag is left out is never a guess."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default in (None, False, argparse.SUPPRESS) or not action.option_strings
+                or isinstance(action, argparse._HelpAction | argparse._VersionAction)):
+            return text
+        shown = ",".join(map(str, default)) if isinstance(default, list | tuple) else default
+        return f"{text} (default: {shown})".replace("%", "%%") if text else f"(default: {shown})".replace("%", "%%")
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, *, default: str | None = None, required: bool = False,
                         note: str = "") -> None:
     """``--model`` (:data:`MODEL_FORMS`) and ``--weights`` (the weights file of an architecture name)."""
@@ -173,6 +187,7 @@ def _method(args: argparse.Namespace) -> str:
 
 __all__ = [
     "MODEL_FORMS",
+    "DefaultsHelpFormatter",
     "add_device_arguments",
     "add_model_arguments",
     "add_pruning_arguments",

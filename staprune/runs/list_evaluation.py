@@ -47,6 +47,7 @@ from ..storage.runfolder import (
     repair_tail,
 )
 from . import distributed as dist_utils
+from .progress import progress
 
 
 def model_dirname(source: str) -> str:
@@ -145,13 +146,8 @@ class ListEvaluation:
             print(f"staprune: {message}", file=sys.stderr)
 
     def _progress(self, setting: Setting, total: int):
-        if self.quiet or not self.info.is_main:
-            return None
-        from tqdm import tqdm
-
         distributed = f" [rank 0 of {self.info.world_size}]" if self.info.distributed else ""
-        return tqdm(total=total, desc=f"{setting.method} r={setting.r}{distributed}", unit="video", file=sys.stderr,
-                    dynamic_ncols=True)
+        return progress(total, f"{setting.label}{distributed}", "video", enabled=not self.quiet and self.info.is_main)
 
     def row_base(self, setting: Setting) -> dict[str, Any]:
         """The result row of ``setting`` before any video is scored."""

@@ -256,6 +256,15 @@ def summarize(
     return rows
 
 
+NOISY_SPREAD = 0.5  # (slowest - fastest round) / median above which a configuration's rounds disagree
+
+
+def noisy(rows: Sequence[BenchRow], limit: float = NOISY_SPREAD) -> list[BenchRow]:
+    """Configurations whose timed rounds spread by more than ``limit`` of their median: the machine
+    was busy (other processes, frequency changes), and speed-ups from those rounds mean little."""
+    return [r for r in rows if r.repeats > 1 and (r.latency_max_s - r.latency_min_s) > limit * r.latency_median_s]
+
+
 def format_table(rows: Sequence[BenchRow]) -> str:
     """Fixed-width table of the fields a reader compares."""
     width = max([len("model"), *(len(r.model) for r in rows)]) + 2
@@ -272,5 +281,5 @@ def format_table(rows: Sequence[BenchRow]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["STOCK", "BenchRow", "apply", "cpu_peak_memory_mb", "cuda_peak_memory_mb", "format_table", "label",
+__all__ = ["NOISY_SPREAD", "STOCK", "BenchRow", "apply", "noisy", "cpu_peak_memory_mb", "cuda_peak_memory_mb", "format_table", "label",
            "summarize", "time_variants"]
