@@ -7,6 +7,9 @@ import argparse
 import importlib
 import os
 import sys
+from collections.abc import Callable
+from functools import partial
+from types import ModuleType
 
 from . import __version__
 from .core.errors import StapruneError
@@ -50,11 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     if args.command == "eval" and args.model is None and args.data is None:
-        return _demo_instead(args)
-    module = importlib.import_module(args._module)
+        module, call = _demo_instead(args)
+    else:
+        module = importlib.import_module(args._module)
+        call = partial(module.run, args)
     keep_traceback = bool(os.environ.get("STAPRUNE_TRACEBACK"))
     try:
-        return int(module.run(args) or 0)
+        return int(call() or 0)
     except StapruneError as error:
         if keep_traceback:
             raise
@@ -69,13 +74,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _demo_instead(args: argparse.Namespace) -> int:
-    """``staprune eval`` with neither ``--model`` nor ``--data``: the bundled demo, with the flags
-    both commands share."""
+def _demo_instead(args: argparse.Namespace) -> tuple[ModuleType, Callable[[], int]]:
+    """``staprune eval`` with neither ``--model`` nor ``--data``: the bundled demo (said so), with the
+    flags both commands share."""
     demo_args = ["--json"] if args.json else []
     if args.out != "eval-results":
         demo_args += ["--out", args.out]
-    return int(importlib.import_module("staprune.commands.demo").main(demo_args) or 0)
+    print("staprune eval: no --model and --data: running the bundled demo (`staprune demo`)", file=sys.stderr)
+    demo = importlib.import_module("staprune.commands.demo")
+    return demo, lambda: demo.main(demo_args)
 
 
 if __name__ == "__main__":

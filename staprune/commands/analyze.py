@@ -46,6 +46,7 @@ from ..runs.arguments import (
     explicit_schedule,
     pruning_options,
 )
+from ..runs.progress import progress
 from ..storage.outputs import writable_file, write_error
 
 FEATURES = (
@@ -111,16 +112,23 @@ def measure_redundancy(
     batches: Iterator[torch.Tensor],
     r: int,
     methods: tuple[str, ...] = ("dense", "random", "sta"),
+    total: int = 0,
     **options,
 ) -> dict[str, dict]:
     """Per method: ``per_clip`` trajectory sums (NaN for clips whose last frame lost every token)
-    and ``final_tokens``, the number of tokens the final block sees (a clip's kept count)."""
+    and ``final_tokens``, the number of tokens the final block sees (a clip's kept count).
+    ``total``: clips expected, for a progress line (0: none)."""
     results: dict[str, dict] = {m: {"per_clip": [], "final_tokens": 0} for m in methods}
+    bar = progress(total, "redundancy", "clip") if total else None
     for x in batches:
         for method in methods:
             sums, length = _sums_and_length(loaded, x, method, r, **options)
             results[method]["per_clip"].extend(sums.tolist())
             results[method]["final_tokens"] = length
+        if bar is not None:
+            bar.update(len(x))
+    if bar is not None:
+        bar.close()
     return results
 
 
@@ -143,7 +151,8 @@ def run_redundancy(args: argparse.Namespace) -> int:
     else:
         clips = _list_clips(loaded, args.data, args.root, args.max_clips, args.dataset)
     options = pruning_options(args)
-    measured = measure_redundancy(loaded, _batches(clips, args.batch_size), args.r, tuple(args.methods), **options)
+    measured = measure_redundancy(loaded, _batches(clips, args.batch_size), args.r, tuple(args.methods),
+                                  total=args.max_clips, **options)
     grid = loaded.backbone.final_grid
     report = {
         "model": args.model,

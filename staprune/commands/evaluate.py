@@ -101,16 +101,26 @@ def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def top1_se(row: dict[str, Any]) -> float | None:
+    """Standard error of a row's top-1 (binomial over its scored videos), in percentage points."""
+    if row.get("top1") is None or not row.get("videos"):
+        return None
+    p = row["top1"] / 100
+    return 100 * (p * (1 - p) / row["videos"]) ** 0.5
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """A fixed-width text table of result rows."""
-    lines = [f"{'method':<8}{'r':>6}{'top1':>9}{'top5':>9}{'GFLOPs':>10}{'clips/s':>10}{'videos':>8}{'failed':>8}"]
+    """A fixed-width text table of result rows (top-1 with its standard error)."""
+    lines = [f"{'method':<8}{'r':>6}{'top1':>9}{'± s.e.':>8}{'top5':>9}{'GFLOPs':>10}{'clips/s':>10}{'videos':>8}"
+             f"{'failed':>8}"]
     for row in rows:
         method = "dense" if row.get("dense") else row["method"]
         if row.get("error"):
             lines.append(f"{method:<8}{row['r']:>6}  ERROR: {row['error']}")
             continue
         lines.append(
-            f"{method:<8}{row['r']:>6}{_fmt(row['top1'], '.2f'):>9}{_fmt(row['top5'], '.2f'):>9}"
+            f"{method:<8}{row['r']:>6}{_fmt(row['top1'], '.2f'):>9}{_fmt(top1_se(row), '.2f'):>8}"
+            f"{_fmt(row['top5'], '.2f'):>9}"
             f"{_fmt(row['gflops'], '.4g'):>10}{_fmt(row['clips_per_s'], '.1f'):>10}{row['videos']:>8}"
             f"{len(row['failed']):>8}"
         )
