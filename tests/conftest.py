@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -118,3 +123,29 @@ def tiny_timesformer(layers: int = 6, hidden: int = 48, heads: int = 4, seed: in
     model = TimesformerForVideoClassification(cfg)
     _distinct_tokens(model.timesformer.embeddings.patch_embeddings.projection)
     return model.eval()
+
+
+def run_cli(*argv: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Run ``staprune ARGV`` in this process: (exit code, stdout, stderr), with ``env`` set meanwhile
+    and without ``STAPRUNE_TRACEBACK``, as a user would."""
+    from staprune.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    old = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.pop("STAPRUNE_TRACEBACK", None)
+    os.environ.update(env or {})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main(list(argv))
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return rc, out.getvalue(), err.getvalue()
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` and its bytes: what "nothing existing changed" compares."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

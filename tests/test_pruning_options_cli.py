@@ -4,8 +4,6 @@ command, reaching the model (different kept tokens through `eval`) and recorded 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import signal
@@ -16,8 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 
-from staprune.cli import COMMANDS, build_parser, main
+from staprune.cli import COMMANDS, build_parser
 from staprune.data import write_video
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,12 +24,7 @@ FLAGS = ("--schedule", "--order", "--first-unit", "--similarity", "--score", "--
          "--tome-mode", "--prune-seed")
 
 
-def _cli(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    os.environ.pop("STAPRUNE_TRACEBACK", None)
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(list(argv))
-    return rc, out.getvalue(), err.getvalue()
+_cli = run_cli
 
 
 @pytest.fixture(scope="module")

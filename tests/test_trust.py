@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli, snapshot
 
 from staprune.cli import main
 from staprune.data import write_video
@@ -32,19 +33,7 @@ def _tiny_vit(seed: int = 0):
     return VideoMAEForVideoClassification(cfg).eval()
 
 
-def _cli(*argv: str) -> tuple[int, str, str]:
-    import contextlib
-    import io
-
-    out, err = io.StringIO(), io.StringIO()
-    os.environ.pop("STAPRUNE_TRACEBACK", None)
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(list(argv))
-    return rc, out.getvalue(), err.getvalue()
-
-
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+_cli, _snapshot = run_cli, snapshot
 
 
 @pytest.fixture(scope="module")

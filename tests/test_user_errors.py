@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli, snapshot
 
 import staprune
-from staprune.cli import main
 from staprune.data import write_video
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,29 +71,7 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "model": root / "model", "list": root / "list.txt", "out": out}
 
 
-def _cli(*argv: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    """Run the CLI in this process: (exit code, stdout, stderr)."""
-    import contextlib
-    import io
-
-    out, err = io.StringIO(), io.StringIO()
-    old = {k: os.environ.get(k) for k in (env or {})}
-    os.environ.pop("STAPRUNE_TRACEBACK", None)
-    os.environ.update(env or {})
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            rc = main(list(argv))
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    return rc, out.getvalue(), err.getvalue()
-
-
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+_cli, _snapshot = run_cli, snapshot
 
 
 # (id, argv builder, expected words in the message). Every one must exit 2 with exactly one line.
