@@ -6,6 +6,8 @@ centroid identifies the frame even after lossy compression.
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import av
 import numpy as np
 import pytest
@@ -46,7 +48,7 @@ def clip(request, tmp_path_factory) -> tuple:
         pytest.skip(f"encoder {codec} not in this PyAV build")
     path = tmp_path_factory.mktemp("videos") / f"bar{suffix}"
     write_video(path, make_frames(), fps=25, codec=codec, gop=GOP)
-    full = read_frames(path, range(NUM_FRAMES))
+    full = read_frames(path, range(NUM_FRAMES), strategy="full")
     return path, full
 
 
@@ -230,3 +232,82 @@ def test_codec_selection(monkeypatch):
         pick_codec(["no-such-encoder"])
     monkeypatch.setattr(encode, "encoder_available", lambda name: name == "mpeg4")
     assert pick_codec() == "mpeg4"  # falls back when libx264 is missing
+
+
+# --- the seeking strategy against the readers before it -----------------------------------------
+def write_vfr(path, num_frames: int = NUM_FRAMES, gop: int = GOP) -> None:
+    """A variable-frame-rate H.264 clip with B-frames: frame gaps alternate 30 and 50 ms."""
+    frames = make_frames(num_frames)
+    millisecond = Fraction(1, 1000)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=25, options={"crf": "18", "bf": "3", "g": str(gop)})
+        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        stream.codec_context.time_base = millisecond
+        pts = 0
+        for i, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts, frame.time_base = pts, millisecond
+            pts += 30 if i % 2 else 50
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.fixture(scope="module", params=["x264-bframes.mp4", "mpeg4.avi", "x264.mkv", "vfr-bframes.mp4"])
+def any_clip(request, tmp_path_factory):
+    name = request.param
+    path = tmp_path_factory.mktemp("strategies") / name
+    if name.startswith("vfr"):
+        if not encoder_available("libx264"):
+            pytest.skip("libx264 not in this PyAV build")
+        write_vfr(path)
+    else:
+        codec = "mpeg4" if name.startswith("mpeg4") else "libx264"
+        if not encoder_available(codec):
+            pytest.skip(f"{codec} not in this PyAV build")
+        write_video(path, make_frames(), fps=25, codec=codec, gop=GOP)
+    return path
+
+
+SPREAD = [[0, 20, 40, 60, NUM_FRAMES - 1], list(range(3, NUM_FRAMES, 5)), [79, 1, 45, 46, 47, 12, 12], [0], [9, 10]]
+
+
+@pytest.mark.parametrize("indices", SPREAD)
+def test_every_strategy_returns_the_same_bits(any_clip, indices):
+    """Seeking before every stretch of frames returns exactly what one seek and a linear decode, and
+    a decode from the start, return: B-frames, an AVI, a Matroska file and a variable frame rate."""
+    n = probe(any_clip).num_frames
+    wanted = [min(i, n - 1) for i in indices]
+    segments, linear, full = (read_frames(any_clip, wanted, strategy=s) for s in ("segments", "linear", "full"))
+    assert torch.equal(segments, linear) and torch.equal(segments, full)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(indices=st.lists(st.integers(0, NUM_FRAMES - 1), min_size=1, max_size=10))
+def test_segments_equal_linear_random(mp4, indices):
+    assert torch.equal(read_frames(mp4, indices), read_frames(mp4, indices, strategy="linear"))
+
+
+def test_segments_decode_a_fragment_per_gop_not_the_whole_span(mp4, monkeypatch):
+    decoded: list[int] = []
+    original = video._indexed_frames
+
+    def count(*args, **kwargs):
+        for index, frame in original(*args, **kwargs):
+            decoded.append(index)
+            yield index, frame
+
+    monkeypatch.setattr(video, "_indexed_frames", count)
+    spread = [4, 21, 38, 55, 72]
+    read_frames(mp4, spread, strategy="linear")
+    linear = len(decoded)
+    decoded.clear()
+    read_frames(mp4, spread)
+    assert linear >= 72 - 4 + 1 and len(decoded) <= len(spread) * GOP  # each from its GOP's keyframe
+    assert {4, 21, 38, 55, 72} <= set(decoded)
+
+
+def test_unknown_strategy(mp4):
+    with pytest.raises(ValueError, match="strategy"):
+        read_frames(mp4, [0], strategy="fastest")
