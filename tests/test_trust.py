@@ -329,3 +329,17 @@ def test_unreadable_training_videos_are_said_once(assets, tmp_path):
     assert rc == 0, err
     assert sum("broken.mp4" in ln for ln in err.splitlines()) == 1 and "1 of 5 training videos cannot be read" in err
     assert "Warning" not in err
+
+
+def test_analyze_says_once_which_videos_it_could_not_read(assets, tmp_path):
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{assets['video']} 0\n{tmp_path / 'broken.mp4'} 1\n")
+    rc, out, err = _cli("analyze", "redundancy", "--model", str(assets["model"]), "--data", str(listing), "--r", "4",
+                        "--json")
+    assert rc == 0, err
+    assert sum("broken.mp4" in ln for ln in err.splitlines()) == 1 and "1 videos could not be read" in err
+    assert list(json.loads(out)["failed"]) == [str(tmp_path / "broken.mp4")]
+    listing.write_text(f"{tmp_path / 'broken.mp4'} 1\n")
+    rc, _, err = _cli("analyze", "redundancy", "--model", str(assets["model"]), "--data", str(listing), "--r", "4")
+    assert rc == 2 and "no clip could be measured" in err and len(err.strip().splitlines()) == 1

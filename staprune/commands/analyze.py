@@ -36,7 +36,7 @@ from ..analysis.visualize import (
 )
 from ..api.loading import load
 from ..api.settings import Setting, recorded
-from ..core.errors import UsageError
+from ..core.errors import DataError, UsageError
 from ..data import VideoReadError, load_items
 from ..demo.data import generate
 from ..runs.arguments import (
@@ -86,14 +86,16 @@ def _demo_clips(loaded: AnalysisModel, count: int, seed: int) -> Iterator[torch.
 
 
 def _list_clips(
-    loaded: AnalysisModel, data: str, root: str | None, count: int, dataset: str | None
+    loaded: AnalysisModel, data: str, root: str | None, count: int, dataset: str | None,
+    failed: list[tuple[str, str]],
 ) -> Iterator[torch.Tensor]:
+    """The first ``count`` videos of a list as model inputs; unreadable ones go to ``failed``."""
     items, _ = load_items(data, root)
     for item in items[:count]:
         try:
             yield read_clip(item.path, loaded, dataset).x
         except VideoReadError as err:  # one unreadable file should not end a long measurement
-            print(f"skipping {item.path}: {err}", file=sys.stderr)
+            failed.append((str(item.path), err.reason))
 
 
 def _batches(clips: Iterator[torch.Tensor], size: int) -> Iterator[torch.Tensor]:
@@ -146,13 +148,20 @@ def run_redundancy(args: argparse.Namespace) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     loaded = at_input(load(args.model, args.weights), args.frames, args.size)
     args.r = args.r if args.r is not None else (0 if explicit_schedule(pruning_options(args)) else loaded.default_r())
+    failed: list[tuple[str, str]] = []
     if args.demo:
         clips = _demo_clips(loaded, args.max_clips, args.seed)
     else:
-        clips = _list_clips(loaded, args.data, args.root, args.max_clips, args.dataset)
+        clips = _list_clips(loaded, args.data, args.root, args.max_clips, args.dataset, failed)
     options = pruning_options(args)
     measured = measure_redundancy(loaded, _batches(clips, args.batch_size), args.r, tuple(args.methods),
                                   total=args.max_clips, **options)
+    if not any(v["per_clip"] for v in measured.values()):
+        first = f" (first: {failed[0][0]}: {failed[0][1]})" if failed else ""
+        raise DataError(f"no clip could be measured{first}; check --data and --root")
+    if failed:
+        print(f"staprune analyze: {len(failed)} videos could not be read and are left out (first: {failed[0][0]}: "
+              f"{failed[0][1]})", file=sys.stderr)
     grid = loaded.backbone.final_grid
     report = {
         "model": args.model,
@@ -163,6 +172,7 @@ def run_redundancy(args: argparse.Namespace) -> int:
         "features": FEATURES,
         "tokens": grid.tokens,
         "results": {m: {**summarize(v["per_clip"]), **v} for m, v in measured.items()},
+        "failed": dict(failed),
     }
     if args.json:
         print(json.dumps(report, indent=2))
