@@ -69,8 +69,11 @@ def init(device: str = "cpu") -> DistInfo:
 
 
 def shutdown(info: DistInfo) -> None:
-    """Destroy the process group if :func:`init` created it."""
+    """Destroy the process group if :func:`init` created it, once every rank is done with it: a rank
+    tearing its connections down while another still talks over them can abort that one at exit."""
     if info.initialized_here and dist.is_initialized():
+        with contextlib.suppress(RuntimeError):  # a rank that died already: nothing left to wait for
+            dist.barrier()
         dist.destroy_process_group()
 
 
