@@ -149,3 +149,19 @@ def run_cli(*argv: str, env: dict[str, str] | None = None) -> tuple[int, str, st
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` and its bytes: what "nothing existing changed" compares."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def write_list_of_videos(root: Path, count: int = 4, size: int = 64, classes: int = 5) -> list[str]:
+    """``count`` small H.264 clips (24 frames, ``size`` x 80, each moving its own way) in ``root``
+    and ``root/list.txt`` naming them with labels ``i % classes``; returns the list's lines."""
+    from staprune.data import write_video
+
+    g = torch.Generator().manual_seed(0)
+    lines = []
+    for i in range(count):
+        frames = torch.randint(0, 256, (1, size, 80, 3), generator=g).repeat(24, 1, 1, 1)
+        frames = (frames + torch.arange(24).view(-1, 1, 1, 1) * (i + 1)) % 256
+        write_video(root / f"v{i}.mp4", frames.to(torch.uint8))
+        lines.append(f"v{i}.mp4 {i % classes}")
+    (root / "list.txt").write_text("\n".join(lines) + "\n")
+    return lines

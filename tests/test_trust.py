@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, snapshot
+from conftest import run_cli, snapshot, write_list_of_videos
 
 from staprune.cli import main
-from staprune.data import write_video
 
 CLASSES, FRAMES, SIZE = 5, 8, 64
 
@@ -40,14 +39,7 @@ _cli, _snapshot = run_cli, snapshot
 def assets(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("trust")
     _tiny_vit().save_pretrained(root / "model")
-    g = torch.Generator().manual_seed(0)
-    lines = []
-    for i in range(4):
-        frames = torch.randint(0, 256, (1, SIZE, 80, 3), generator=g).repeat(24, 1, 1, 1)
-        frames = (frames + torch.arange(24).view(-1, 1, 1, 1) * (i + 1)) % 256
-        write_video(root / f"v{i}.mp4", frames.to(torch.uint8))
-        lines.append(f"v{i}.mp4 {i % CLASSES}")
-    (root / "list.txt").write_text("\n".join(lines) + "\n")
+    write_list_of_videos(root, size=SIZE, classes=CLASSES)
     # A Hugging Face folder whose weights file is cut in half, and one whose config.json is not JSON.
     shutil.copytree(root / "model", root / "truncated")
     weights = (root / "truncated" / "model.safetensors").read_bytes()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, snapshot
+from conftest import run_cli, snapshot, write_list_of_videos
 
 import staprune
 from staprune.data import write_video
@@ -40,14 +40,7 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("user_errors")
     model = _tiny_vit()
     model.save_pretrained(root / "model")
-    g = torch.Generator().manual_seed(0)
-    lines = []
-    for i in range(4):
-        frames = torch.randint(0, 256, (1, SIZE, 80, 3), generator=g).repeat(24, 1, 1, 1)
-        frames = (frames + torch.arange(24).view(-1, 1, 1, 1) * (i + 1)) % 256
-        write_video(root / f"v{i}.mp4", frames.to(torch.uint8))
-        lines.append(f"v{i}.mp4 {i % CLASSES}")
-    (root / "list.txt").write_text("\n".join(lines) + "\n")
+    lines = write_list_of_videos(root, size=SIZE, classes=CLASSES)
     (root / "three.txt").write_text("\n".join(f"{ln.split()[0]} 24 {ln.split()[1]}" for ln in lines) + "\n")
     (root / "latin1.txt").write_bytes("v0.mp4 1\nvid\xe9o.mp4 2\n".encode("latin-1"))
     (root / "corrupt.pth").write_bytes(b"\x80\x02 this is not a checkpoint at all" * 4)
