@@ -43,7 +43,7 @@ from ..runs.arguments import (
     add_model_arguments,
     add_pruning_arguments,
     check_pruning_options,
-    explicit_schedule,
+    default_r,
     pruning_options,
 )
 from ..runs.progress import progress
@@ -147,7 +147,7 @@ def run_redundancy(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     loaded = at_input(load(args.model, args.weights), args.frames, args.size)
-    args.r = args.r if args.r is not None else (0 if explicit_schedule(pruning_options(args)) else loaded.default_r())
+    args.r = default_r(args, loaded.default_r())
     failed: list[tuple[str, str]] = []
     if args.demo:
         clips = _demo_clips(loaded, args.max_clips, args.seed)
@@ -250,7 +250,7 @@ def run_gradnorm(args: argparse.Namespace) -> int:
     if args.draws < 1:
         raise UsageError(f"--draws must be >= 1, got {args.draws}")
     loaded = at_input(load(args.model, args.weights), args.frames, args.size)
-    args.r = args.r if args.r is not None else (0 if explicit_schedule(pruning_options(args)) else loaded.default_r())
+    args.r = default_r(args, loaded.default_r())
     clip = read_clip(args.video, loaded, args.dataset)
     options = pruning_options(args)
     result = gradnorm_report(loaded, clip.x, args.r, args.draws, args.seed, **options)

@@ -26,7 +26,7 @@ from ..runs.arguments import (
     add_pruning_arguments,
     apply_threads,
     check_pruning_options,
-    levels_or_schedule,
+    default_levels,
     pruning_options,
 )
 from ..runs.devices import DTYPES, resolve_device
@@ -77,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     model = loaded.model.to(device=device, dtype=dtype)
     spec = spec_of_model(model, args.frames, args.size)
     options = pruning_options(args)
-    pruned = [Setting.of(args.method, r, options) for r in levels_or_schedule(args, levels_of(args.model, spec))]
+    rs = args.r or default_levels(options, levels_of(args.model, spec))
+    pruned = [Setting.of(args.method, r, options) for r in rs]
     # Dense is the patched model dropping nothing; where the patch changes kernels (Video Swin's fused
     # window attention) the unpatched stock model is timed beside it.
     stock = [] if loaded.family.stock_kernels_at_r0 else [STOCK]

@@ -32,7 +32,7 @@ from ..runs.arguments import (
     add_pruning_arguments,
     apply_threads,
     check_pruning_options,
-    explicit_schedule,
+    default_levels,
     pruning_options,
 )
 from ..storage.outputs import writable_dir
@@ -57,7 +57,7 @@ class Row:
 def settings_for(loaded: LoadedModel, options: dict | None = None) -> list[Setting]:
     """Dense, then every method at each of the model's three levels (ToMe where its family runs it)."""
     methods = ("sta", "random", "tome") if loaded.family.supports_tome else ("sta", "random")
-    levels = [0] if explicit_schedule(options or {}) else loaded.default_levels()  # it gives every stage's r
+    levels = default_levels(options or {}, loaded.default_levels())
     return [Setting(0, "none")] + [Setting.of(m, r, options) for m in methods for r in levels]
 
 

@@ -34,11 +34,11 @@ from ..runs.arguments import (
     add_model_arguments,
     add_pruning_arguments,
     check_pruning_options,
-    explicit_schedule,
+    default_levels,
     pruning_options,
 )
 from ..runs.devices import DTYPES, resolve_device
-from ..runs.list_evaluation import ListEvaluation, model_dirname
+from ..runs.list_evaluation import ListEvaluation, holds_records, model_dirname
 from ..storage.outputs import writable_dir, write_error
 from ..storage.runfolder import atomic_write, atomic_write_json
 
@@ -92,8 +92,7 @@ def settings_from_args(method: str, rs: Sequence[int] | None, levels: Sequence[i
         return [Setting.of(method, r, options) for r in dict.fromkeys(rs)]
     if not levels:
         raise UsageError(f"--r is required for --method {method} (e.g. --r 64, or several for a sweep)")
-    pruned = [0] if explicit_schedule(options) else list(dict.fromkeys(levels))
-    return [Setting(0, "none"), *(Setting.of(method, r, options) for r in pruned)]
+    return [Setting(0, "none"), *(Setting.of(method, r, options) for r in default_levels(options, levels))]
 
 
 # --- reporting ----------------------------------------------------------------------------------
@@ -243,7 +242,7 @@ def summary(row: dict[str, Any], listed: int) -> str:
 
 def interrupted(args: argparse.Namespace) -> str:
     """What Ctrl-C leaves behind (printed by the CLI): resuming is offered only when something was."""
-    if not any(p.stat().st_size for p in Path(args.out).glob("*/*/rank*.jsonl")):
+    if not holds_records(Path(args.out)):
         return "no video had finished; nothing was written"
     return (f"every finished video is recorded under {args.out}; run the same command with --resume to "
             "evaluate only the rest")

@@ -88,6 +88,7 @@ from ..runs.arguments import (
     add_pruning_arguments,
     apply_threads,
     check_pruning_options,
+    check_threads,
     explicit_schedule,
     pruning_options,
 )
@@ -627,8 +628,7 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not 0 <= args.label_smoothing < 1:
         raise UsageError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {args.threads} (leave it out for torch's choice)")
+    check_threads(args)
     if args.eval_r and explicit_schedule(pruning_options(args)):
         raise UsageError(f"--schedule {args.schedule} gives every stage's r; drop --eval-r (got {args.eval_r})")
     if args.stop_after is not None and not 1 <= args.stop_after <= args.epochs:

@@ -34,7 +34,7 @@ from ..runs.arguments import (
     add_model_arguments,
     add_pruning_arguments,
     check_pruning_options,
-    explicit_schedule,
+    default_r,
     pruning_options,
 )
 from ..storage.outputs import writable_file, write_error
@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     check_pruning_options(args)
     loaded = at_input(load(args.model, args.weights), args.frames, args.size)
     clip = read_clip(args.video, loaded, args.dataset)
-    r = args.r if args.r is not None else (0 if explicit_schedule(pruning_options(args)) else loaded.default_r())
+    r = default_r(args, loaded.default_r())
     views = stage_views(loaded.model, loaded.backbone, clip, r, args.method, **pruning_options(args))
     try:
         path = save_png(figure(clip, loaded.backbone, views, args.tile_size), output)

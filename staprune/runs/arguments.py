@@ -82,13 +82,18 @@ def add_device_arguments(parser: argparse.ArgumentParser, *, dtype: bool = True,
         parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
 
-def apply_threads(args: argparse.Namespace) -> None:
-    """Set torch's CPU threads from ``--threads`` (when given; it must be a positive count)."""
+def check_threads(args: argparse.Namespace) -> None:
+    """``--threads``, when given, must be a positive count."""
     threads = getattr(args, "threads", None)
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be >= 1, got {threads} (leave it out for torch's choice)")
-    if threads:
-        torch.set_num_threads(threads)
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """Set torch's CPU threads from ``--threads`` (when given; checked by :func:`check_threads`)."""
+    check_threads(args)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
 
 
 def parse_schedule(text: str) -> str | tuple[tuple[int, int], ...]:
@@ -172,12 +177,18 @@ def check_pruning_options(args: argparse.Namespace) -> None:
         raise UsageError(f"--schedule {args.schedule} gives every stage's r; drop --r (got {r})")
 
 
-def levels_or_schedule(args: argparse.Namespace, levels: Sequence[int]) -> list[int]:
-    """The r values a command runs: ``--r`` when given, else ``levels`` (the model's); one value, 0,
-    under an explicit schedule (which gives every stage's r itself)."""
-    if explicit_schedule(pruning_options(args)):
-        return [0]
-    return list(getattr(args, "r", None) or levels)
+def default_levels(options: dict[str, Any], levels: Sequence[int]) -> list[int]:
+    """The r values a command sweeps without ``--r``: the model's ``levels``, or one value, 0, under an
+    explicit schedule (which gives every stage's r itself)."""
+    return [0] if explicit_schedule(options) else list(dict.fromkeys(levels))
+
+
+def default_r(args: argparse.Namespace, model_r: int) -> int:
+    """The one r a command runs: ``--r`` when given, else the model's (``model_r``), or 0 under an
+    explicit schedule."""
+    if args.r is not None:
+        return args.r
+    return 0 if explicit_schedule(pruning_options(args)) else model_r
 
 
 def _method(args: argparse.Namespace) -> str:
@@ -195,7 +206,9 @@ __all__ = [
     "check_pruning_options",
     "config_from_args",
     "explicit_schedule",
-    "levels_or_schedule",
+    "check_threads",
+    "default_levels",
+    "default_r",
     "parse_locations",
     "parse_schedule",
     "pruning_options",

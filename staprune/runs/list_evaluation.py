@@ -67,6 +67,11 @@ def _rank_files(run_dir: Path) -> list[Path]:
     return sorted(run_dir.glob("rank*.jsonl"), key=lambda p: (len(p.name), p.name))
 
 
+def holds_records(out: Path) -> bool:
+    """Whether any run folder under ``out`` (``OUT/<model>/<setting>/``) has a record written."""
+    return any(p.stat().st_size for p in out.glob("*/*/rank*.jsonl"))
+
+
 def compact(rec: dict[str, Any]) -> dict[str, Any]:
     """What metrics and merging need from a record (scores stay in the files)."""
     return {"index": int(rec["index"]), "path": rec["path"], "label": int(rec["label"]),
@@ -246,4 +251,4 @@ class ListEvaluation:
         return row
 
 
-__all__ = ["ListEvaluation", "compact", "list_fingerprint", "model_dirname", "rank_file", "read_records"]
+__all__ = ["ListEvaluation", "compact", "holds_records", "list_fingerprint", "model_dirname", "rank_file", "read_records"]

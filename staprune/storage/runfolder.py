@@ -178,7 +178,6 @@ class RunLock:
             holder = handle.read().strip()
             handle.close()
             raise self._busy(holder) from None
-        RunLock._held[key] = ""
         handle.seek(0)
         handle.truncate()
         started = time.strftime("%Y-%m-%d %H:%M:%S")
