@@ -118,22 +118,25 @@ def pruned_block(layer: nn.Module, x: Tensor, source: Tensor, fill: Tensor, fram
     bsz, _, channels = x.shape
     t, n = frames, tokens_per_frame
     cls, tokens = x[:, :1], x[:, 1:]
-    # Temporal attention: N sequences of T tokens, dropped positions copy their nearest kept token.
+    # Every grid is gathered straight into the layout its attention reads (one copy of the qkv rows),
+    # and kept outputs are read straight out of it.
+    frame, cell = source // n, source % n
+    # Temporal attention: N sequences of T tokens (space-major), dropped positions copy their nearest kept token.
     temporal = layer.temporal_attention
     qkv = temporal.attention.qkv(layer.temporal_layernorm(tokens))
-    grid = fill_grid(qkv, fill).view(bsz, t, n, -1).transpose(1, 2).reshape(bsz * n, t, -1)
-    out = _attend(temporal.attention, grid).view(bsz, n, t, channels).transpose(1, 2).reshape(bsz, t * n, channels)
-    out = temporal.output(gather_tokens(out, source))
+    space_major_fill = fill.view(bsz, t, n).transpose(1, 2).reshape(bsz, n * t)
+    out = _attend(temporal.attention, fill_grid(qkv, space_major_fill).view(bsz * n, t, -1))
+    out = temporal.output(gather_tokens(out.view(bsz, n * t, channels), cell * t + frame))
     tokens = tokens + layer.temporal_dense(layer.drop_path(out))
-    # Spatial attention: T sequences of 1 + N tokens (CLS copied into each frame).
+    # Spatial attention: T sequences of 1 + N tokens (CLS copied into each frame): rows 0 (CLS), 1.. (kept).
     spatial = layer.attention
     qkv = spatial.attention.qkv(layer.layernorm_before(tokens))
     qkv_cls = spatial.attention.qkv(layer.layernorm_before(cls))
-    grid = fill_grid(qkv, fill).view(bsz * t, n, -1)
-    grid = torch.cat([qkv_cls.expand(bsz, t, -1).reshape(bsz * t, 1, -1), grid], dim=1)
-    out = _attend(spatial.attention, grid)  # (B*T, 1 + N, C)
+    with_cls = torch.cat([fill.new_zeros(bsz, t, 1), fill.view(bsz, t, n) + 1], dim=2).view(bsz, t * (1 + n))
+    out = _attend(spatial.attention, fill_grid(torch.cat([qkv_cls, qkv], dim=1), with_cls).view(bsz * t, 1 + n, -1))
     cls_out = layer.drop_path(spatial.output(out[:, :1])).view(bsz, t, channels).mean(1, keepdim=True)
-    kept_out = layer.drop_path(spatial.output(gather_tokens(out[:, 1:].reshape(bsz, t * n, channels), source)))
+    kept_out = gather_tokens(out.view(bsz, t * (1 + n), channels), source + frame + 1)
+    kept_out = layer.drop_path(spatial.output(kept_out))
     hidden = torch.cat([cls + cls_out, tokens + kept_out], dim=1)
     out = layer.output(layer.intermediate(layer.layernorm_after(hidden)))
     return hidden + layer.drop_path(out), qkv
