@@ -32,6 +32,8 @@ class PatchCallable:
 
     def __init__(self, fn) -> None:
         self.fn = fn
+        if hasattr(fn, "__wrapped__"):  # inspect.signature reports the method it stands in for
+            self.__wrapped__ = fn.__wrapped__
 
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)
@@ -79,14 +81,18 @@ class Patch:
     def __init__(self, config: STAConfig) -> None:
         self.config = config
         self.state: ForwardState | None = None
-        self._forwards: list[nn.Module] = []
+        self._overrides: list[tuple[nn.Module, str]] = []
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._plans: dict[tuple[int, int], PruningPlan] = {}
 
     def override_forward(self, module: nn.Module, forward) -> None:
         """Shadow ``module.forward`` with an instance attribute; :meth:`undo` deletes it again."""
-        module.forward = PatchCallable(forward)
-        self._forwards.append(module)
+        self.override_method(module, "forward", forward)
+
+    def override_method(self, module: nn.Module, name: str, method) -> None:
+        """Shadow method ``name`` of ``module`` with an instance attribute; :meth:`undo` deletes it again."""
+        module.__dict__[name] = PatchCallable(method)
+        self._overrides.append((module, name))
 
     def hook(self, module: nn.Module, fn, *, pre: bool = False, with_kwargs: bool = False) -> None:
         """Register ``fn`` as a forward (``pre``: forward-pre) hook of ``module`` until :meth:`undo`."""
@@ -144,11 +150,11 @@ class Patch:
         )
 
     def undo(self) -> None:
-        for module in self._forwards:
-            module.__dict__.pop("forward", None)
+        for module, name in self._overrides:
+            module.__dict__.pop(name, None)
         for handle in self._hooks:
             handle.remove()
-        self._forwards.clear()
+        self._overrides.clear()
         self._hooks.clear()
         self.state = None
 

@@ -23,8 +23,9 @@ def patch(model: nn.Module, r: int | None = None, *, config: STAConfig | None = 
     """Make ``model`` prune spatio-temporal tokens, in place; returns the same model.
 
     Args:
-        model: a supported backbone (see :func:`supported`).
-        r: tokens dropped per temporal unit at the first stage (the paper's r_1).
+        model: a supported backbone or video LLM (see :func:`supported`).
+        r: tokens dropped per temporal unit at the first stage (the paper's r_1). Video LLMs
+            take ``keep_ratio`` (the share of each video's tokens kept) instead, or ``r``.
         config: a full :class:`STAConfig`; ``r`` and ``options`` override its fields.
         **options: any STAConfig field, e.g. ``method="random"``, ``order="FFF"``.
 
@@ -34,7 +35,12 @@ def patch(model: nn.Module, r: int | None = None, *, config: STAConfig | None = 
             configured input.
     """
     family = family_of(model)  # TypeError naming the supported families
-    if r is None and config is None and "r" not in options:
+    if family.video_llm and r is None and config is None and "r" not in options and "keep_ratio" not in options:
+        raise UsageError(
+            f"staprune.patch({type(model).__name__}) needs a budget: keep_ratio (the share of each video's tokens "
+            "kept, e.g. keep_ratio=0.3) or r (tokens dropped per temporal unit)"
+        )
+    if not family.video_llm and r is None and config is None and "r" not in options and "keep_ratio" not in options:
         try:
             levels = ", ".join(map(str, family.levels(family.spec_of(model))))
         except (ValueError, TypeError):  # a geometry the levels do not fit: the message still helps
@@ -44,6 +50,7 @@ def patch(model: nn.Module, r: int | None = None, *, config: STAConfig | None = 
             f"stage, e.g. staprune.patch(model, r=...) with this model's levels {levels} (r=0 keeps every token)"
         )
     cfg = as_config(config, r, **options)
+    family.check_method(cfg)
     unpatch(model)
     patched = family.patch(model, cfg)
     # An instance attribute is what copy.deepcopy looks up first (EMA copies, benchmark copies).

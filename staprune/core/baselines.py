@@ -1,4 +1,5 @@
-"""Baselines under STA's interface: random dropping and ToMe merging, as tensor functions.
+"""Baselines under STA's interface: random dropping, whole evenly spaced units (video LLMs) and ToMe
+merging, as tensor functions.
 
 ``random_keep_indices`` returns keep indices exactly like :func:`staprune.core.score.sta_keep_indices`.
 ToMe changes token values (size-weighted averages), so :func:`tome_merge` returns the merged
@@ -22,6 +23,18 @@ def random_keep_indices(rng: PerSampleRandom, bsz: int, units: int, n: int, r: i
     kept = random_first_unit(noise, r)[:, : n - r].reshape(bsz, units, n - r)
     offsets = torch.arange(units, device=kept.device).view(1, units, 1) * n
     return (kept + offsets).reshape(bsz, units * (n - r))
+
+
+def uniform_unit_indices(units: int, n: int, keep: int, device: torch.device | str = "cpu") -> Tensor:
+    """Keep whole temporal units, evenly spaced (fewer frames: how video-LLM users usually save tokens),
+    about as many tokens as keeping ``keep`` of each unit's ``n``.
+
+    Returns ``(m * n,)`` ascending indices into ``units * n``, ``m = round(units * keep / n)`` (at least 1)
+    units spread from the first to the last.
+    """
+    m = max(1, min(units, round(units * keep / n)))
+    chosen = torch.linspace(0, units - 1, m, device=device).round().long().unique()
+    return (chosen.view(-1, 1) * n + torch.arange(n, device=device)).reshape(-1)
 
 
 def tome_merge(

@@ -17,10 +17,12 @@ from dataclasses import dataclass, field, replace
 
 from .errors import ConfigError, UnknownOptionError
 
-METHODS = ("sta", "random", "tome", "none")
+METHODS = ("sta", "random", "tome", "none", "uniform")
 SCHEDULES = ("decreasing", "constant", "increasing", "per_frame")
 FIRST_UNIT = ("bipartite", "random", "grid")
 SIMILARITY = ("key", "query", "value", "hidden")
+# Video LLMs: the positions kept video tokens and the text after them take (docs/families/video-llms.md).
+POSITIONS = ("original", "renumbered")
 SCORES = ("sta", "temporal", "semantic")
 FIRST_TRANSITION = ("all", "kept")
 TOME_MODES = ("locations", "every_block")
@@ -61,6 +63,11 @@ class STAConfig:
         seed: seeds every random choice (random first unit, grid, random baseline). Each clip
             draws from its own stream derived from the seed and its pixels, so results repeat
             exactly and do not depend on what else is in the batch.
+        keep_ratio: video LLMs only: the share of each video's tokens kept (how video-LLM papers
+            state a budget), instead of ``r`` tokens dropped per temporal unit.
+        positions: video LLMs only: ``original`` (every kept token and the text after it keep
+            the stock positions) or ``renumbered`` (consecutive positions after pruning; 1D
+            positions only, i.e. LLaVA-OneVision).
     """
 
     r: int = 0
@@ -74,6 +81,8 @@ class STAConfig:
     locations: tuple[int, ...] | None = None
     tome_mode: str = "locations"
     seed: int = 0
+    keep_ratio: float | None = None
+    positions: str = "original"
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 0:
@@ -84,6 +93,16 @@ class STAConfig:
         _check_choice("score", self.score, SCORES)
         _check_choice("first_transition", self.first_transition, FIRST_TRANSITION)
         _check_choice("tome_mode", self.tome_mode, TOME_MODES)
+        _check_choice("positions", self.positions, POSITIONS)
+        if self.keep_ratio is not None:
+            ratio = self.keep_ratio
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+                raise ConfigError(
+                    f"keep_ratio={ratio!r} must be in (0, 1]: the share of each video's tokens kept "
+                    "(1.0 keeps every token)"
+                )
+            if self.r:
+                raise ConfigError(f"give r or keep_ratio, not both (r={self.r}, keep_ratio={ratio})")
         if isinstance(self.schedule, str):
             _check_choice("schedule", self.schedule, SCHEDULES)
         else:

@@ -27,6 +27,9 @@ FAMILY_MODULES: tuple[str, ...] = (
     "staprune.families.vivit",
     "staprune.families.vjepa2",
     "staprune.families.timesformer",
+    "staprune.families.qwen2_5_vl",
+    "staprune.families.qwen3_vl",
+    "staprune.families.llava_onevision",
 )
 ENTRY_POINT_GROUP = "staprune.models"
 

@@ -292,6 +292,8 @@ class Family:
             activation checkpointing (their forward replaces the instance's, so they run once).
         no_weight_decay: parameter-name fragments fine-tuning exempts from weight decay (besides
             biases and norms), e.g. Swin's relative-position tables.
+        video_llm: a video LLM (pruned before its language model): takes ``keep_ratio``,
+            ``positions`` and ``method="uniform"``, which the video classifiers refuse.
     """
 
     name: ClassVar[str] = ""
@@ -308,6 +310,7 @@ class Family:
     stock_kernels_at_r0: ClassVar[bool] = True
     supports_gradient_checkpointing: ClassVar[bool] = False
     no_weight_decay: ClassVar[tuple[str, ...]] = ()
+    video_llm: ClassVar[bool] = False
 
     # recognition and patching ------------------------------------------------------------------
     def recognizes(self, model: nn.Module) -> bool:
@@ -320,6 +323,13 @@ class Family:
             raise ConfigError(
                 f"method='tome' is not supported for {self.title}: {self.tome_refusal}; use sta, random or none"
             )
+        if not self.video_llm:
+            if config.method == "uniform":
+                raise ConfigError(f"method='uniform' (whole frames) is a video-LLM baseline; {self.title} "
+                                  "takes sta, random, tome or none")
+            if config.keep_ratio is not None or config.positions != "original":
+                raise ConfigError(f"keep_ratio and positions apply to video LLMs; {self.title} prunes r tokens "
+                                  "per temporal unit: staprune.patch(model, r=...)")
 
     def patch(self, model: nn.Module, config: STAConfig) -> nn.Module:
         """Patch ``model`` in place (see :func:`staprune.patch`); validates ``config`` first."""

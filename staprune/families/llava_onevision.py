@@ -1,0 +1,85 @@
+"""LLaVA-OneVision (transformers ``LlavaOnevisionForConditionalGeneration`` /
+``LlavaOnevisionModel``; LLaVA-Video checkpoints load as these): STA on each video's pooled
+frame tokens before the language model (docs/families/video-llms.md).
+
+A temporal unit is one frame: the vision tower's ``(S/p)²`` patches, projected and pooled 2x2 to
+``ceil(S/2p)²`` tokens (196 at 384 px). The newline token after each video always stays.
+The language model takes 1D positions: kept tokens keep their stock positions by default
+(``positions="original"``: the text after the video stays where it was trained to be, as far from
+the question's start as in the stock prompt) or are numbered consecutively
+(``positions="renumbered"``: the pruned prompt reads like a shorter video). ``similarity="key"``
+reads the keys of the vision layer whose output the projector takes, pooled like the features.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..adapters.video_tokens import VideoLayout, VideoLLMModel, VideoPatch
+from ..core.score import normalize_metric
+from .base import FamilyModels
+from .video_llm import VideoLLMFamily
+
+
+def _tokens_per_frame(inner: nn.Module) -> int:
+    side = inner.config.vision_config.image_size // inner.config.vision_config.patch_size
+    return math.ceil(side / 2) ** 2
+
+
+def install_siglip_keys(p: VideoPatch, inner: nn.Module):
+    """Hook the vision layer the projector reads; the reader gives its keys of the videos pooled
+    like the features (each video's frames, then a zero row for its newline)."""
+    tower = inner.vision_tower
+    layers = getattr(tower, "vision_model", tower).encoder.layers  # transformers 4 nests a vision_model
+    chosen = inner.config.vision_feature_layer
+    chosen = chosen[-1] if isinstance(chosen, (list, tuple)) else chosen
+    # hidden_states[i] is the output of layer i - 1 (hidden_states[0]: the embeddings).
+    attention = layers[chosen if chosen < 0 else chosen - 1].self_attn
+    captured: dict = {}
+
+    def keep_keys(module, args, output):
+        if p.encoding_video:
+            captured["keys"] = output
+
+    def read(pixels: torch.Tensor, grid: torch.Tensor | None) -> torch.Tensor:
+        keys = captured.pop("keys")  # (videos * frames, patches, C)
+        if inner.config.vision_feature_select_strategy == "default":
+            keys = keys[:, 1:]
+        keys = normalize_metric(keys.view(*keys.shape[:2], attention.num_heads, -1).mean(2))
+        keys = inner.apply_pooling(keys).reshape(pixels.shape[0], -1, keys.shape[-1])
+        newline = keys.new_zeros(keys.shape[0], 1, keys.shape[-1])
+        return torch.cat([keys, newline], dim=1).flatten(0, 1)
+
+    p.hook(attention.k_proj, keep_keys)
+    return read
+
+
+class LlavaOnevisionFamily(VideoLLMFamily):
+    name = "llava_onevision"
+    title = "LLaVA-OneVision (transformers)"
+    transformers_classes = ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel")
+
+    def describe(self, model: nn.Module) -> VideoLLMModel:
+        inner = self.inner(model)
+        per_frame = _tokens_per_frame(inner)
+
+        def layouts(pixels: torch.Tensor, grid: torch.Tensor | None) -> list[VideoLayout]:
+            return [VideoLayout(pixels.shape[1], per_frame, tail=1)] * pixels.shape[0]
+
+        return VideoLLMModel(
+            inner=inner,
+            language_model=inner.language_model,
+            video_token_id=inner.config.video_token_id,
+            layouts=layouts,
+            install_keys=install_siglip_keys,
+            one_d_positions=True,
+        )
+
+
+FAMILY = LlavaOnevisionFamily()
+REGISTRATION = FamilyModels(FAMILY, ())
+
+__all__ = ["FAMILY", "REGISTRATION", "LlavaOnevisionFamily", "install_siglip_keys"]

@@ -1,0 +1,399 @@
+"""Video LLMs (issue 26): STA on the video tokens of Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision before
+the language model. Tiny random models built from each family's config class; prompts are built the
+way each processor lays them out (placeholders per video, Qwen3-VL's timestamp between units)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import staprune
+from staprune.core.errors import ConfigError, UsageError
+
+transformers = pytest.importorskip("transformers")
+
+IMG, VID, VS, VE, PAD = 10, 11, 12, 13, 0
+TEXT_BEFORE, TEXT_AFTER = [20, 21, 22], [30, 31]
+
+
+# --- tiny models and prompts ------------------------------------------------------------------------
+def qwen25():
+    cfg = transformers.Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2,
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           fullatt_block_indexes=[1], window_size=56),
+        image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS, vision_end_token_id=VE)
+    torch.manual_seed(0)
+    return transformers.Qwen2_5_VLForConditionalGeneration(cfg).eval()
+
+
+def qwen3():
+    cfg = transformers.Qwen3VLConfig(
+        text_config=dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=16,
+                         num_attention_heads=4, num_key_value_heads=2,
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4,
+                                          "mrope_interleaved": True}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           deepstack_visual_indexes=[0], num_position_embeddings=64, patch_size=16),
+        image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS, vision_end_token_id=VE)
+    torch.manual_seed(0)
+    return transformers.Qwen3VLForConditionalGeneration(cfg).eval()
+
+
+def llava():
+    cfg = transformers.LlavaOnevisionConfig(
+        text_config=dict(model_type="qwen2", vocab_size=100, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=2, image_size=112, patch_size=14),
+        image_token_index=IMG, video_token_index=VID)
+    torch.manual_seed(0)
+    return transformers.LlavaOnevisionForConditionalGeneration(cfg).eval()
+
+
+def qwen_video(model, units: int, side: int = 8, seed: int = 1):
+    """Placeholders and pixels of one video of ``units`` temporal patches on a ``side`` x ``side``
+    patch grid (Qwen3-VL: a timestamp token and vision start/end around every unit)."""
+    g = torch.Generator().manual_seed(seed)
+    patch = model.config.vision_config.patch_size
+    per_unit = side * side // 4
+    if isinstance(model, transformers.Qwen3VLForConditionalGeneration):
+        ids = []
+        for u in range(units):
+            ids += [40 + u, VS] + [VID] * per_unit + [VE]
+    else:
+        ids = [VS] + [VID] * (units * per_unit) + [VE]
+    pixels = torch.randn(units * side * side, 3 * 2 * patch * patch, generator=g)
+    return ids, pixels, torch.tensor([[units, side, side]])
+
+
+def qwen_inputs(model, units=(4,), seed: int = 1, pad_to: int | None = None):
+    """One prompt (text, one video per entry of ``units``, text) as the processor returns it."""
+    ids, pixels, grids = list(TEXT_BEFORE), [], []
+    for i, u in enumerate(units):
+        v_ids, v_pix, v_grid = qwen_video(model, u, seed=seed + i)
+        ids += v_ids + [25]
+        pixels.append(v_pix)
+        grids.append(v_grid)
+    ids += TEXT_AFTER
+    return _batch([ids], pixels, grids)
+
+
+def _batch(rows: list[list[int]], pixels, grids):
+    length = max(map(len, rows))
+    input_ids = torch.tensor([[PAD] * (length - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows])
+    types = (input_ids == VID).long() * 2 + (input_ids == IMG).long()
+    return {"input_ids": input_ids, "attention_mask": mask, "mm_token_type_ids": types,
+            "pixel_values_videos": torch.cat(pixels), "video_grid_thw": torch.cat(grids)}
+
+
+def llava_inputs(model, frames: int = 4, videos: int = 1, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    size = model.config.vision_config.image_size
+    per_frame = (size // model.config.vision_config.patch_size + 1) // 2
+    per_frame *= per_frame
+    ids = list(TEXT_BEFORE)
+    for _ in range(videos):
+        ids += [VID] * (frames * per_frame + 1) + [25]
+    ids += TEXT_AFTER
+    return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+            "pixel_values_videos": torch.randn(videos, frames, 3, size, size, generator=g)}
+
+
+FAMILIES = {"qwen2_5_vl": (qwen25, qwen_inputs), "qwen3_vl": (qwen3, qwen_inputs), "llava_onevision": (llava, llava_inputs)}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request):
+    build, inputs = FAMILIES[request.param]
+    model = build()
+    yield model, inputs(model)
+    staprune.unpatch(model)
+
+
+def language_model_inputs(model, inputs) -> dict:
+    """The keyword arguments the language model receives for ``inputs`` (after any staprune hook)."""
+    seen = {}
+    handle = staprune_inner(model).language_model.register_forward_pre_hook(
+        lambda m, a, k: seen.update(k), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        handle.remove()
+    return seen
+
+
+def staprune_inner(model):
+    return model.model
+
+
+def stock_positions(stock: dict) -> torch.Tensor:
+    """The positions the stock language model used (LLaVA's forward leaves them to it: 0 .. L-1)."""
+    if stock.get("position_ids") is not None:
+        return stock["position_ids"]
+    return torch.arange(stock["inputs_embeds"].shape[1])[None]
+
+
+def greedy(model, inputs, steps=4):
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, pad_token_id=PAD)
+    return out[:, inputs["input_ids"].shape[1]:]
+
+
+# --- identity at full budget ---------------------------------------------------------------------------
+@pytest.mark.parametrize("budget", [{"keep_ratio": 1.0}, {"r": 0}])
+def test_full_budget_is_the_stock_model(family, budget):
+    model, inputs = family
+    staprune.unpatch(model)
+    with torch.no_grad():
+        stock = model(**inputs).logits
+    stock_tokens = greedy(model, inputs)
+    staprune.patch(model, **budget)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, stock)
+    assert torch.equal(greedy(model, inputs), stock_tokens)
+
+
+# --- the pruned forward is the stock language model on the kept tokens ---------------------------------
+@pytest.mark.parametrize("options", [{"keep_ratio": 0.5}, {"keep_ratio": 0.3, "similarity": "hidden"},
+                                     {"r": 3, "method": "random"}, {"keep_ratio": 0.5, "method": "uniform"}])
+def test_pruned_forward_is_stock_language_model_on_kept_tokens(family, options):
+    model, inputs = family
+    staprune.unpatch(model)
+    stock = language_model_inputs(model, inputs)
+    staprune.patch(model, **options)
+    with torch.no_grad():
+        pruned = model(**inputs).logits
+    kept_videos = staprune.kept_tokens(model)
+    video_cols = (inputs["input_ids"][0] == VID).nonzero().flatten()
+    keep = torch.ones(inputs["input_ids"].shape[1], dtype=torch.bool)
+    keep[video_cols] = False
+    start = 0
+    for kept in kept_videos:  # each video's own indices, videos in prompt order
+        span = video_cols[start:]
+        keep[span[kept]] = True
+        start += _video_length(model, inputs, len(kept_videos))
+    assert keep.sum() == pruned.shape[1] < keep.numel()
+    positions = stock_positions(stock)
+    reference_kwargs = {"inputs_embeds": stock["inputs_embeds"][:, keep], "position_ids": positions[..., keep],
+                        "attention_mask": torch.ones(1, int(keep.sum()), dtype=torch.long)}
+    if stock.get("visual_pos_masks") is not None:  # Qwen3-VL DeepStack: the features of kept visual tokens
+        visual = stock["visual_pos_masks"]
+        reference_kwargs["visual_pos_masks"] = visual[:, keep]
+        reference_kwargs["deepstack_visual_embeds"] = [e[keep[visual[0]]] for e in stock["deepstack_visual_embeds"]]
+    staprune.unpatch(model)
+    with torch.no_grad():
+        hidden = model.model.language_model(**reference_kwargs).last_hidden_state
+        reference = model.lm_head(hidden)
+    torch.testing.assert_close(pruned, reference, atol=1e-5, rtol=1e-5)
+
+
+def _video_length(model, inputs, videos: int) -> int:
+    return int((inputs["input_ids"][0] == VID).sum()) // videos
+
+
+def test_kept_tokens_per_video_follow_the_budget():
+    model = qwen25()
+    inputs = qwen_inputs(model, units=(4, 2))
+    staprune.patch(model, keep_ratio=0.25)
+    with torch.no_grad():
+        model(**inputs)
+    first, second = staprune.kept_tokens(model)
+    assert first.numel() == 4 * 4 and second.numel() == 2 * 4  # 16 tokens per unit, 4 kept
+    for kept, units in ((first, 4), (second, 2)):
+        assert torch.equal(kept, kept.sort().values) and int(kept.max()) < units * 16
+        assert torch.equal(torch.bincount(kept // 16, minlength=units), torch.full((units,), 4))
+
+
+# --- generation -----------------------------------------------------------------------------------------
+def test_greedy_generation_equals_a_no_cache_loop_at_stock_positions(family):
+    model, inputs = family
+    staprune.unpatch(model)
+    stock = language_model_inputs(model, inputs)
+    staprune.patch(model, keep_ratio=0.5)
+    generated = greedy(model, inputs, steps=4)[0]
+    with torch.no_grad():
+        model(**inputs)
+    keep = _keep_mask(model, inputs)
+    staprune.unpatch(model)
+    embeds, positions = stock["inputs_embeds"][:, keep], stock_positions(stock)[..., keep]
+    # Stock positions of the answer: after the prompt's last position, in every M-RoPE row alike.
+    next_position = stock_positions(stock)[..., -1:] + 1
+    lm = model.model.language_model
+    tokens = []
+    with torch.no_grad():
+        for _ in range(4):
+            hidden = lm(inputs_embeds=embeds, position_ids=positions, use_cache=False,
+                        attention_mask=torch.ones(1, embeds.shape[1], dtype=torch.long),
+                        **_deepstack(stock, keep, extra=len(tokens))).last_hidden_state
+            token = model.lm_head(hidden[:, -1]).argmax(-1)
+            tokens.append(int(token))
+            embeds = torch.cat([embeds, lm.embed_tokens(token)[:, None]], dim=1)
+            positions = torch.cat([positions, next_position], dim=-1)
+            next_position = next_position + 1
+    assert generated.tolist() == tokens
+
+
+def _keep_mask(model, inputs) -> torch.Tensor:
+    video_cols = (inputs["input_ids"][0] == VID).nonzero().flatten()
+    keep = torch.ones(inputs["input_ids"].shape[1], dtype=torch.bool)
+    keep[video_cols] = False
+    keep[video_cols[staprune.kept_tokens(model)[0]]] = True
+    return keep
+
+
+def _deepstack(stock: dict, keep: torch.Tensor, extra: int = 0) -> dict:
+    """Qwen3-VL's DeepStack inputs for the kept columns (and ``extra`` generated, non-visual ones)."""
+    if stock.get("visual_pos_masks") is None:
+        return {}
+    visual = stock["visual_pos_masks"]
+    return {"visual_pos_masks": torch.cat([visual[:, keep], visual.new_zeros(1, extra)], dim=1),
+            "deepstack_visual_embeds": [e[keep[visual[0]]] for e in stock["deepstack_visual_embeds"]]}
+
+
+def test_kv_cache_holds_only_kept_tokens():
+    model = qwen25()
+    inputs = qwen_inputs(model)
+    staprune.patch(model, keep_ratio=0.25)
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+    kept = int(staprune.kept_tokens(model)[0].numel())
+    assert out.cache.get_seq_length() == inputs["input_ids"].shape[1] - 64 + kept
+
+
+# --- batches --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("build", [qwen25, qwen3])
+def test_batch_of_two_video_lengths_left_padded_equals_each_alone(build):
+    model = build()
+    staprune.patch(model, keep_ratio=0.3)
+    long_prompt, short_prompt = qwen_inputs(model, units=(4,), seed=1), qwen_inputs(model, units=(2,), seed=5)
+    rows = [long_prompt["input_ids"][0].tolist(), short_prompt["input_ids"][0].tolist()]
+    batch = _batch(rows, [long_prompt["pixel_values_videos"], short_prompt["pixel_values_videos"]],
+                   [long_prompt["video_grid_thw"], short_prompt["video_grid_thw"]])
+    with torch.no_grad():
+        together = model(**batch).logits[:, -1]
+        alone = [model(**p).logits[0, -1] for p in (long_prompt, short_prompt)]
+    for row, single in zip(together, alone, strict=True):
+        torch.testing.assert_close(row, single, atol=1e-5, rtol=1e-5)
+    together_tokens = greedy(model, batch, steps=3)
+    for row, p in zip(together_tokens, (long_prompt, short_prompt), strict=True):
+        assert row.tolist() == greedy(model, p, steps=3)[0].tolist()
+
+
+def test_llava_batch_of_two_videos_equals_each_alone():
+    model = llava()
+    staprune.patch(model, keep_ratio=0.3)
+    a, b = llava_inputs(model, seed=1), llava_inputs(model, seed=2)
+    batch = {k: torch.cat([a[k], b[k]]) for k in a}
+    with torch.no_grad():
+        together = model(**batch).logits[:, -1]
+        alone = [model(**p).logits[0, -1] for p in (a, b)]
+    for row, single in zip(together, alone, strict=True):
+        torch.testing.assert_close(row, single, atol=1e-5, rtol=1e-5)
+
+
+# --- what is not a video stays ---------------------------------------------------------------------------
+def test_an_image_in_the_prompt_reaches_the_language_model_untouched():
+    model = qwen25()
+    video = qwen_inputs(model)
+    g = torch.Generator().manual_seed(9)
+    patch = model.config.vision_config.patch_size
+    image_ids = [VS] + [IMG] * 16 + [VE]
+    ids = video["input_ids"][0].tolist()
+    inputs = _batch([ids[:2] + image_ids + ids[2:]], [video["pixel_values_videos"]], [video["video_grid_thw"]])
+    inputs["pixel_values"] = torch.randn(64, 3 * 2 * patch * patch, generator=g)
+    inputs["image_grid_thw"] = torch.tensor([[1, 8, 8]])
+    stock = language_model_inputs(model, inputs)
+    staprune.patch(model, keep_ratio=0.25)
+    pruned = language_model_inputs(model, inputs)
+    stock_ids, image = inputs["input_ids"][0], inputs["input_ids"][0] == IMG
+    kept_ids = stock_ids[_keep_mask(model, inputs)]
+    assert torch.equal(kept_ids[kept_ids != VID], stock_ids[stock_ids != VID])  # text, image, specials all stay
+    pruned_image = pruned["inputs_embeds"][0][kept_ids == IMG]
+    assert torch.equal(pruned_image, stock["inputs_embeds"][0][image])
+    assert torch.equal(pruned["position_ids"][..., kept_ids == IMG], stock["position_ids"][..., image])
+
+
+def test_llava_newline_stays_and_renumbered_positions_are_consecutive():
+    model = llava()
+    inputs = llava_inputs(model, videos=2)
+    staprune.patch(model, keep_ratio=0.3, positions="renumbered")
+    seen = language_model_inputs(model, inputs)
+    for kept in staprune.kept_tokens(model):
+        assert int(kept[-1]) == 4 * 16  # the newline after the video's 4 frames of 16 tokens
+    assert torch.equal(seen["position_ids"][0], torch.arange(seen["inputs_embeds"].shape[1]))
+    assert greedy(model, inputs, steps=3).shape == (1, 3)
+    staprune.patch(model, keep_ratio=0.3)  # original positions: the stock ones, with gaps
+    seen = language_model_inputs(model, inputs)
+    assert int(seen["position_ids"][0, -1]) == inputs["input_ids"].shape[1] - 1
+
+
+# --- training and unpatch -------------------------------------------------------------------------------
+def test_gradients_reach_the_vision_tower_through_kept_tokens():
+    model = qwen25().train()
+    staprune.patch(model, keep_ratio=0.5)
+    model(**qwen_inputs(model)).logits.sum().backward()
+    grads = [p.grad for p in model.model.visual.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_unpatch_restores_the_stock_model():
+    model = qwen25()
+    inputs = qwen_inputs(model)
+    with torch.no_grad():
+        stock = model(**inputs).logits
+    staprune.patch(model, keep_ratio=0.3)
+    staprune.unpatch(model)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, stock)
+    assert "get_video_features" not in model.model.__dict__
+
+
+# --- bad input: one clear error ---------------------------------------------------------------------------
+@pytest.mark.parametrize("ratio", [0, -0.1, 1.5, True])
+def test_keep_ratio_outside_zero_one_is_refused(ratio):
+    with pytest.raises(ConfigError, match="keep_ratio"):
+        staprune.patch(qwen25(), keep_ratio=ratio)
+
+
+def test_a_budget_that_empties_a_unit_is_refused():
+    model = qwen25()
+    inputs = qwen_inputs(model)
+    staprune.patch(model, keep_ratio=0.01)
+    with pytest.raises(ConfigError, match="keeps no token of a temporal unit of 16 tokens"):
+        model(**inputs)
+    staprune.patch(model, r=16)
+    with pytest.raises(ConfigError, match="drops every token"):
+        model(**inputs)
+
+
+def test_a_prompt_without_video_is_one_clear_error():
+    model = qwen25()
+    staprune.patch(model, keep_ratio=0.5)
+    with pytest.raises(UsageError, match="no video"):
+        model(input_ids=torch.tensor([TEXT_BEFORE + TEXT_AFTER]))
+
+
+def test_options_that_do_not_apply_are_refused():
+    with pytest.raises(UsageError, match="needs a budget"):
+        staprune.patch(qwen25())
+    with pytest.raises(ConfigError, match="renumbered"):
+        staprune.patch(qwen25(), keep_ratio=0.5, positions="renumbered")
+    with pytest.raises(ConfigError, match="not both"):
+        staprune.patch(qwen25(), keep_ratio=0.5, r=2)
+    with pytest.raises(ConfigError, match="tome"):
+        staprune.patch(qwen25(), keep_ratio=0.5, method="tome")
+
+
+def test_video_llm_options_are_refused_by_video_classifiers():
+    from conftest import tiny_videomae
+
+    with pytest.raises(ConfigError, match="keep_ratio"):
+        staprune.patch(tiny_videomae(), keep_ratio=0.5)
+    with pytest.raises(ConfigError, match="uniform"):
+        staprune.patch(tiny_videomae(), r=4, method="uniform")
