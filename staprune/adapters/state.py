@@ -75,6 +75,11 @@ class ForwardState:
         self.kept_stages.append(stage)
 
 
+def needs_noise(config: STAConfig) -> bool:
+    """Whether the method draws random numbers (the random baseline, STA's random or grid first unit)."""
+    return config.method == "random" or (config.method == "sta" and config.first_unit != "bipartite")
+
+
 class Patch:
     """Undo log and runtime state of one patched model (stored on the model as ``_staprune``)."""
 
@@ -115,8 +120,7 @@ class Patch:
         bsz = pixels.shape[0]
         length = plan.frames * plan.tokens_per_frame
         cfg = plan.config
-        needs_noise = cfg.method == "random" or (cfg.method == "sta" and cfg.first_unit != "bipartite")
-        rng = PerSampleRandom(sample_seeds(pixels, cfg.seed), device) if needs_noise else None
+        rng = PerSampleRandom(sample_seeds(pixels, cfg.seed), device) if needs_noise(cfg) else None
         source = torch.arange(length, device=device).expand(bsz, -1)
         size = torch.ones(bsz, length, device=device) if cfg.method == "tome" else None
         self.state = ForwardState(plan, source, grid_hw, rng, size)

@@ -31,7 +31,7 @@ from ..core.baselines import random_keep_indices, uniform_unit_indices
 from ..core.config import STAConfig
 from ..core.errors import ConfigError, UsageError
 from ..core.score import PerSampleRandom, gather_tokens, normalize_metric, sample_seeds, sta_keep_indices
-from .state import Patch
+from .state import Patch, needs_noise
 
 
 @dataclass(frozen=True)
@@ -135,17 +135,24 @@ class PrunedPrompt:
     Attributes:
         kept: per video (in the order the model consumed them), original indices into that
             video's placeholder tokens (:func:`staprune.kept_tokens`).
-        stock_length: columns of the stock prompt ``L``; pruned_length: ``L'``.
-        mask: ``(B, L')`` the pruned prompt's attention mask; dropped: ``(B,)`` tokens each row dropped.
-        pruned: False when nothing was dropped (the hooks then change nothing).
+        stock_length: columns of the stock prompt ``L``.
+        mask: ``(B, L')`` the pruned prompt's attention mask; None when nothing was dropped (the
+            hooks then change nothing). dropped: ``(B,)`` tokens each row dropped.
     """
 
     kept: list[Tensor] = field(default_factory=list)
     stock_length: int = 0
-    pruned_length: int = 0
     mask: Tensor | None = None
     dropped: Tensor | None = None
-    pruned: bool = False
+
+    @property
+    def pruned(self) -> bool:
+        return self.mask is not None
+
+    @property
+    def pruned_length(self) -> int:
+        """``L'``, the columns of the pruned prompt."""
+        return self.mask.shape[1]
 
 
 @dataclass
@@ -259,7 +266,7 @@ def _prefill(p: VideoPatch, model: VideoLLMModel, kwargs: dict, ids: Tensor | No
             raise UsageError("a video's placeholder tokens must all be in one prompt")
         tokens = embeds[row, span]
         metric = keys[start : start + layout.tokens] if keys is not None else normalize_metric(tokens)
-        rng = PerSampleRandom(sample_seeds(tokens[None], cfg.seed), tokens.device) if _needs_noise(cfg) else None
+        rng = PerSampleRandom(sample_seeds(tokens[None], cfg.seed), tokens.device) if needs_noise(cfg) else None
         kept = select_video_tokens(tokens, metric, layout, cfg, rng)
         state.kept.append(kept)
         dropped = torch.ones(layout.tokens, dtype=torch.bool, device=ids.device)
@@ -272,7 +279,6 @@ def _prefill(p: VideoPatch, model: VideoLLMModel, kwargs: dict, ids: Tensor | No
     mask = kwargs.get("attention_mask")
     mask = torch.ones(bsz, length, dtype=torch.long, device=ids.device) if mask is None else mask
     state.mask = take_columns(mask, index) * valid
-    state.pruned, state.pruned_length = True, index.shape[1]
     state.dropped = (~keep).sum(1)
     positions = kwargs.get("position_ids")
     if positions is None:  # what the language model would use: 0 .. L-1
@@ -305,7 +311,3 @@ def _decode(state: PrunedPrompt, kwargs: dict, past: int, renumbered: bool) -> d
         positions = positions - state.dropped.view(-1, 1)
     kwargs["position_ids"] = positions
     return kwargs
-
-
-def _needs_noise(cfg: STAConfig) -> bool:
-    return cfg.method == "random" or (cfg.method == "sta" and cfg.first_unit != "bipartite")

@@ -111,32 +111,13 @@ def load_hf_pretrained(cls, folder: Path, name: str, *, fix_state=None) -> nn.Mo
     return model.eval()
 
 
-
-
 # --- the base class -------------------------------------------------------------------------------
-class HuggingFaceFamily(Family):
-    """Base of the families of transformers models (VideoMAE, ViViT, V-JEPA 2, TimeSformer).
-
-    Subclasses set :attr:`transformers_classes` (the video classifier first, then its encoder),
-    :attr:`backbone_attribute` and :attr:`clip_owner`; the tubelet-ViT answers below read a spec
-    with ``frames``, ``size``, ``tubelet``, ``patch``, ``grid_side`` and ``layers``.
-
-    Attributes:
-        transformers_classes: the ``transformers`` class names the family patches, the video
-            classifier first; they give :attr:`Family.classes`, :meth:`recognizes` and
-            :meth:`load_folder`.
-        backbone_attribute: the classifier's attribute holding the encoder (``videomae``).
-        clip_owner: how messages name the model (``this VideoMAE``).
-        any_clip_length: the family's models take clips of any length (:meth:`wrap` then records
-            no fixed frame count).
-        extra_tokens: leading tokens of every block's sequence that are not patches (a CLS token).
-    """
+class TransformersFamily(Family):
+    """A family whose models are ``transformers`` classes, named in :attr:`transformers_classes`
+    (the top-level model first, then its base model); they give :attr:`Family.classes` and
+    :meth:`recognizes`."""
 
     transformers_classes: ClassVar[tuple[str, ...]] = ()
-    backbone_attribute: ClassVar[str] = ""
-    clip_owner: ClassVar[str] = ""
-    any_clip_length: ClassVar[bool] = False
-    extra_tokens: ClassVar[int] = 0
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -155,6 +136,30 @@ class HuggingFaceFamily(Family):
     def recognizes(self, model: nn.Module) -> bool:
         found = [cls for name in self.transformers_classes if (cls := self.transformers_class(name)) is not None]
         return bool(found) and isinstance(model, tuple(found))
+
+
+class HuggingFaceFamily(TransformersFamily):
+    """Base of the families of transformers models (VideoMAE, ViViT, V-JEPA 2, TimeSformer).
+
+    Subclasses set :attr:`transformers_classes` (the video classifier first, then its encoder),
+    :attr:`backbone_attribute` and :attr:`clip_owner`; the tubelet-ViT answers below read a spec
+    with ``frames``, ``size``, ``tubelet``, ``patch``, ``grid_side`` and ``layers``.
+
+    Attributes:
+        transformers_classes: the ``transformers`` class names the family patches, the video
+            classifier first; they give :attr:`Family.classes`, :meth:`recognizes` and
+            :meth:`load_folder`.
+        backbone_attribute: the classifier's attribute holding the encoder (``videomae``).
+        clip_owner: how messages name the model (``this VideoMAE``).
+        any_clip_length: the family's models take clips of any length (:meth:`wrap` then records
+            no fixed frame count).
+        extra_tokens: leading tokens of every block's sequence that are not patches (a CLS token).
+    """
+
+    backbone_attribute: ClassVar[str] = ""
+    clip_owner: ClassVar[str] = ""
+    any_clip_length: ClassVar[bool] = False
+    extra_tokens: ClassVar[int] = 0
 
     # the model's parts -----------------------------------------------------------------------------
     def backbone(self, model: nn.Module) -> nn.Module:

@@ -18,8 +18,8 @@ import math
 import torch
 from torch import nn
 
+from ..adapters.filled_grid import slice_metric
 from ..adapters.video_tokens import VideoLayout, VideoLLMModel, VideoPatch
-from ..core.score import normalize_metric
 from .base import FamilyModels
 from .video_llm import VideoLLMFamily
 
@@ -48,7 +48,7 @@ def install_siglip_keys(p: VideoPatch, inner: nn.Module):
         keys = captured.pop("keys")  # (videos * frames, patches, C)
         if inner.config.vision_feature_select_strategy == "default":
             keys = keys[:, 1:]
-        keys = normalize_metric(keys.view(*keys.shape[:2], attention.num_heads, -1).mean(2))
+        keys = slice_metric(keys, attention.num_heads)
         keys = inner.apply_pooling(keys).reshape(pixels.shape[0], -1, keys.shape[-1])
         newline = keys.new_zeros(keys.shape[0], 1, keys.shape[-1])
         return torch.cat([keys, newline], dim=1).flatten(0, 1)

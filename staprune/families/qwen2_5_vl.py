@@ -10,6 +10,8 @@ A temporal unit is one temporal patch (two frames) of ``(h/2)·(w/2)`` merged to
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -59,9 +61,17 @@ def _window_index(visual: nn.Module, grid_thw: torch.Tensor) -> torch.Tensor:
 
 
 class Qwen25VLFamily(VideoLLMFamily):
+    """Qwen2.5-VL; Qwen3-VL differs only in its classes and a vision tower without window order.
+
+    Attributes:
+        windowed_vision: the vision tower runs merged tokens in window order (keys are put back
+            in token order).
+    """
+
     name = "qwen2_5_vl"
     title = "Qwen2.5-VL (transformers)"
     transformers_classes = ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel")
+    windowed_vision: ClassVar[bool] = True
 
     def describe(self, model: nn.Module) -> VideoLLMModel:
         inner = self.inner(model)
@@ -70,7 +80,7 @@ class Qwen25VLFamily(VideoLLMFamily):
             language_model=inner.language_model,
             video_token_id=inner.config.video_token_id,
             layouts=qwen_layouts(inner.config.vision_config.spatial_merge_size),
-            install_keys=lambda p, m: install_qwen_keys(p, m, windowed=True),
+            install_keys=lambda p, m: install_qwen_keys(p, m, windowed=self.windowed_vision),
         )
 
 

@@ -7,28 +7,15 @@ order all the same. The vision tower has no window order.
 
 from __future__ import annotations
 
-from torch import nn
-
-from ..adapters.video_tokens import VideoLLMModel
 from .base import FamilyModels
-from .qwen2_5_vl import install_qwen_keys, qwen_layouts
-from .video_llm import VideoLLMFamily
+from .qwen2_5_vl import Qwen25VLFamily
 
 
-class Qwen3VLFamily(VideoLLMFamily):
+class Qwen3VLFamily(Qwen25VLFamily):
     name = "qwen3_vl"
     title = "Qwen3-VL (transformers)"
     transformers_classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLModel")
-
-    def describe(self, model: nn.Module) -> VideoLLMModel:
-        inner = self.inner(model)
-        return VideoLLMModel(
-            inner=inner,
-            language_model=inner.language_model,
-            video_token_id=inner.config.video_token_id,
-            layouts=qwen_layouts(inner.config.vision_config.spatial_merge_size),
-            install_keys=lambda p, m: install_qwen_keys(p, m, windowed=False),
-        )
+    windowed_vision = False
 
 
 FAMILY = Qwen3VLFamily()

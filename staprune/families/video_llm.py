@@ -7,35 +7,22 @@ is, the video placeholder id, each video's temporal units, and how to read the v
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 from torch import Tensor, nn
 
 from ..adapters.filled_grid import packed_slice, slice_metric
 from ..adapters.video_tokens import VideoLLMModel, VideoPatch, install
 from ..core.config import STAConfig
 from ..core.errors import ConfigError
-from .base import Family
-from .hf import HuggingFaceFamily
+from .hf import TransformersFamily
 
 
-class VideoLLMFamily(Family):
+class VideoLLMFamily(TransformersFamily):
     """Base of the video-LLM families. Subclasses set :attr:`transformers_classes` (the
     ``*ForConditionalGeneration`` class first, then its ``*Model``) and implement :meth:`describe`."""
 
     video_llm = True
     block_locations = False
     tome_refusal = "video-LLM tokens are dropped before the language model, not merged"
-    transformers_classes: ClassVar[tuple[str, ...]] = ()
-
-    def __init_subclass__(cls, **kwargs) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.transformers_classes and "classes" not in cls.__dict__:
-            cls.classes = tuple(f"transformers {name}" for name in cls.transformers_classes)
-
-    def recognizes(self, model: nn.Module) -> bool:
-        found = [c for name in self.transformers_classes if (c := HuggingFaceFamily.transformers_class(name))]
-        return bool(found) and isinstance(model, tuple(found))
 
     def inner(self, model: nn.Module) -> nn.Module:
         """The ``*Model`` (vision tower, projector, language model) of either class."""
