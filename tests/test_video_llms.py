@@ -53,20 +53,21 @@ def llava():
     return transformers.LlavaOnevisionForConditionalGeneration(cfg).eval()
 
 
-def qwen_video(model, units: int, side: int = 8, seed: int = 1):
-    """Placeholders and pixels of one video of ``units`` temporal patches on a ``side`` x ``side``
+def qwen_video(model, units: int, side: int = 8, seed: int = 1, width: int | None = None):
+    """Placeholders and pixels of one video of ``units`` temporal patches on a ``side`` x ``width``
     patch grid (Qwen3-VL: a timestamp token and vision start/end around every unit)."""
     g = torch.Generator().manual_seed(seed)
     patch = model.config.vision_config.patch_size
-    per_unit = side * side // 4
+    width = side if width is None else width
+    per_unit = side * width // 4
     if isinstance(model, transformers.Qwen3VLForConditionalGeneration):
         ids = []
         for u in range(units):
             ids += [40 + u, VS] + [VID] * per_unit + [VE]
     else:
         ids = [VS] + [VID] * (units * per_unit) + [VE]
-    pixels = torch.randn(units * side * side, 3 * 2 * patch * patch, generator=g)
-    return ids, pixels, torch.tensor([[units, side, side]])
+    pixels = torch.randn(units * side * width, 3 * 2 * patch * patch, generator=g)
+    return ids, pixels, torch.tensor([[units, side, width]])
 
 
 def qwen_inputs(model, units=(4,), seed: int = 1, pad_to: int | None = None):
@@ -160,7 +161,8 @@ def test_full_budget_is_the_stock_model(family, budget):
 
 # --- the pruned forward is the stock language model on the kept tokens ---------------------------------
 @pytest.mark.parametrize("options", [{"keep_ratio": 0.5}, {"keep_ratio": 0.3, "similarity": "hidden"},
-                                     {"r": 3, "method": "random"}, {"keep_ratio": 0.5, "method": "uniform"}])
+                                     {"r": 3, "method": "random"}, {"keep_ratio": 0.5, "method": "uniform"},
+                                     {"keep_ratio": 0.5, "method": "static"}])
 def test_pruned_forward_is_stock_language_model_on_kept_tokens(family, options):
     model, inputs = family
     staprune.unpatch(model)
@@ -207,6 +209,52 @@ def test_kept_tokens_per_video_follow_the_budget():
     for kept, units in ((first, 4), (second, 2)):
         assert torch.equal(kept, kept.sort().values) and int(kept.max()) < units * 16
         assert torch.equal(torch.bincount(kept // 16, minlength=units), torch.full((units,), 4))
+
+
+def test_a_grid_first_unit_spreads_over_the_video_s_own_rows_and_columns():
+    """A 8x16-patch video makes 4x8 tokens per unit; a 2x2 grid drops one token per quadrant of them."""
+    model = qwen25()
+    ids, pixels, grid = qwen_video(model, units=2, side=8, width=16)
+    inputs = _batch([TEXT_BEFORE + ids + TEXT_AFTER], [pixels], [grid])
+    staprune.patch(model, r=4, first_unit="grid")
+    with torch.no_grad():
+        model(**inputs)
+    kept = staprune.kept_tokens(model)[0]
+    dropped = sorted(set(range(32)) - set(kept[kept < 32].tolist()))
+    quadrants = sorted((t // 8 // 2, t % 8 // 4) for t in dropped)
+    assert quadrants == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+def test_static_keeps_the_tokens_whose_pixels_changed():
+    """Qwen: 3 temporal patches of 16 tokens; tokens 3 and 9 change in unit 1, tokens 5 and 12 in unit 2."""
+    model = qwen25()
+    ids, pixels, grid = qwen_video(model, units=3)
+    unit = pixels[:64].clone()  # a token's pixels: 4 consecutive rows (its 2x2 merged patches)
+    units = [unit, unit.clone(), None]
+    for token in (3, 9):
+        units[1][token * 4 : token * 4 + 4] += 1.0
+    units[2] = units[1].clone()
+    for token in (5, 12):
+        units[2][token * 4 : token * 4 + 4] -= 1.0
+    inputs = _batch([TEXT_BEFORE + ids + TEXT_AFTER], [torch.cat(units)], [grid])
+    staprune.patch(model, r=14, method="static")
+    with torch.no_grad():
+        model(**inputs)
+    assert staprune.kept_tokens(model)[0].tolist() == [3, 9, 16 + 3, 16 + 9, 32 + 5, 32 + 12]
+
+
+def test_static_on_llava_follows_the_changed_region_of_each_frame():
+    model = llava()  # 112 px, 8x8 patches pooled to 4x4 tokens of 28x28 px
+    inputs = llava_inputs(model, frames=3)
+    frames = inputs["pixel_values_videos"]
+    frames[0, 1:] = frames[0, 0]
+    frames[0, 1, :, 28:56, 56:84] += 1.0  # token (1, 2) = 6 changes in frame 1
+    frames[0, 2] = frames[0, 1]
+    frames[0, 2, :, 84:112, 0:28] += 1.0  # token (3, 0) = 12 in frame 2
+    staprune.patch(model, r=15, method="static")
+    with torch.no_grad():
+        model(**inputs)
+    assert staprune.kept_tokens(model)[0].tolist() == [6, 16 + 6, 32 + 12, 48]  # 48: the newline
 
 
 # --- generation -----------------------------------------------------------------------------------------
@@ -342,6 +390,63 @@ def test_gradients_reach_the_vision_tower_through_kept_tokens():
     assert any(g.abs().sum() > 0 for g in grads)
 
 
+def _labels(inputs) -> torch.Tensor:
+    """Training labels as processors' collators make them: the text, -100 on video placeholders and padding."""
+    labels = inputs["input_ids"].clone()
+    labels[(labels == VID) | (inputs["attention_mask"] == 0)] = -100
+    return labels
+
+
+@pytest.mark.parametrize("build", [qwen25, llava])
+def test_the_loss_is_the_stock_loss_on_the_kept_columns(build):
+    model = build()
+    inputs = qwen_inputs(model) if build is qwen25 else llava_inputs(model)
+    labels = _labels(inputs)
+    staprune.patch(model, keep_ratio=0.3)
+    with torch.no_grad():
+        out = model(**inputs, labels=labels)
+    keep = _keep_mask(model, inputs)
+    kept_labels = labels[:, keep]
+    assert out.logits.shape[1] == kept_labels.shape[1] < labels.shape[1]
+    expected = torch.nn.functional.cross_entropy(out.logits[0, :-1], kept_labels[0, 1:], ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_lora_adapters_train_through_a_pruned_model():
+    """LoRA as adapter libraries add it: a trainable low-rank branch beside frozen linear layers."""
+
+    class LoRA(torch.nn.Module):
+        def __init__(self, base: torch.nn.Linear, rank: int = 4):
+            super().__init__()
+            self.base = base
+            self.down = torch.nn.Linear(base.in_features, rank, bias=False)
+            self.up = torch.nn.Linear(rank, base.out_features, bias=False)
+            torch.nn.init.zeros_(self.up.weight)
+
+        def forward(self, x):
+            return self.base(x) + self.up(self.down(x))
+
+    model = qwen25().train()
+    model.requires_grad_(False)
+    for layer in model.model.language_model.layers:
+        layer.self_attn.q_proj = LoRA(layer.self_attn.q_proj)
+        layer.self_attn.v_proj = LoRA(layer.self_attn.v_proj)
+    staprune.patch(model, keep_ratio=0.5)
+    inputs = qwen_inputs(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=0.5)
+    losses = []
+    for _ in range(3):
+        loss = model(**inputs, labels=_labels(inputs)).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+    assert losses[-1] < losses[0]
+    assert all(p.grad is None for p in model.model.visual.parameters())
+
+
 def test_unpatch_restores_the_stock_model():
     model = qwen25()
     inputs = qwen_inputs(model)
@@ -395,5 +500,6 @@ def test_video_llm_options_are_refused_by_video_classifiers():
 
     with pytest.raises(ConfigError, match="keep_ratio"):
         staprune.patch(tiny_videomae(), keep_ratio=0.5)
-    with pytest.raises(ConfigError, match="uniform"):
-        staprune.patch(tiny_videomae(), r=4, method="uniform")
+    for method in ("uniform", "static"):
+        with pytest.raises(ConfigError, match=method):
+            staprune.patch(tiny_videomae(), r=4, method=method)

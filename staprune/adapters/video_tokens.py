@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..core.baselines import random_keep_indices, uniform_unit_indices
+from ..core.baselines import random_keep_indices, static_keep_indices, uniform_unit_indices
 from ..core.config import STAConfig
 from ..core.errors import ConfigError, UsageError
 from ..core.score import PerSampleRandom, gather_tokens, normalize_metric, sample_seeds, sta_keep_indices
@@ -36,12 +36,17 @@ from .state import Patch, needs_noise
 
 @dataclass(frozen=True)
 class VideoLayout:
-    """One video's placeholder tokens: ``units`` temporal units of ``per_unit`` tokens (units in
+    """One video's placeholder tokens: ``units`` temporal units of ``rows x cols`` tokens (units in
     temporal order, each unit row-major), then ``tail`` tokens that are never dropped (LLaVA's newline)."""
 
     units: int
-    per_unit: int
+    rows: int
+    cols: int
     tail: int = 0
+
+    @property
+    def per_unit(self) -> int:
+        return self.rows * self.cols
 
     @property
     def tokens(self) -> int:
@@ -71,12 +76,13 @@ def kept_per_unit(config: STAConfig, per_unit: int) -> int:
 
 
 def select_video_tokens(tokens: Tensor, metric: Tensor, layout: VideoLayout, config: STAConfig,
-                        rng: PerSampleRandom | None) -> Tensor:
+                        rng: PerSampleRandom | None, change: Tensor | None = None) -> Tensor:
     """The kept tokens of one video, as indices into its placeholder sequence (ascending).
 
     Args:
         tokens: ``(L_v, C)`` the video's projected tokens (the semantic score), ``L_v = layout.tokens``.
         metric: ``(L_v, c)`` the similarity features (the projected tokens or the vision keys).
+        change: ``(units, per_unit)`` each token's pixel change (``method="static"`` only).
     Returns:
         ``(K,)`` long, ascending; the ``tail`` tokens always included.
     """
@@ -89,20 +95,17 @@ def select_video_tokens(tokens: Tensor, metric: Tensor, layout: VideoLayout, con
         picked = random_keep_indices(rng, 1, units, n, n - keep)[0]
     elif config.method == "uniform":
         picked = uniform_unit_indices(units, n, keep, tokens.device)
+    elif config.method == "static":
+        picked = static_keep_indices(change, keep)
     else:
         forward = (config.order or "F")[0] == "F"
         picked = sta_keep_indices(
             tokens[None, :body], metric[None, :body], units, n - keep, forward=forward,
             first_unit=config.first_unit, score=config.score, first_transition=config.first_transition,
-            rng=rng, positions=torch.arange(body, device=tokens.device)[None], grid_hw=_square(n),
+            rng=rng, positions=torch.arange(body, device=tokens.device)[None], grid_hw=(layout.rows, layout.cols),
         )[0]
     tail = torch.arange(body, layout.tokens, device=tokens.device)
     return torch.cat([picked.sort().values, tail])
-
-
-def _square(n: int) -> tuple[int, int]:
-    side = math.isqrt(n)
-    return (side, n // side) if side * side == n else (1, n)
 
 
 # --- one sequence, shorter ------------------------------------------------------------------------
@@ -138,12 +141,20 @@ class PrunedPrompt:
         stock_length: columns of the stock prompt ``L``.
         mask: ``(B, L')`` the pruned prompt's attention mask; None when nothing was dropped (the
             hooks then change nothing). dropped: ``(B,)`` tokens each row dropped.
+        columns, valid: :func:`pack_kept`'s ``(B, L')`` stock column of each pruned column and
+            False on the new left padding (labels follow their tokens through them).
     """
 
     kept: list[Tensor] = field(default_factory=list)
     stock_length: int = 0
     mask: Tensor | None = None
     dropped: Tensor | None = None
+    columns: Tensor | None = None
+    valid: Tensor | None = None
+
+    def shorten(self, per_column: Tensor, fill: int) -> Tensor:
+        """A stock-length ``(B, L)`` tensor (labels) at the pruned columns ``(B, L')``, ``fill`` on padding."""
+        return take_columns(per_column, self.columns).masked_fill(~self.valid, fill)
 
     @property
     def pruned(self) -> bool:
@@ -163,6 +174,7 @@ class VideoLLMModel:
         inner: the ``*Model`` (vision tower, projector, language model): its forward receives
             ``input_ids``, its ``get_video_features(pixel_values_videos, grid)`` encodes the videos
             (``generate`` calls it before the first forward).
+        outer: the ``*ForConditionalGeneration`` around ``inner`` (its loss reads ``labels``), or None.
         language_model: the decoder the pruned sequence goes to.
         video_token_id: the placeholder token of video features.
         layouts: ``(pixel_values_videos, grid or None)`` -> one :class:`VideoLayout` per video, in
@@ -170,14 +182,18 @@ class VideoLLMModel:
         install_keys: registers hooks that record the vision tower's keys while
             ``p.encoding_video`` is set and returns a reader ``(pixel_values_videos, grid) -> (P, d)``,
             one row per video token (``similarity="key"``); None if unavailable.
+        pixel_change: ``(pixel_values_videos, grid or None)`` -> per video ``(units, per_unit)``,
+            how much each token's pixels changed since the previous unit (``method="static"``).
         one_d_positions: the language model takes 1D positions (``positions="renumbered"`` allowed).
     """
 
     inner: nn.Module
+    outer: nn.Module | None
     language_model: nn.Module
     video_token_id: int
     layouts: Callable[[Tensor, Tensor | None], list[VideoLayout]]
     install_keys: Callable[[Patch, nn.Module], Callable[[Tensor, Tensor | None], Tensor]] | None = None
+    pixel_change: Callable[[Tensor, Tensor | None], list[Tensor]] | None = None
     one_d_positions: bool = False
 
 
@@ -190,6 +206,7 @@ class VideoPatch(Patch):
         self.videos: dict = {}
         self.input_ids: Tensor | None = None
         self.state: PrunedPrompt | None = None
+        self.labels: Tensor | None = None
 
 
 def install(p: VideoPatch, model: VideoLLMModel) -> None:
@@ -199,6 +216,9 @@ def install(p: VideoPatch, model: VideoLLMModel) -> None:
         if model.install_keys is None:
             raise ConfigError("this model has no vision keys staprune can read; use similarity='hidden'")
         read_keys = model.install_keys(p, model.inner)
+    if p.config.method == "static" and model.pixel_change is None:
+        raise ConfigError("this model does not say which pixels each video token covers; method='static' is "
+                          "unavailable: use sta, random or uniform")
     inner = model.inner
 
     # generate() passes get_video_features the model kwargs its signature names: keep the stock one.
@@ -212,7 +232,8 @@ def install(p: VideoPatch, model: VideoLLMModel) -> None:
         finally:
             p.encoding_video = False
         p.videos = {"layouts": model.layouts(pixels, grid),
-                    "keys": None if read_keys is None else read_keys(pixels, grid)}
+                    "keys": None if read_keys is None else read_keys(pixels, grid),
+                    "change": model.pixel_change(pixels, grid) if p.config.method == "static" else None}
         return out
 
     def remember_input_ids(module, args, kwargs):
@@ -222,6 +243,35 @@ def install(p: VideoPatch, model: VideoLLMModel) -> None:
     p.hook(inner, remember_input_ids, pre=True, with_kwargs=True)
     p.hook(model.language_model, lambda module, args, kwargs: _language_model_inputs(p, model, kwargs),
            pre=True, with_kwargs=True)
+    if model.outer is not None:
+        _install_pruned_loss(p, model.outer)
+
+
+def _install_pruned_loss(p: VideoPatch, outer: nn.Module) -> None:
+    """The stock loss compares stock-length labels with the pruned logits: hold the labels back and
+    compute the same loss on the labels of the kept columns (a label follows its token)."""
+
+    def hold_labels(module, args, kwargs):
+        p.labels = kwargs.get("labels")
+        if p.labels is None:
+            return None
+        kwargs["labels"] = None
+        return args, kwargs
+
+    def pruned_loss(module, args, kwargs, output):
+        labels, p.labels = p.labels, None
+        if labels is None:
+            return None
+        state = p.state
+        if state is not None and state.pruned and labels.shape[-1] == state.stock_length:
+            labels = state.shorten(labels, fill=-100)  # -100: the loss's ignore index
+        extra = {k: kwargs[k] for k in ("num_items_in_batch",) if k in kwargs}
+        output.loss = module.loss_function(logits=output.logits, labels=labels,
+                                           vocab_size=module.config.text_config.vocab_size, **extra)
+        return output
+
+    p.hook(outer, hold_labels, pre=True, with_kwargs=True)
+    p.hook(outer, pruned_loss, with_kwargs=True)
 
 
 def _language_model_inputs(p: VideoPatch, model: VideoLLMModel, kwargs: dict):
@@ -260,14 +310,15 @@ def _prefill(p: VideoPatch, model: VideoLLMModel, kwargs: dict, ids: Tensor | No
     keep = torch.ones(bsz, length, dtype=torch.bool, device=ids.device)
     state = PrunedPrompt(stock_length=length)
     start = 0
-    for layout in layouts:
+    for video, layout in enumerate(layouts):
         row, span = rows[start], cols[start : start + layout.tokens]
         if not bool((rows[start : start + layout.tokens] == row).all()):
             raise UsageError("a video's placeholder tokens must all be in one prompt")
         tokens = embeds[row, span]
         metric = keys[start : start + layout.tokens] if keys is not None else normalize_metric(tokens)
         rng = PerSampleRandom(sample_seeds(tokens[None], cfg.seed), tokens.device) if needs_noise(cfg) else None
-        kept = select_video_tokens(tokens, metric, layout, cfg, rng)
+        change = p.videos["change"][video] if cfg.method == "static" else None
+        kept = select_video_tokens(tokens, metric, layout, cfg, rng, change)
         state.kept.append(kept)
         dropped = torch.ones(layout.tokens, dtype=torch.bool, device=ids.device)
         dropped[kept] = False
@@ -279,6 +330,7 @@ def _prefill(p: VideoPatch, model: VideoLLMModel, kwargs: dict, ids: Tensor | No
     mask = kwargs.get("attention_mask")
     mask = torch.ones(bsz, length, dtype=torch.long, device=ids.device) if mask is None else mask
     state.mask = take_columns(mask, index) * valid
+    state.columns, state.valid = index, valid
     state.dropped = (~keep).sum(1)
     positions = kwargs.get("position_ids")
     if positions is None:  # what the language model would use: 0 .. L-1

@@ -1,5 +1,5 @@
-"""Baselines under STA's interface: random dropping, whole evenly spaced units (video LLMs) and ToMe
-merging, as tensor functions.
+"""Baselines under STA's interface: random dropping, whole evenly spaced units and static-patch
+dropping (video LLMs), and ToMe merging, as tensor functions.
 
 ``random_keep_indices`` returns keep indices exactly like :func:`staprune.core.score.sta_keep_indices`.
 ToMe changes token values (size-weighted averages), so :func:`tome_merge` returns the merged
@@ -35,6 +35,36 @@ def uniform_unit_indices(units: int, n: int, keep: int, device: torch.device | s
     m = max(1, min(units, round(units * keep / n)))
     chosen = torch.linspace(0, units - 1, m, device=device).round().long().unique()
     return (chosen.view(-1, 1) * n + torch.arange(n, device=device)).reshape(-1)
+
+
+def static_keep_indices(change: Tensor, keep: int) -> Tensor:
+    """Keep the ``keep`` tokens of each temporal unit whose pixels changed most (EVS and RLT drop the
+    patches that stayed still), at STA's per-unit counts so the two differ only in which tokens.
+
+    Args:
+        change: ``(units, n)`` how much each token's pixels changed since the previous unit (the
+            first unit: towards the next one, as it has no previous one).
+    Returns:
+        ``(units * keep,)`` ascending indices into ``units * n``; ties keep the earlier token.
+    """
+    units, n = change.shape
+    kept = change.argsort(dim=1, descending=True, stable=True)[:, :keep].sort(dim=1).values
+    return (kept + torch.arange(units, device=change.device).view(-1, 1) * n).reshape(-1)
+
+
+def unit_change(unit_pixels: Tensor) -> Tensor:
+    """Each token's pixel change between neighbouring temporal units, for :func:`static_keep_indices`.
+
+    Args:
+        unit_pixels: ``(units, n, P)`` the (normalised) pixels each token covers, per unit.
+    Returns:
+        ``(units, n)`` mean absolute difference to the previous unit (unit 0: to unit 1; a video of
+        one unit: zeros).
+    """
+    if unit_pixels.shape[0] < 2:
+        return unit_pixels.new_zeros(unit_pixels.shape[:2])
+    step = (unit_pixels[1:] - unit_pixels[:-1]).abs().mean(-1)
+    return torch.cat([step[:1], step])
 
 
 def tome_merge(

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 
 from .errors import ConfigError, UnknownOptionError
 
-METHODS = ("sta", "random", "tome", "none", "uniform")
+METHODS = ("sta", "random", "tome", "none", "uniform", "static")
 SCHEDULES = ("decreasing", "constant", "increasing", "per_frame")
 FIRST_UNIT = ("bipartite", "random", "grid")
 SIMILARITY = ("key", "query", "value", "hidden")
@@ -40,7 +40,9 @@ class STAConfig:
     Attributes:
         r: tokens dropped per temporal unit at the first stage (the paper's ``r_1``).
         method: ``sta`` (the paper), ``random`` (drop r random tokens per unit), ``tome``
-            (ToMe bipartite soft-matching merge) or ``none`` (patched but never prunes).
+            (ToMe bipartite soft-matching merge) or ``none`` (patched but never prunes); for video
+            LLMs also ``uniform`` (whole temporal units evenly spaced) and ``static`` (drop the
+            tokens whose pixels changed least since the previous unit).
         schedule: a preset name or an explicit list of ``(units, r_per_unit)``, one per stage.
             Presets, stage ``k`` with ``units = T / 2**k``:
             ``decreasing``: r per unit (per frame r, r/2, r/4: the paper's {8x64, 8x32, 8x16});

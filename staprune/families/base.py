@@ -293,7 +293,7 @@ class Family:
         no_weight_decay: parameter-name fragments fine-tuning exempts from weight decay (besides
             biases and norms), e.g. Swin's relative-position tables.
         video_llm: a video LLM (pruned before its language model): takes ``keep_ratio``,
-            ``positions`` and ``method="uniform"``, which the video classifiers refuse.
+            ``positions`` and ``method="uniform"``/``"static"``, which the video classifiers refuse.
     """
 
     name: ClassVar[str] = ""
@@ -324,8 +324,8 @@ class Family:
                 f"method='tome' is not supported for {self.title}: {self.tome_refusal}; use sta, random or none"
             )
         if not self.video_llm:
-            if config.method == "uniform":
-                raise ConfigError(f"method='uniform' (whole frames) is a video-LLM baseline; {self.title} "
+            if config.method in ("uniform", "static"):
+                raise ConfigError(f"method={config.method!r} is a video-LLM baseline; {self.title} "
                                   "takes sta, random, tome or none")
             if config.keep_ratio is not None or config.positions != "original":
                 raise ConfigError(f"keep_ratio and positions apply to video LLMs; {self.title} prunes r tokens "

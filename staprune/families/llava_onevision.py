@@ -20,13 +20,29 @@ from torch import nn
 
 from ..adapters.filled_grid import slice_metric
 from ..adapters.video_tokens import VideoLayout, VideoLLMModel, VideoPatch
+from ..core.baselines import unit_change
 from .base import FamilyModels
 from .video_llm import VideoLLMFamily
 
 
-def _tokens_per_frame(inner: nn.Module) -> int:
+def _pooled_side(inner: nn.Module) -> int:
+    """Rows (= columns) of a frame's pooled tokens: the tower's patch grid pooled 2x2, rounded up."""
     side = inner.config.vision_config.image_size // inner.config.vision_config.patch_size
-    return math.ceil(side / 2) ** 2
+    return math.ceil(side / 2)
+
+
+def frame_pixel_change(side: int):
+    """Per video ``(frames, side²)``: each pooled token's pixel change since the previous frame, on
+    frames average-pooled to 4x4 pixels per token (the pooled grid does not tile the frame exactly:
+    384 px make 27 patches, pooled to 14)."""
+
+    def pixel_change(pixels: torch.Tensor, grid: torch.Tensor | None) -> list[torch.Tensor]:
+        videos, frames, channels = pixels.shape[:3]
+        small = nn.functional.adaptive_avg_pool2d(pixels.flatten(0, 1).float(), 4 * side)
+        per_token = small.view(videos, frames, channels, side, 4, side, 4).permute(0, 1, 3, 5, 2, 4, 6)
+        return [unit_change(video) for video in per_token.reshape(videos, frames, side * side, -1)]
+
+    return pixel_change
 
 
 def install_siglip_keys(p: VideoPatch, inner: nn.Module):
@@ -64,17 +80,19 @@ class LlavaOnevisionFamily(VideoLLMFamily):
 
     def describe(self, model: nn.Module) -> VideoLLMModel:
         inner = self.inner(model)
-        per_frame = _tokens_per_frame(inner)
+        side = _pooled_side(inner)
 
         def layouts(pixels: torch.Tensor, grid: torch.Tensor | None) -> list[VideoLayout]:
-            return [VideoLayout(pixels.shape[1], per_frame, tail=1)] * pixels.shape[0]
+            return [VideoLayout(pixels.shape[1], side, side, tail=1)] * pixels.shape[0]
 
         return VideoLLMModel(
             inner=inner,
+            outer=self.outer(model),
             language_model=inner.language_model,
             video_token_id=inner.config.video_token_id,
             layouts=layouts,
             install_keys=install_siglip_keys,
+            pixel_change=frame_pixel_change(side),
             one_d_positions=True,
         )
 
@@ -82,4 +100,4 @@ class LlavaOnevisionFamily(VideoLLMFamily):
 FAMILY = LlavaOnevisionFamily()
 REGISTRATION = FamilyModels(FAMILY, ())
 
-__all__ = ["FAMILY", "REGISTRATION", "LlavaOnevisionFamily", "install_siglip_keys"]
+__all__ = ["FAMILY", "REGISTRATION", "LlavaOnevisionFamily", "frame_pixel_change", "install_siglip_keys"]

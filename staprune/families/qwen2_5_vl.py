@@ -16,17 +16,36 @@ import torch
 from torch import nn
 
 from ..adapters.video_tokens import VideoLayout, VideoLLMModel, VideoPatch
+from ..core.baselines import unit_change
 from .base import FamilyModels
 from .video_llm import VideoLLMFamily, merged_keys
 
 
 def qwen_layouts(merge: int):
-    """``video_grid_thw`` ``(V, 3)`` -> one layout per video: ``t`` units of ``h·w / merge²`` tokens."""
+    """``video_grid_thw`` ``(V, 3)`` -> one layout per video: ``t`` units of ``(h/merge) x (w/merge)`` tokens."""
 
     def layouts(pixels: torch.Tensor, grid: torch.Tensor | None) -> list[VideoLayout]:
-        return [VideoLayout(int(t), int(h) * int(w) // merge**2) for t, h, w in grid.tolist()]
+        return [VideoLayout(int(t), int(h) // merge, int(w) // merge) for t, h, w in grid.tolist()]
 
     return layouts
+
+
+def qwen_pixel_change(merge: int):
+    """Per video ``(t, h·w / merge²)``: each merged token's pixel change between temporal patches.
+
+    Qwen's processor flattens a video's patches as ``(t, h/merge, w/merge, merge, merge)`` rows of
+    ``channels x temporal_patch x patch²`` values, so each token's pixels are ``merge²`` consecutive rows.
+    """
+
+    def pixel_change(pixels: torch.Tensor, grid: torch.Tensor | None) -> list[torch.Tensor]:
+        changes, start = [], 0
+        for t, h, w in grid.tolist():
+            rows = pixels[start : start + t * h * w].float()
+            changes.append(unit_change(rows.reshape(t, h * w // merge**2, -1)))
+            start += t * h * w
+        return changes
+
+    return pixel_change
 
 
 def install_qwen_keys(p: VideoPatch, inner: nn.Module, windowed: bool):
@@ -77,9 +96,11 @@ class Qwen25VLFamily(VideoLLMFamily):
         inner = self.inner(model)
         return VideoLLMModel(
             inner=inner,
+            outer=self.outer(model),
             language_model=inner.language_model,
             video_token_id=inner.config.video_token_id,
             layouts=qwen_layouts(inner.config.vision_config.spatial_merge_size),
+            pixel_change=qwen_pixel_change(inner.config.vision_config.spatial_merge_size),
             install_keys=lambda p, m: install_qwen_keys(p, m, windowed=self.windowed_vision),
         )
 
@@ -87,4 +108,4 @@ class Qwen25VLFamily(VideoLLMFamily):
 FAMILY = Qwen25VLFamily()
 REGISTRATION = FamilyModels(FAMILY, ())
 
-__all__ = ["FAMILY", "REGISTRATION", "Qwen25VLFamily", "install_qwen_keys", "qwen_layouts"]
+__all__ = ["FAMILY", "REGISTRATION", "Qwen25VLFamily", "install_qwen_keys", "qwen_layouts", "qwen_pixel_change"]

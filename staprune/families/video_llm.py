@@ -28,6 +28,10 @@ class VideoLLMFamily(TransformersFamily):
         """The ``*Model`` (vision tower, projector, language model) of either class."""
         return model.model if hasattr(model, "lm_head") else model
 
+    def outer(self, model: nn.Module) -> nn.Module | None:
+        """The ``*ForConditionalGeneration`` (the one with the language-model head), or None for a ``*Model``."""
+        return model if hasattr(model, "lm_head") else None
+
     def describe(self, model: nn.Module) -> VideoLLMModel:
         """Where this model keeps what the pruning hooks need."""
         raise NotImplementedError
