@@ -22,12 +22,15 @@ from ..core.errors import UsageError
 from ..families import levels_of
 from ..runs.arguments import (
     add_device_arguments,
+    add_keep_argument,
     add_model_arguments,
     add_pruning_arguments,
     apply_threads,
     check_pruning_options,
     default_levels,
     pruning_options,
+    refuse_keep,
+    video_llm_settings,
 )
 from ..runs.devices import DTYPES, resolve_device
 from ..runs.timing import (
@@ -40,6 +43,7 @@ from ..runs.timing import (
     summarize,
     time_variants,
 )
+from ..runs.video_llm_timing import format_video_llm_table, summarize_video_llm, time_video_llm
 
 
 # --- CLI ----------------------------------------------------------------------------------------
@@ -48,7 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, default="ViT-S")
     parser.add_argument("--r", type=int, nargs="+", help="pruned configurations to time against dense (default: "
                         "the model's three levels)")
-    parser.add_argument("--method", default="sta", choices=("sta", "random", "tome"), help="pruning method")
+    parser.add_argument("--method", default="sta", choices=("sta", "random", "tome", "uniform", "static"),
+                        help="pruning method (uniform, static: video-LLM baselines)")
+    add_keep_argument(parser)
     parser.add_argument("--batch-size", type=int, default=1, help="clips per forward")
     add_device_arguments(parser, device_default="cpu", threads=False)
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds (every config once per round)")
@@ -74,6 +80,9 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype]
     loaded = load(args.model, args.weights, frames=args.frames, image_size=args.size)
+    if loaded.family.video_llm:
+        return _run_video_llm(args, loaded, device, dtype)
+    refuse_keep(args, loaded.family.title)
     model = loaded.model.to(device=device, dtype=dtype)
     spec = spec_of_model(model, args.frames, args.size)
     options = pruning_options(args)
@@ -115,4 +124,30 @@ def run(args: argparse.Namespace) -> int:
                   "CUDA max allocated." if device.type == "cuda" else
                   "peak RSS rise during one forward in a fresh process." if args.cpu_memory else
                   "n/a on CPU (use --cpu-memory)."))
+    return 0
+
+
+def _run_video_llm(args: argparse.Namespace, loaded, device: torch.device, dtype: torch.dtype) -> int:
+    """A video LLM: language-model prefill, time to first token and KV cache, stock vs each budget,
+    on one video of random frames in an example prompt."""
+    family = loaded.family
+    model = loaded.model.to(device=device, dtype=dtype)
+    spec = family.spec_of(model, args.frames, args.size)
+    settings = video_llm_settings(args, family.default_keep)
+    for config in settings[1:]:  # every budget fits this video before anything is timed
+        family.kept_video_tokens(spec, config)
+    frames = torch.rand(spec.frames, 3, spec.size, spec.size, generator=torch.Generator().manual_seed(0))
+    inputs = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+              for k, v in family.video_inputs(model, frames, spec, loaded.preprocessing).items()}
+    results = time_video_llm(model, inputs, settings, warmup=args.warmup, repeats=args.repeats)
+    rows = summarize_video_llm(args.model, family, spec, settings, results, device=str(device), dtype=args.dtype)
+    if args.json:
+        print(json.dumps([asdict(r) for r in rows], indent=2))
+        return 0
+    print(f"{args.model}: one video of {spec.frames} frames at {spec.size}² in a prompt of {spec.prompt_tokens} "
+          f"text tokens, batch 1, {args.dtype}, {torch.get_num_threads()} threads, {args.repeats} rounds")
+    print(format_video_llm_table(rows))
+    print("prefill = the language model's forward after the vision encoder (selection included); speed-up beside "
+          "its analytic FLOPs ratio, ratio = speed-up / FLOPs ratio; TTFT = the first forward from pixels, vision "
+          "encoder included (pruning does not shrink it); KV MB = the cache the prompt leaves")
     return 0

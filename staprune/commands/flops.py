@@ -10,8 +10,20 @@ from torch import nn
 from ..api.flops import analytic_flops, measure_model, paper_tables, r_for_budget, resolve_spec
 from ..api.loading import load
 from ..api.settings import recorded
-from ..families import family_named, find_model, levels_of
-from ..runs.arguments import add_pruning_arguments, check_pruning_options, explicit_schedule, pruning_options
+from ..core.config import STAConfig
+from ..core.errors import UsageError
+from ..families import family_named, family_of_spec, find_model, levels_of
+from ..families.video_llm import prefill_flops
+from ..runs.arguments import (
+    add_keep_argument,
+    add_pruning_arguments,
+    check_pruning_options,
+    explicit_schedule,
+    pruning_options,
+    refuse_keep,
+    video_llm_settings,
+)
+from ..runs.video_llm_timing import setting_label
 
 
 # --- CLI ----------------------------------------------------------------------------------------
@@ -20,7 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="registry name (ViT-B, VideoSwin-T, ViViT-B, demo-vit, ...) or a local "
                         "model path; default: every model of the paper's tables")
     parser.add_argument("--r", type=int, nargs="+", help="r (ViT) or r1 (Video Swin); default the model's levels")
-    parser.add_argument("--method", default="sta", choices=("sta", "random", "tome"), help="pruning method")
+    parser.add_argument("--method", default="sta", choices=("sta", "random", "tome", "uniform", "static"),
+                        help="pruning method (uniform, static: video-LLM baselines)")
+    add_keep_argument(parser)
     parser.add_argument("--frames", type=int, help="input frames (default: the model's)")
     parser.add_argument("--size", type=int, help="input side in pixels (default: the model's)")
     parser.add_argument("--measured", action="store_true",
@@ -104,6 +118,10 @@ def run(args: argparse.Namespace) -> int:
     check_pruning_options(args)
     names = [args.model] if args.model else list(paper_tables())
     specs = {name: resolve_spec(name, args.frames, args.size) for name in names}
+    video_llms = {name: spec for name, spec in specs.items() if family_of_spec(spec).video_llm}
+    if video_llms:
+        return _run_video_llms(args, video_llms)
+    refuse_keep(args, "this model")
     if args.target is not None:
         return _run_target(args, specs)
     rows = []
@@ -137,4 +155,46 @@ def _run_target(args: argparse.Namespace, specs: dict) -> int:
         for row in rows:
             print(f"{row['model']}: r={row['r']} gives {row['gflops']:.1f} GFLOPs = "
                   f"{row['fraction_of_dense']:.3f} x dense (target <= {args.target})")
+    return 0
+
+
+def _run_video_llms(args: argparse.Namespace, specs: dict) -> int:
+    """A video LLM: GFLOPs to the first token (vision encoder, then the language model's prefill of the
+    prompt with the kept video tokens), stock vs each budget."""
+    for flag in ("measured", "target"):
+        if getattr(args, flag) not in (None, False):
+            raise UsageError(f"--{flag} is for the video classifiers; a video LLM's count is analytic "
+                             "(held against FlopCounterMode in the tests)")
+    rows = []
+    for name, spec in specs.items():
+        family = family_of_spec(spec)
+        dense = family.flops(spec, STAConfig(method="none"))
+        for config in video_llm_settings(args, family.default_keep):
+            count = family.flops(spec, config or STAConfig(method="none"))
+            video = family.kept_video_tokens(spec, config or STAConfig(method="none"))
+            rows.append({
+                "model": name, "setting": setting_label(config), "frames": spec.frames, "size": spec.size,
+                "options": recorded(pruning_options(args)) if config is not None else {},
+                "video_tokens": video, "prompt_tokens": family.prompt_length(spec, video),
+                "vision_gflops": round(sum(v for k, v in count.parts.items() if k.startswith("vision")) / 1e9, 3),
+                "prefill_gflops": round(prefill_flops(count) / 1e9, 3),
+                "first_token_gflops": round(count.gflops, 3),
+                "prefill_fraction_of_dense": round(prefill_flops(count) / prefill_flops(dense), 4),
+                "first_token_fraction_of_dense": round(count.backbone / dense.backbone, 4),
+            })
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    header = (f"{'model':22} {'setting':>16} {'video tok':>9} {'prompt tok':>10} {'vision':>9} {'prefill':>9} "
+              f"{'x dense':>7} {'1st token':>9} {'x dense':>7}")
+    print(header)
+    for i, row in enumerate(rows):
+        shown = row["model"] if i == 0 or rows[i - 1]["model"] != row["model"] else ""
+        print(f"{shown:22} {row['setting']:>16} {row['video_tokens']:>9} {row['prompt_tokens']:>10} "
+              f"{row['vision_gflops']:>9.1f} {row['prefill_gflops']:>9.1f} {row['prefill_fraction_of_dense']:>7.3f} "
+              f"{row['first_token_gflops']:>9.1f} {row['first_token_fraction_of_dense']:>7.3f}")
+    first = next(iter(specs.values()))
+    print(f"GFLOPs (analytic, 1 multiply-add = 1 FLOP) of one video of {first.frames} frames at {first.size}² in a prompt "
+          f"of {first.prompt_tokens} text tokens: vision = encoder + projector (pruning does not change it), prefill = "
+          "the language model over the prompt with the kept video tokens, 1st token = both")
     return 0

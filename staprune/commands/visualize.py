@@ -1,4 +1,5 @@
-"""``staprune visualize VIDEO --model M [--r R] -o OUT.png [--gif OUT.gif]``: kept tokens per stage.
+"""``staprune visualize VIDEO --model M [--r R] -o OUT.png [--gif OUT.gif]``: kept tokens per stage
+(a video LLM: per budget, ``--keep``; see :mod:`staprune.analysis.video_llm`).
 
 The picture (the paper's Fig. 4): the first row shows the clip's input frames (the first frame
 of every tubelet, i.e. one image per temporal token position), each further row the same frames
@@ -19,6 +20,7 @@ import staprune
 
 from ..analysis.backbones import Backbone
 from ..analysis.inputs import Clip, add_clip_arguments, at_input, read_clip
+from ..analysis.video_llm import kept_views, sample_video, unit_images
 from ..analysis.visualize import (
     IMAGE_FORMATS,
     default_tile_side,
@@ -31,11 +33,14 @@ from ..analysis.visualize import (
 )
 from ..api.loading import load
 from ..runs.arguments import (
+    add_keep_argument,
     add_model_arguments,
     add_pruning_arguments,
     check_pruning_options,
     default_r,
     pruning_options,
+    refuse_keep,
+    video_llm_settings,
 )
 from ..storage.outputs import writable_file, write_error
 
@@ -119,7 +124,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--r", type=int, help="tokens dropped per unit at the first stage (r1 for Swin); default: the middle of "
         "the model's three levels"
     )
-    parser.add_argument("--method", choices=("sta", "random", "tome"), default="sta", help="pruning method")
+    parser.add_argument("--method", choices=("sta", "random", "tome", "uniform", "static"), default="sta",
+                        help="pruning method (uniform, static: video-LLM baselines)")
+    add_keep_argument(parser)
     parser.add_argument("-o", "--output", required=True, help="picture to write (.png, .jpg or .webp)")
     parser.add_argument("--gif", help="also write an animated GIF, one frame per temporal position")
     parser.add_argument("--force", action="store_true", help="replace -o / --gif when they exist")
@@ -134,7 +141,11 @@ def run(args: argparse.Namespace) -> int:
     output = writable_file(args.output, "-o", tuple(IMAGE_FORMATS), replace=args.force)  # before any work
     gif = writable_file(args.gif, "--gif", (".gif",), replace=args.force) if args.gif else None
     check_pruning_options(args)
-    loaded = at_input(load(args.model, args.weights), args.frames, args.size)
+    plain = load(args.model, args.weights)
+    if plain.family.video_llm:
+        return _run_video_llm(args, plain, output, gif)
+    refuse_keep(args, plain.family.title)
+    loaded = at_input(plain, args.frames, args.size)
     clip = read_clip(args.video, loaded, args.dataset)
     r = default_r(args, loaded.default_r())
     views = stage_views(loaded.model, loaded.backbone, clip, r, args.method, **pruning_options(args))
@@ -148,6 +159,41 @@ def run(args: argparse.Namespace) -> int:
     if gif is not None:
         try:
             print(f"wrote {save_gif(animation(clip, loaded.backbone, views, args.tile_size), gif)}")
+        except OSError as err:
+            raise write_error(gif, err) from err
+    return 0
+
+
+def _run_video_llm(args: argparse.Namespace, loaded, output, gif) -> int:
+    """A video LLM: the video's frames as the model reads them, then one row per budget."""
+    family = loaded.family
+    spec = family.spec_of(loaded.model, args.frames, args.size)
+    budgets = argparse.Namespace(**{**vars(args), "r": [args.r] if args.r else None})
+    settings = video_llm_settings(budgets, family.default_keep)[1:]
+    for config in settings:  # every budget fits before the video is decoded
+        family.kept_video_tokens(spec, config)
+    video = sample_video(args.video, spec.frames, spec.size)
+    views = kept_views(loaded.model, family, spec, video, settings, loaded.preprocessing)
+    images, _ = unit_images(video, family, spec)
+    per_unit = spec.frames // len(images)
+    labels = [f"t={t} · frame {video.indices[t * per_unit]}" for t in range(len(images))]
+    side = args.tile_size or default_tile_side(images.shape[1], len(images))
+    rows = [images] + [v.images for v in views]
+    tiles = [[resize_tile(img, side) for img in row] for row in rows]
+    titles = [f"input: {video.path.name} ({spec.frames} frames over the video, first frame of each temporal unit)"]
+    try:
+        path = save_png(render_grid(tiles, titles + [v.title for v in views], labels), output)
+    except OSError as err:
+        raise write_error(output, err) from err
+    print(f"wrote {path}")
+    for v in views:
+        print(f"  {v.title}")
+    if gif is not None:
+        names = ["input"] + [v.title.split(":")[0] for v in views]
+        frames = [render_grid([[resize_tile(row[t], side) for row in rows]], [labels[t]], names)
+                  for t in range(len(images))]
+        try:
+            print(f"wrote {save_gif(frames, gif)}")
         except OSError as err:
             raise write_error(gif, err) from err
     return 0

@@ -14,6 +14,8 @@ reads the keys of the vision layer whose output the projector takes, pooled like
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -21,8 +23,10 @@ from torch import nn
 from ..adapters.filled_grid import slice_metric
 from ..adapters.video_tokens import VideoLayout, VideoLLMModel, VideoPatch
 from ..core.baselines import unit_change
-from .base import FamilyModels
-from .video_llm import VideoLLMFamily
+from ..core.errors import ConfigError
+from ..data.transforms import Preprocessing
+from .base import FamilyModels, ModelEntry
+from .video_llm import VideoLLMFamily, VideoLLMSpec, normalised, prompt_ids
 
 
 def _pooled_side(inner: nn.Module) -> int:
@@ -73,10 +77,59 @@ def install_siglip_keys(p: VideoPatch, inner: nn.Module):
     return read
 
 
+@dataclass(frozen=True)
+class LlavaOnevisionSpec(VideoLLMSpec):
+    """A LLaVA-OneVision: every frame is resized to the vision tower's fixed side."""
+
+    family: ClassVar[str] = "llava_onevision"
+
+    def with_input(self, frames: int | None = None, size: int | None = None) -> LlavaOnevisionSpec:
+        side = self.vision["image_size"]
+        if size is not None and size != side:
+            raise ConfigError(f"LLaVA-OneVision resizes every frame to its vision tower's {side} px; leave out the "
+                              f"image size or give {side}")
+        return super().with_input(frames, side)
+
+
+def siglip_flops(spec: VideoLLMSpec) -> dict[str, float]:
+    """Multiply-adds of LLaVA-OneVision's SigLIP tower and projector on one video (each frame
+    alone; the 2x2 pooling after the projector is interpolation, not counted)."""
+    v, text = spec.vision, spec.text
+    c, patch = v["hidden_size"], v["patch_size"]
+    tokens = (v["image_size"] // patch) ** 2
+    per_frame_blocks = v["num_hidden_layers"] * (tokens * (4 * c * c + 2 * c * v["intermediate_size"]) + 2 * tokens**2 * c)
+    wide = text["hidden_size"]
+    parts = {
+        "vision_embed": spec.frames * tokens * 3 * patch * patch * c,
+        "vision_blocks": spec.frames * per_frame_blocks,
+        "vision_merger": spec.frames * tokens * (c * wide + wide * wide),
+    }
+    if v.get("vision_use_head", True):  # SigLIP's attention-pooling head (its output unused; the checkpoints drop it)
+        parts["vision_head"] = spec.frames * (2 * c * c + 2 * tokens * c * c + 2 * tokens * c + 2 * c * v["intermediate_size"])
+    return parts
+
+
 class LlavaOnevisionFamily(VideoLLMFamily):
     name = "llava_onevision"
     title = "LLaVA-OneVision (transformers)"
     transformers_classes = ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel")
+    hf_model_types = ("llava_onevision",)
+    config_class = "LlavaOnevisionConfig"
+    spec_class = LlavaOnevisionSpec
+    fixed_size = True
+
+    def layout(self, spec: VideoLLMSpec) -> VideoLayout:
+        side = math.ceil(spec.vision["image_size"] // spec.vision["patch_size"] / 2)
+        return VideoLayout(spec.frames, side, side, tail=1)
+
+    def video_inputs(self, model: nn.Module, frames: torch.Tensor, spec: VideoLLMSpec,
+                     prep: Preprocessing | None = None) -> dict[str, torch.Tensor]:
+        pixels = normalised(frames, prep or self.preprocessing(spec.size))
+        ids = torch.tensor([prompt_ids([self.inner(model).config.video_token_id] * self.layout(spec).tokens, spec)])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values_videos": pixels[None]}
+
+    def vision_flops(self, spec: VideoLLMSpec) -> dict[str, float]:
+        return siglip_flops(spec)
 
     def describe(self, model: nn.Module) -> VideoLLMModel:
         inner = self.inner(model)
@@ -97,7 +150,32 @@ class LlavaOnevisionFamily(VideoLLMFamily):
         )
 
 
-FAMILY = LlavaOnevisionFamily()
-REGISTRATION = FamilyModels(FAMILY, ())
+# SigLIP so400m without its last layer and pooling head, as the checkpoints were converted.
+SIGLIP = dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=26,
+              num_attention_heads=16, image_size=384, patch_size=14, hidden_act="gelu_pytorch_tanh",
+              layer_norm_eps=1e-6, vision_use_head=False)
 
-__all__ = ["FAMILY", "REGISTRATION", "LlavaOnevisionFamily", "frame_pixel_change", "install_siglip_keys"]
+
+def llava_onevision_config(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int,
+                           tied: bool) -> dict:
+    """A LLaVA-OneVision config: SigLIP, a Qwen2 language model of this shape."""
+    text = dict(model_type="qwen2", hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                max_position_embeddings=32768, rms_norm_eps=1e-6,
+                rope_parameters=dict(rope_type="default", rope_theta=1e6))
+    return dict(text_config=text, vision_config=dict(SIGLIP), image_token_index=151646, video_token_index=151647,
+                vision_feature_layer=-1, vision_feature_select_strategy="full", projector_hidden_act="gelu",
+                tie_word_embeddings=tied)
+
+
+FAMILY = LlavaOnevisionFamily()
+REGISTRATION = FamilyModels(FAMILY, (
+    ModelEntry("LLaVA-OneVision-0.5B", FAMILY.name, LlavaOnevisionSpec(
+        size=384, config=llava_onevision_config(896, 4864, 24, 14, 2, 152000, True)),
+               description="llava-onevision-qwen2-0.5b-ov, 16 frames at 384² (random weights)"),
+    ModelEntry("LLaVA-OneVision-7B", FAMILY.name, LlavaOnevisionSpec(
+        size=384, config=llava_onevision_config(3584, 18944, 28, 28, 4, 152128, False)),
+               description="llava-onevision-qwen2-7b-ov, 16 frames at 384² (random weights)"),
+))
+
+__all__ = ["FAMILY", "REGISTRATION", "LlavaOnevisionFamily", "LlavaOnevisionSpec", "llava_onevision_config", "frame_pixel_change", "install_siglip_keys"]

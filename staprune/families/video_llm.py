@@ -1,19 +1,102 @@
 """What the video-LLM families (Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision) share on the family interface:
-recognising the transformers classes and patching through :mod:`staprune.adapters.video_tokens`.
+recognising the transformers classes, patching through :mod:`staprune.adapters.video_tokens`, and
+the named models' geometry (:class:`VideoLLMSpec`), random-weight building, prompts and prefill FLOPs.
 
-A subclass only describes its model (:meth:`VideoLLMFamily.describe`): where the language model
-is, the video placeholder id, each video's temporal units, and how to read the vision keys.
+A subclass describes its model (:meth:`VideoLLMFamily.describe`: where the language model is, the
+video placeholder id, each video's temporal units, how to read the vision keys), lays a video out
+as its processor does (:meth:`VideoLLMFamily.video_inputs`) and counts its vision tower
+(:meth:`VideoLLMFamily.vision_flops`).
 """
 
 from __future__ import annotations
 
+import copy
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
 from torch import Tensor, nn
 
 from ..adapters.filled_grid import packed_slice, slice_metric
-from ..adapters.video_tokens import VideoLLMModel, VideoPatch, install
+from ..adapters.video_tokens import VideoLayout, VideoLLMModel, VideoPatch, install, kept_per_unit
 from ..core.config import STAConfig
-from ..core.errors import ConfigError
-from .hf import TransformersFamily
+from ..core.errors import CheckpointError, ConfigError
+from ..core.flops import FlopCount
+from ..data.transforms import Preprocessing
+from .base import LoadedModel, Spec
+from .hf import TransformersFamily, load_hf_pretrained
+
+TEXT_BEFORE = 16  # prompt tokens before the video (system prompt, the turn's start) in example prompts
+
+
+@dataclass(frozen=True)
+class VideoLLMSpec(Spec):
+    """A video LLM's geometry as plain data: its transformers config and one video's input.
+
+    Attributes:
+        config: keyword arguments of the family's transformers config class (``text_config`` and
+            ``vision_config`` nested), e.g. a published ``config.json``'s architecture fields.
+        frames, size: the video: frames and side in pixels (frames are resized to ``size``²).
+        prompt_tokens: text tokens of the prompt besides the video (system prompt, question).
+    """
+
+    family: ClassVar[str] = ""
+    frames: int = 16
+    size: int = 448
+    num_classes: int = 0
+    in_chans: int = 3
+    config: Mapping[str, Any] = field(default_factory=dict)
+    prompt_tokens: int = 64
+
+    @property
+    def text(self) -> Mapping[str, Any]:
+        return self.config["text_config"]
+
+    @property
+    def vision(self) -> Mapping[str, Any]:
+        return self.config["vision_config"]
+
+
+def language_model_flops(text: Mapping[str, Any], length: int) -> dict[str, float]:
+    """Multiply-adds of a decoder's prefill over ``length`` tokens, by kind (the docs' FLOPs
+    convention: matmuls only, attention ``2·L²·heads·head_dim`` as the dense kernels compute it, the
+    head on the last token only, as ``generate``'s prefill does).
+
+    Args:
+        text: the text config's fields (``hidden_size``, ``intermediate_size``, ``num_hidden_layers``,
+            ``num_attention_heads``, ``num_key_value_heads``, optional ``head_dim``, ``vocab_size``).
+    """
+    c, layers = text["hidden_size"], text["num_hidden_layers"]
+    head_dim = text.get("head_dim") or c // text["num_attention_heads"]
+    q, kv = text["num_attention_heads"] * head_dim, text["num_key_value_heads"] * head_dim
+    return {
+        "lm_qkv": layers * length * c * (q + 2 * kv),
+        "lm_attention": layers * 2 * length**2 * q,
+        "lm_proj": layers * length * q * c,
+        "lm_mlp": layers * length * 3 * c * text["intermediate_size"],  # gate, up, down
+        "lm_head": c * text["vocab_size"],
+    }
+
+
+def text_ids(spec: VideoLLMSpec, count: int, start: int = 0) -> list[int]:
+    """``count`` ordinary text token ids (from the middle of the vocabulary: no special token)."""
+    vocab = spec.text["vocab_size"]
+    return [vocab // 2 + (start + i) % (vocab // 4) for i in range(count)]
+
+
+def prefill_flops(count: FlopCount) -> float:
+    """The language model's share of a video LLM's :class:`FlopCount` (the ``lm_*`` parts)."""
+    return sum(value for key, value in count.parts.items() if key.startswith("lm_"))
+
+
+def prompt_ids(video: list[int], spec: VideoLLMSpec) -> list[int]:
+    """An example prompt: ``TEXT_BEFORE`` text tokens, the video's tokens, then the rest of
+    ``spec.prompt_tokens``."""
+    after = max(spec.prompt_tokens - TEXT_BEFORE, 1)
+    return text_ids(spec, TEXT_BEFORE) + video + text_ids(spec, after, start=TEXT_BEFORE)
 
 
 class VideoLLMFamily(TransformersFamily):
@@ -23,6 +106,10 @@ class VideoLLMFamily(TransformersFamily):
     video_llm = True
     block_locations = False
     tome_refusal = "video-LLM tokens are dropped before the language model, not merged"
+    config_class: ClassVar[str] = ""  # the transformers config class of :attr:`transformers_classes`
+    spec_class: ClassVar[type[VideoLLMSpec]] = VideoLLMSpec
+    default_keep: ClassVar[tuple[float, ...]] = (0.5, 0.3, 0.15)  # levels as keep ratios (video-LLM papers')
+    fixed_size: ClassVar[bool] = False  # every frame is resized to one side (LLaVA-OneVision's vision tower)
 
     def inner(self, model: nn.Module) -> nn.Module:
         """The ``*Model`` (vision tower, projector, language model) of either class."""
@@ -46,6 +133,113 @@ class VideoLLMFamily(TransformersFamily):
         install(p, described)
         model._staprune = p
         return model
+
+
+    # geometry, prompts and FLOPs -------------------------------------------------------------------
+    def spec_of(self, model: nn.Module, frames: int | None = None, size: int | None = None) -> VideoLLMSpec:
+        """A built model's config, on a video of ``frames`` x ``size``² (default: its spec's)."""
+        config = self.inner(model).config.to_dict()
+        return self.spec_class(config=config).with_input(frames, size)
+
+    def layout(self, spec: VideoLLMSpec) -> VideoLayout:
+        """The placeholder tokens of one video of ``spec``'s input."""
+        raise NotImplementedError
+
+    def video_inputs(self, model: nn.Module, frames: Tensor, spec: VideoLLMSpec,
+                     prep: Preprocessing | None = None) -> dict[str, Tensor]:
+        """A prompt around one video, as the family's processor lays it out.
+
+        Args:
+            frames: ``(T, 3, S, S)`` float in ``[0, 1]`` at ``spec.size`` (``T = spec.frames``).
+            prep: the normalisation (a loaded checkpoint's, :attr:`LoadedModel.preprocessing`);
+                default: the family's processor's.
+        Returns:
+            the model's keyword arguments (``input_ids``, ``attention_mask``, ``pixel_values_videos``, ...), batch 1.
+        """
+        raise NotImplementedError
+
+    def vision_flops(self, spec: VideoLLMSpec) -> dict[str, float]:
+        """Multiply-adds of encoding one video (vision tower and projector), by kind."""
+        raise NotImplementedError
+
+    def prompt_length(self, spec: VideoLLMSpec, video_tokens: int) -> int:
+        """Tokens of the example prompt when its video keeps ``video_tokens`` placeholder tokens."""
+        return spec.prompt_tokens + video_tokens + self.video_extra_tokens(spec)
+
+    def video_extra_tokens(self, spec: VideoLLMSpec) -> int:
+        """Special tokens around a video that are not its placeholders (vision start/end, timestamps)."""
+        return 0
+
+    def kept_video_tokens(self, spec: VideoLLMSpec, config: STAConfig) -> int:
+        """Placeholder tokens one video keeps under ``config`` (``uniform``: whole units)."""
+        layout = self.layout(spec)
+        self.check_method(config)
+        if config.method == "none" or (config.r == 0 and config.keep_ratio is None):
+            return layout.tokens
+        keep = kept_per_unit(config, layout.per_unit)
+        if config.method == "uniform":
+            units = max(1, min(layout.units, round(layout.units * keep / layout.per_unit)))
+            return units * layout.per_unit + layout.tail
+        return layout.units * keep + layout.tail
+
+    def flops(self, spec: VideoLLMSpec, config: STAConfig) -> FlopCount:
+        """Multiply-adds to the first token: the vision tower on the video (pruning does not change
+        it) and the language model's prefill of the prompt with the kept video tokens."""
+        parts = self.vision_flops(spec)
+        length = self.prompt_length(spec, self.kept_video_tokens(spec, config))
+        parts.update(language_model_flops(spec.text, length))
+        return FlopCount(sum(parts.values()), 0.0, parts)
+
+    def levels(self, spec: VideoLLMSpec) -> tuple[int, ...]:
+        raise ConfigError(f"{self.title} prunes by keep ratio: give keep ratios (--keep 0.5 0.3), default "
+                          f"{' '.join(map(str, self.default_keep))}")
+
+    # building and loading ------------------------------------------------------------------------------
+    def build(self, spec: VideoLLMSpec, attn_implementation: str = "sdpa") -> nn.Module:
+        """A model of ``spec``'s config with random weights, in eval mode."""
+        import transformers
+
+        config = getattr(transformers, self.config_class)(**copy.deepcopy(dict(spec.config)))
+        config._attn_implementation = attn_implementation
+        model_class = getattr(transformers, self.transformers_classes[0])
+        return model_class(config).eval()
+
+    def preprocessing(self, size: int) -> Preprocessing:
+        """Normalisation when a checkpoint brings none: SigLIP's 0.5 (LLaVA-OneVision, Qwen3-VL)."""
+        return Preprocessing(size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+    def wrap(self, model: nn.Module, source: str, folder: Path | None = None) -> LoadedModel:
+        spec = self.spec_of(model)
+        size = spec.size if self.fixed_size else None  # frames of any count (and Qwen's of any size) resize
+        prep = folder_normalisation(folder, spec.size) or self.preprocessing(spec.size)
+        return LoadedModel(model.eval(), self, prep, 0, None, size, source)
+
+    def load_folder(self, folder: Path, name: str) -> LoadedModel:
+        """The ``*ForConditionalGeneration`` from a HF folder, every stored tensor verified."""
+        model_class = self.transformers_class(self.transformers_classes[0])
+        if model_class is None:
+            raise CheckpointError(f"{name}: this transformers release has no {self.transformers_classes[0]}")
+        return self.wrap(load_hf_pretrained(model_class, folder, name), f"hf:{name}", folder)
+
+
+def folder_normalisation(folder: Path | None, size: int) -> Preprocessing | None:
+    """The mean and std a HF folder's video (or image) processor normalises with, if it has one."""
+    for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+        path = folder / name if folder is not None else None
+        if path is None or not path.is_file():
+            continue
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+            return Preprocessing(size, tuple(document["image_mean"]), tuple(document["image_std"]))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{path}: no usable image_mean/image_std ({err}); restore it from the checkpoint") from err
+    return None
+
+
+def normalised(frames: Tensor, prep: Preprocessing) -> Tensor:
+    """Frames ``(T, 3, H, W)`` in ``[0, 1]`` normalised with ``prep``'s mean and std."""
+    mean = torch.tensor(prep.mean, dtype=frames.dtype).view(1, 3, 1, 1)
+    return (frames - mean) / torch.tensor(prep.std, dtype=frames.dtype).view(1, 3, 1, 1)
 
 
 def merged_keys(qkv: Tensor, heads: int, group: int) -> Tensor:

@@ -29,8 +29,8 @@ from ..core.errors import UsageError
 from .devices import DTYPES
 
 MODEL_FORMS = (
-    "a registry name (ViT-B, VideoSwin-T, ViViT-B, demo-vit, ...: `staprune flops` lists the paper's; random "
-    "weights except the bundled demo models), a Hugging Face folder or hub id, a VideoMAE / VideoMAE V2 release "
+    "a registry name (ViT-B, VideoSwin-T, ViViT-B, demo-vit, Qwen2.5-VL-7B, LLaVA-OneVision-0.5B, ...: `staprune "
+    "flops` lists the paper's; random weights except the bundled demo models), a Hugging Face folder or hub id, a VideoMAE / VideoMAE V2 release "
     ".pth, swin3d_t|s|b[:WEIGHTS], or a `staprune finetune` checkpoint or run folder"
 )
 
@@ -191,6 +191,29 @@ def default_r(args: argparse.Namespace, model_r: int) -> int:
     return 0 if explicit_schedule(pruning_options(args)) else model_r
 
 
+def add_keep_argument(parser: argparse.ArgumentParser) -> None:
+    """``--keep``: keep ratios, the video LLMs' budget (besides or instead of ``--r``)."""
+    parser.add_argument("--keep", type=float, nargs="+", metavar="RATIO",
+                        help="video LLMs: share of each video's tokens kept, e.g. 0.5 0.3 (default 0.5 0.3 0.15 "
+                        "when no --r is given)")
+
+
+def video_llm_settings(args: argparse.Namespace, default_keep: Sequence[float]) -> list[STAConfig | None]:
+    """The settings a video-LLM command runs: the stock model (None), then one per ``--keep`` ratio and
+    per non-zero ``--r`` (default ``default_keep``), each with ``--method`` and the pruning options."""
+    options, method = pruning_options(args), getattr(args, "method", None) or "sta"
+    rs = [r for r in (getattr(args, "r", None) or []) if r]
+    keeps = args.keep or ([] if rs else list(default_keep))
+    return [None, *(STAConfig(keep_ratio=k, method=method, **options) for k in keeps),
+            *(STAConfig(r=r, method=method, **options) for r in rs)]
+
+
+def refuse_keep(args: argparse.Namespace, title: str) -> None:
+    """``--keep`` on a model that is not a video LLM: one clear line."""
+    if getattr(args, "keep", None):
+        raise UsageError(f"--keep is a video-LLM budget; {title} prunes r tokens per temporal unit: use --r")
+
+
 def _method(args: argparse.Namespace) -> str:
     method = getattr(args, "method", None) or "sta"
     return "sta" if method in ("none", "dense") else method
@@ -198,6 +221,9 @@ def _method(args: argparse.Namespace) -> str:
 
 __all__ = [
     "MODEL_FORMS",
+    "add_keep_argument",
+    "refuse_keep",
+    "video_llm_settings",
     "DefaultsHelpFormatter",
     "add_device_arguments",
     "add_model_arguments",

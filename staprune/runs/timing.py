@@ -84,22 +84,22 @@ class BenchRow:
     options: dict = field(default_factory=dict)
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _timed_selection(device: torch.device, spent: list[float]) -> Callable[[Callable], Callable]:
+def timed_selection(device: torch.device, spent: list[float]) -> Callable[[Callable], Callable]:
     """Wrapper factory that adds the wall time of each selection call to ``spent[0]``."""
 
     def wrap(fn: Callable) -> Callable:
         def timed(*args, **kwargs):
-            _sync(device)
+            sync_device(device)
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                _sync(device)
+                sync_device(device)
                 spent[0] += time.perf_counter() - start
 
         return timed
@@ -130,17 +130,17 @@ def time_variants(
     device = inputs.device
     times = {v: {"latency": [], "selection": []} for v in variants}
     spent = [0.0]
-    wrapper = _timed_selection(device, spent) if time_selection else (lambda fn: fn)
+    wrapper = timed_selection(device, spent) if time_selection else (lambda fn: fn)
     try:
         with torch.inference_mode(), wrapping_selection(wrapper):
             for round_index in range(warmup + repeats):
                 for variant in variants:
                     apply(model, variant)
-                    _sync(device)
+                    sync_device(device)
                     spent[0] = 0.0
                     start = time.perf_counter()
                     model(inputs)
-                    _sync(device)
+                    sync_device(device)
                     elapsed = time.perf_counter() - start
                     if round_index >= warmup:
                         times[variant]["latency"].append(elapsed)
