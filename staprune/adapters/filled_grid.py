@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from ..core.config import STAConfig
 from ..core.errors import ConfigError
 from ..core.score import gather_tokens, head_mean
+from ..core.tracing import tracing
 
 # Where each similarity source sits in a packed ``[q | k | v]`` projection.
 QKV_PARTS = {"query": 0, "key": 1, "value": 2}
@@ -47,7 +48,7 @@ def _cached_distances(h: int, w: int, device: torch.device) -> Tensor:
 
 def _squared_distances(h: int, w: int, device: torch.device) -> Tensor:
     # Under torch.compile the table is part of the graph (a cache lookup cannot be traced).
-    return _grid_distances(h, w, device) if torch.compiler.is_compiling() else _cached_distances(h, w, device)
+    return _grid_distances(h, w, device) if tracing() else _cached_distances(h, w, device)
 
 
 def nearest_kept_fill(keep: Tensor, frames: int, grid_hw: tuple[int, int], chunk: int = 1 << 23) -> Tensor:
@@ -71,14 +72,21 @@ def nearest_kept_fill(keep: Tensor, frames: int, grid_hw: tuple[int, int], chunk
     n = h * w
     kept = torch.zeros(bsz, frames * n, dtype=torch.bool, device=keep.device).scatter_(1, keep, True)
     kept = kept.view(bsz * frames, n)
-    if not torch.compiler.is_compiling() and not bool(kept.any(-1).all()):
+    if not tracing() and not bool(kept.any(-1).all()):
         raise ConfigError("a frame has no kept token; nearest-kept filling needs at least one per frame")
     dist = _squared_distances(h, w, keep.device)
-    nearest = torch.empty(bsz * frames, n, dtype=torch.long, device=keep.device)
-    step = max(1, chunk // (n * n))
-    for i in range(0, bsz * frames, step):
-        masked = dist.masked_fill(~kept[i : i + step, None, :], float("inf"))  # (step, n, n)
-        nearest[i : i + step] = masked.argmin(-1)  # first minimum = lowest flat index
+    if torch.compiler.is_exporting():
+        # One frame of every clip per step: steps that do not depend on the batch size, which
+        # stays a dynamic axis of the exported graph.
+        per_frame = kept.view(bsz, frames, n)
+        nearest = torch.stack([dist.masked_fill(~per_frame[:, t, None, :], float("inf")).argmin(-1)
+                               for t in range(frames)], dim=1).view(bsz * frames, n)
+    else:
+        nearest = torch.empty(bsz * frames, n, dtype=torch.long, device=keep.device)
+        step = max(1, chunk // (n * n))
+        for i in range(0, bsz * frames, step):
+            masked = dist.masked_fill(~kept[i : i + step, None, :], float("inf"))  # (step, n, n)
+            nearest[i : i + step] = masked.argmin(-1)  # first minimum = lowest flat index
     offsets = torch.arange(frames, device=keep.device).repeat(bsz).view(-1, 1) * n
     nearest = (nearest + offsets).view(bsz, frames * n)
     slot = torch.full((bsz, frames * n), -1, dtype=torch.long, device=keep.device)
@@ -127,6 +135,8 @@ def packed_slice(qkv: Tensor, part: int) -> Tensor:
 def project_slice(qkv: nn.Linear, x: Tensor, part: int) -> Tensor:
     """Slice ``part`` of the packed projection ``qkv`` (``C -> 3C``), computed alone:
     ``(B, L, C) -> (B, L, C)``."""
+    if not isinstance(qkv.weight, Tensor):  # a dynamically quantized Linear: no float weight to slice
+        return packed_slice(qkv(x), part)
     c = qkv.weight.shape[0] // 3
     bias = None if qkv.bias is None else qkv.bias[part * c : (part + 1) * c]
     return F.linear(x, qkv.weight[part * c : (part + 1) * c], bias)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .score import PerSampleRandom, gather_tokens, normalize_metric, random_first_unit
+from .score import PerSampleRandom, gather_tokens, normalize_metric, random_first_unit, stable_argsort
 
 
 def random_keep_indices(rng: PerSampleRandom, bsz: int, units: int, n: int, r: int) -> Tensor:
@@ -48,7 +48,7 @@ def static_keep_indices(change: Tensor, keep: int) -> Tensor:
         ``(units * keep,)`` ascending indices into ``units * n``; ties keep the earlier token.
     """
     units, n = change.shape
-    kept = change.argsort(dim=1, descending=True, stable=True)[:, :keep].sort(dim=1).values
+    kept = stable_argsort(change, descending=True)[:, :keep].sort(dim=1).values
     return (kept + torch.arange(units, device=change.device).view(-1, 1) * n).reshape(-1)
 
 
@@ -91,7 +91,7 @@ def tome_merge(
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
         m = normalize_metric(metric.detach())
         best, partner = (m[:, 0::2] @ m[:, 1::2].transpose(1, 2)).max(dim=-1)  # (B, |A|)
-        order = best.argsort(dim=-1, descending=True, stable=True)
+        order = stable_argsort(best, descending=True)
         merged_a, kept_a = order[:, :r], order[:, r:]
         dst = partner.gather(1, merged_a)
     xa, xb = x[:, 0::2], x[:, 1::2]

@@ -111,6 +111,35 @@ def combine_scores(accumulated: Tensor | None, semantic: Tensor, score: str) -> 
     return accumulated * (1.0 - semantic)
 
 
+# --- orderings every exporter can lower ----------------------------------------------------------
+def stable_argsort(values: Tensor, descending: bool = False) -> Tensor:
+    """``values.argsort(dim=-1, stable=True)``: ties keep index order (the published tie-breaking).
+
+    ONNX has no stable sort (``aten.sort.stable`` has no ONNX function), so while ``torch.export``
+    (or ``torch.onnx.export``) traces, the order comes from ranks instead: a value's rank is how many
+    values sort before it, ties broken by index, the same order, from comparisons and a sum. ``O(n²)``
+    per row, hence only there.
+    """
+    if not torch.compiler.is_exporting():
+        return values.argsort(dim=-1, descending=descending, stable=True)
+    n = values.shape[-1]
+    mine, other = values.unsqueeze(-1), values.unsqueeze(-2)  # (..., n, 1), (..., 1, n)
+    index = torch.arange(n, device=values.device)
+    earlier = index.view(1, n) < index.view(n, 1)  # [i, j]: j comes before i on a tie
+    before = (other > mine) if descending else (other < mine)
+    rank = (before | ((other == mine) & earlier)).sum(-1)
+    return torch.zeros_like(rank).scatter(-1, rank, index.expand_as(rank))
+
+
+def true_first(mask: Tensor) -> Tensor:
+    """The positions along the last axis with ``mask`` True, then those with it False, each in index
+    order (a stable sort of ``~mask``), from cumulative sums: exact, linear, and exportable."""
+    flag = mask.long()
+    rank = torch.where(mask, flag.cumsum(-1), flag.sum(-1, keepdim=True) + (1 - flag).cumsum(-1)) - 1
+    index = torch.arange(mask.shape[-1], device=mask.device).expand_as(rank)
+    return torch.zeros_like(rank).scatter(-1, rank, index)
+
+
 # --- first-unit pruners -----------------------------------------------------------------------
 # Each returns a permutation (B, n) of the unit's tokens: the n-r kept ones first, then the r
 # dropped ones. The published "all tokens of the first unit" transition uses the whole permutation.
@@ -139,7 +168,7 @@ def _bipartite_round(metric: Tensor, r: int) -> Tensor:
     bsz, n, _ = metric.shape
     a, b = metric[:, 0::2], metric[:, 1::2]
     best = (a @ b.transpose(1, 2)).amax(-1)  # (B, |A|)
-    by_match_desc = best.argsort(dim=-1, descending=True, stable=True)
+    by_match_desc = stable_argsort(best, descending=True)
     dropped_a = by_match_desc[:, :r]
     kept_a = by_match_desc[:, r:].flip(-1)  # ascending best match
     pos_b = torch.arange(1, n, 2, device=metric.device).expand(bsz, -1)

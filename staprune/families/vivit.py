@@ -61,6 +61,15 @@ class VivitSpec(Spec):
         return self.size // self.patch
 
 
+def _mask_for_the_kept_tokens(layer: nn.Module, args: tuple, kwargs: dict):
+    """Without a user mask (the only case a patched ViViT runs) every token attends everywhere, but
+    while exporting transformers builds that as a full-length all-true mask (eager passes None),
+    which no longer fits once tokens are dropped: it becomes None again."""
+    if len(args) < 2 or args[1] is None or args[1].shape[-1] == args[0].shape[1]:
+        return None
+    return (args[0], None, *args[2:]), kwargs
+
+
 def patch_vivit(model: nn.Module, config: STAConfig) -> nn.Module:
     """Patch a ViViT in place (see :func:`staprune.patch`)."""
     backbone = FAMILY.backbone(model)
@@ -72,6 +81,8 @@ def patch_vivit(model: nn.Module, config: STAConfig) -> nn.Module:
 
     def start(module, args, kwargs):
         pixels = args[0] if args else kwargs.get("pixel_values")
+        if kwargs.get("attention_mask") is not None:
+            raise ConfigError("a pruned ViViT takes no attention_mask: dropped tokens would leave the mask behind")
         if kwargs.get("interpolate_pos_encoding"):
             raise ConfigError("staprune prunes ViViT at its configured input; interpolate_pos_encoding is not supported")
         # The position table fixes the clip, so the plan made at patch time is the plan of every input.
@@ -80,6 +91,8 @@ def patch_vivit(model: nn.Module, config: STAConfig) -> nn.Module:
         p.start(plan, pixels, grid_hw, pixels.device)
 
     p.hook(backbone, start, pre=True, with_kwargs=True)
+    for layer in backbone.layers:
+        p.hook(layer, _mask_for_the_kept_tokens, pre=True, with_kwargs=True)
     layout = columnar.ColumnarModel(
         layers=backbone.layers,
         projections=lambda layer: {"query": layer.attention.q_proj, "key": layer.attention.k_proj,

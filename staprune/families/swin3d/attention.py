@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...core.score import true_first
+from ...core.tracing import tracing
 from .windows import WindowLayout, relative_position_bias, shift_mask, window_and_shift, window_layout
 
 
@@ -51,7 +53,7 @@ def query_subsets(dest: Tensor, sink: int, layout: WindowLayout) -> list[QuerySu
     """
     bsz = dest.shape[0]
     n = layout.window_volume
-    if torch.compiler.is_compiling():  # the subset's width is data-dependent: compute every query
+    if tracing():  # the subset's width is data-dependent: compute every query
         return [None] * len(layout.groups)
     out: list[QuerySubset | None] = []
     start = 0
@@ -63,8 +65,8 @@ def query_subsets(dest: Tensor, sink: int, layout: WindowLayout) -> list[QuerySu
         if width > QUERY_SUBSET_MAX_FILL * n:
             out.append(None)
             continue
-        # Stable sort puts each window's kept slots first, in slot order; the tail pads to `width`.
-        slots = torch.sort((~kept).to(torch.uint8), dim=-1, stable=True).indices[:, :max(1, width)]
+        # Each window's kept slots first, in slot order; the tail pads to `width`.
+        slots = true_first(kept)[:, :max(1, width)]
         out.append(QuerySubset(slots.contiguous(), group.gather(1, slots)))
     return out
 
@@ -88,8 +90,8 @@ class FusedWindowAttention:
         """One additive mask per shift-pattern group: ``(1, heads, N, N)``, or with ``query_major``
         ``(N, heads, N)`` (rows first: kept queries' rows are then gathered without a transpose)."""
         table = self.attn.relative_position_bias_table
-        if torch.is_grad_enabled() and table.requires_grad:
-            return self._build_masks(layout, device, dtype, query_major)
+        if (torch.is_grad_enabled() and table.requires_grad) or torch.compiler.is_exporting():
+            return self._build_masks(layout, device, dtype, query_major)  # in the graph, never cached
         if torch.compiler.is_compiling():
             # Inside a compiled graph the table cannot change: the eager warm-up's masks are current.
             # (Masks are built eagerly; building one here would fix the table into the graph.)
@@ -120,6 +122,7 @@ class FusedWindowAttention:
     def pad_row(self, rows: Tensor) -> Tensor:
         """Append the qkv of a zero (padding) token, i.e. the qkv bias: ``(B, R, 3C) -> (B, R+1, 3C)``."""
         bias = self.attn.qkv.bias
+        bias = bias() if callable(bias) else bias  # a dynamically quantized Linear returns its bias by call
         pad = rows.new_zeros(rows.shape[0], 1, rows.shape[2]) if bias is None else bias.to(rows.dtype).expand(
             rows.shape[0], 1, -1
         )
@@ -170,7 +173,10 @@ class FusedWindowAttention:
                 q, k, v, attn_mask=mask, dropout_p=dropout, scale=(channels // heads) ** -0.5
             )
             # (B*windows, heads, N, d) -> one row per slot; index_copy_ also undoes the windowing.
-            out.index_copy_(0, targets, o.transpose(1, 2).reshape(-1, channels))
+            rows_out = o.transpose(1, 2)  # SDPA's kernels write (N, heads) order: a free reshape below
+            if torch.compiler.is_exporting():  # an exporter's SDPA may not: copy where the graph says so
+                rows_out = rows_out.clone(memory_format=torch.contiguous_format)
+            out.index_copy_(0, targets, rows_out.reshape(-1, channels))
             start += count * n
         return out[:n_out]
 

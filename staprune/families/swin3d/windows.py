@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ...core.errors import ConfigError
+from ...core.tracing import shape_constant
 
 MASK_VALUE = -100.0  # torchvision's shift-mask value (not -inf): kept for exact equality
 
@@ -69,7 +69,7 @@ class WindowLayout:
         groups: ``(windows, pattern)`` per mask pattern, in slot order; ``pattern`` is a tuple
             of three bools: the window is the last one along T / H / W of a shifted axis.
         window: the (possibly shrunk) window; ``shift``: the (possibly zeroed) shift.
-        padded: whether any slot is padding.
+        padded: whether any slot is padding. window_volume: ``N``.
     """
 
     src: Tensor
@@ -78,10 +78,7 @@ class WindowLayout:
     window: tuple[int, int, int]
     shift: tuple[int, int, int]
     padded: bool
-
-    @property
-    def window_volume(self) -> int:
-        return self.window[0] * self.window[1] * self.window[2]
+    window_volume: int  # N (a field, not a property: Dynamo reads the layout as a traced constant)
 
 
 _LAYOUTS: dict[tuple, WindowLayout] = {}
@@ -93,17 +90,19 @@ def window_layout(
 ) -> WindowLayout:
     """The (cached) :class:`WindowLayout` of a ``(T, H, W)`` grid.
 
-    Layouts are index bookkeeping built eagerly once per geometry; under ``torch.compile`` they
-    are read from the cache as constants (building one there would trace thousands of Python steps
-    and data-dependent ``unique``), so a compiled model needs one eager forward at a new input size.
+    Layouts are index bookkeeping built once per geometry, from the shape alone: while
+    ``torch.export`` or ``torch.compile`` trace a new input size, the layout is still built eagerly
+    and enters the graph as a constant (:func:`staprune.core.tracing.shape_constant`).
     """
+    return _cached_layout(size, window, shift, device)
+
+
+@shape_constant
+def _cached_layout(
+    size: tuple[int, int, int], window: tuple[int, int, int], shift: tuple[int, int, int], device: torch.device
+) -> WindowLayout:
     key = (size, window, shift, device)
     if key not in _LAYOUTS:
-        if torch.compiler.is_compiling():
-            raise ConfigError(
-                f"no window layout for grid {size} yet: run the patched model once eagerly at this input "
-                "size before torch.compile (staprune builds its window bookkeeping outside the graph)"
-            )
         if len(_LAYOUTS) >= _MAX_LAYOUTS:
             _LAYOUTS.pop(next(iter(_LAYOUTS)))
         _LAYOUTS[key] = _build_window_layout(size, window, shift, device)
@@ -125,7 +124,7 @@ def _build_window_layout(
             (int((codes == c).sum()), (bool(c & 4), bool(c & 2), bool(c & 1))) for c in torch.unique(codes).tolist()
         )
         padded = bool((src == length).any())
-        return WindowLayout(src.to(device), slot[:length].to(device), groups, window, shift, padded)
+        return WindowLayout(src.to(device), slot[:length].to(device), groups, window, shift, padded, math.prod(window))
 
 
 def _window_positions(
