@@ -24,6 +24,7 @@ COMMANDS = {
     "demo": ("staprune.commands.demo", "dense vs STA vs baselines on the bundled demo models (needs their weights)"),
     "finetune": ("staprune.commands.finetune", "fine-tune dense or pruned (STA/random) models; resumable; torchrun"),
     "eval": ("staprune.commands.evaluate", "multi-view accuracy on a video list (one machine or torchrun), resumable"),
+    "export": ("staprune.commands.export", "a pruned model as ONNX, verified with ONNX Runtime; optional int8"),
     "ablate": ("staprune.commands.ablate", "the paper's ablation tables (6a-e, supp. 2-3) on a model and data, resumable"),
 }
 

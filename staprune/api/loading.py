@@ -26,6 +26,7 @@ from pathlib import Path
 
 from torch import Tensor
 
+from ..core.config import config_from_record
 from ..core.errors import (
     CheckpointError,
     ConfigError,
@@ -45,6 +46,7 @@ from ..families import (
 )
 from ..families.base import LoadedModel
 from ..storage.runfolder import epoch_files, latest_epoch, training_record_of
+from .patching import patch, saved_pruning
 from ..storage.state_dicts import STATE_DICT_SUFFIXES, listing, load_verified, read_state_dict
 
 
@@ -124,8 +126,11 @@ def model_card(path: Path) -> dict | None:
     try:
         if path.suffix == ".safetensors" and record.is_file():
             recipe = json.loads(record.read_text(encoding="utf-8"))["recipe"]
+            pruning = None  # what the model was trained with, restored with it
+            if recipe.get("method", "none") != "none" and recipe.get("r"):
+                pruning = config_from_record({**(recipe.get("options") or {}), "r": recipe["r"], "method": recipe["method"]})
             return {"model": recipe["model"], "weights": recipe.get("weights"), "frames": recipe.get("frames"),
-                    "image_size": recipe.get("image_size"),
+                    "image_size": recipe.get("image_size"), "pruning": pruning,
                     "made": f"fine-tuned by staprune finetune ({recipe.get('method')} r={recipe.get('r')}) from "
                             f"{recipe.get('init') or recipe['model']}"}
         card = path.with_suffix(".json")
@@ -151,6 +156,7 @@ def _load_from_card(path: Path, card: dict, state: Mapping[str, Tensor]) -> Load
                               f"but: {err}") from err
     load_verified(loaded.model, state, f"checkpoint {path}")
     loaded.source = f"{path} ({card['made']})"
+    loaded.pruning = card.get("pruning")
     return loaded
 
 
@@ -244,7 +250,23 @@ def load(
     """
     if init not in INITS:
         raise UsageError(f"init={init!r}; choose one of {', '.join(INITS)}")
-    return _at_image_size(_resolve(spec, weights, frames, image_size, num_heads, init), image_size)
+    return _restore_pruning(_at_image_size(_resolve(spec, weights, frames, image_size, num_heads, init), image_size))
+
+
+def _restore_pruning(loaded: LoadedModel) -> LoadedModel:
+    """Patch a model that was saved pruned: ``save_pretrained`` of a patched model recorded its
+    STAConfig in ``config.json``; a ``staprune finetune`` checkpoint's recipe names its pruning.
+    Commands then take its r as the model's level."""
+    config = saved_pruning(loaded.model) or loaded.pruning
+    if config is None or config.method == "none":
+        return loaded
+    patch(loaded.model, config=config)
+    loaded.pruning = config
+    if config.r > 0:
+        loaded.levels = (config.r,)
+    budget = f"keep_ratio={config.keep_ratio:g}" if config.keep_ratio is not None else f"r={config.r}"
+    loaded.source += f" (restored: {config.method} {budget})"
+    return loaded
 
 
 def _at_image_size(loaded: LoadedModel, image_size: int | None) -> LoadedModel:

@@ -9,8 +9,8 @@ from types import MethodType
 from torch import nn
 
 from ..adapters.state import PATCH_ATTR, get_config
-from ..core.config import STAConfig, as_config
-from ..core.errors import UsageError
+from ..core.config import STAConfig, as_config, config_from_record, config_record
+from ..core.errors import CheckpointError, ConfigError, UsageError
 from ..families import family_of, supported_classes
 
 
@@ -55,7 +55,36 @@ def patch(model: nn.Module, r: int | None = None, *, config: STAConfig | None = 
     patched = family.patch(model, cfg)
     # An instance attribute is what copy.deepcopy looks up first (EMA copies, benchmark copies).
     model.__dict__["__deepcopy__"] = MethodType(_deepcopy_patched, model)
+    hf_config = _hf_config(model)
+    if hf_config is not None:  # save_pretrained writes it to config.json; stock from_pretrained ignores it
+        setattr(hf_config, SAVED_KEY, config_record(cfg))
     return patched
+
+
+SAVED_KEY = "staprune"  # the config.json entry that carries a saved model's pruning
+
+
+def _hf_config(model: nn.Module):
+    """A transformers model's config (what ``save_pretrained`` writes), or None."""
+    config = getattr(model, "config", None)
+    return config if hasattr(config, "to_json_string") else None
+
+
+def saved_pruning(model: nn.Module) -> STAConfig | None:
+    """The pruning a transformers model's ``config.json`` recorded (``save_pretrained`` of a patched
+    model), or None.
+
+    Raises:
+        CheckpointError: the record is damaged.
+    """
+    record = getattr(_hf_config(model), SAVED_KEY, None)
+    if record is None:
+        return None
+    try:
+        return config_from_record(record)
+    except (ConfigError, TypeError) as err:
+        raise CheckpointError(f"config.json's {SAVED_KEY!r} entry is not a pruning staprune can restore ({err}); "
+                              f"remove the entry to load the dense model") from err
 
 
 def _deepcopy_patched(model: nn.Module, memo: dict) -> nn.Module:
@@ -82,6 +111,9 @@ def unpatch(model: nn.Module) -> nn.Module:
     model.__dict__.pop("__deepcopy__", None)
     if p is not None:
         p.undo()
+        hf_config = _hf_config(model)
+        if hf_config is not None and hasattr(hf_config, SAVED_KEY):
+            delattr(hf_config, SAVED_KEY)
     return model
 
 

@@ -14,6 +14,7 @@ from dataclasses import asdict
 
 import torch
 
+from ..api.deploy import quantize_loaded
 from ..api.loading import load
 from ..api.models import example_input, spec_of_model
 from ..api.patching import unpatch
@@ -23,10 +24,12 @@ from ..families import levels_of
 from ..runs.arguments import (
     add_device_arguments,
     add_keep_argument,
+    add_quantize_argument,
     add_model_arguments,
     add_pruning_arguments,
     apply_threads,
     check_pruning_options,
+    check_quantize,
     default_levels,
     pruning_options,
     refuse_keep,
@@ -55,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="sta", choices=("sta", "random", "tome", "uniform", "static"),
                         help="pruning method (uniform, static: video-LLM baselines)")
     add_keep_argument(parser)
+    add_quantize_argument(parser)
     parser.add_argument("--batch-size", type=int, default=1, help="clips per forward")
     add_device_arguments(parser, device_default="cpu", threads=False)
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds (every config once per round)")
@@ -78,8 +82,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
     apply_threads(args)
     device = resolve_device(args.device)
+    check_quantize(args, device)
     dtype = DTYPES[args.dtype]
-    loaded = load(args.model, args.weights, frames=args.frames, image_size=args.size)
+    loaded = quantize_loaded(load(args.model, args.weights, frames=args.frames, image_size=args.size), args.quantize)
     if loaded.family.video_llm:
         return _run_video_llm(args, loaded, device, dtype)
     refuse_keep(args, loaded.family.title)
@@ -90,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
     pruned = [Setting.of(args.method, r, options) for r in rs]
     # Dense is the patched model dropping nothing; where the patch changes kernels (Video Swin's fused
     # window attention) the unpatched stock model is timed beside it.
-    stock = [] if loaded.family.stock_kernels_at_r0 else [STOCK]
+    # (torchvision's stock Swin reads its qkv weight as a tensor: quantized, only the fused patch runs)
+    stock = [] if loaded.family.stock_kernels_at_r0 or args.quantize else [STOCK]
     variants = [*stock, Setting(), *(s for s in pruned if not s.is_dense)]
     for variant in variants:  # validate every config before timing anything
         apply(model, variant)
@@ -105,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
             memory[variant] = cpu_peak_memory_mb(args.model, variant, frames=args.frames, size=args.size,
                                                  batch_size=args.batch_size, dtype=args.dtype,
                                                  threads=torch.get_num_threads())
-    rows = summarize(args.model, model, times, batch_size=args.batch_size, dtype=args.dtype,
+    name = f"{args.model} int8" if args.quantize else args.model
+    rows = summarize(name, model, times, batch_size=args.batch_size, dtype=args.dtype,
                      device=str(device), frames=args.frames, size=args.size, memory=memory)
     busy = noisy(rows)
     if busy:

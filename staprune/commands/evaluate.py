@@ -24,12 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from ..api.evaluation import check_compatible, resolve_protocol
+from ..api.deploy import quantize_loaded
 from ..api.loading import load
 from ..api.settings import Setting
 from ..core.errors import UsageError
 from ..data.lists import load_items
 from ..runs import distributed as dist_utils
 from ..runs.arguments import (
+    add_quantize_argument,
+    check_quantize,
     add_device_arguments,
     add_model_arguments,
     add_pruning_arguments,
@@ -66,6 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="views per forward pass (across videos)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes decoding videos")
     add_device_arguments(parser, threads=False)
+    add_quantize_argument(parser)
     parser.add_argument("--out", default="eval-results", help="directory for per-video records and results")
     parser.add_argument("--resume", action="store_true", help="skip videos already recorded in --out")
     parser.add_argument("--json", action="store_true", help="print results as JSON to stdout (logs to stderr)")
@@ -216,9 +220,11 @@ def setup(args: argparse.Namespace, info: dist_utils.DistInfo) -> ListEvaluation
     if args.batch_size < 1 or args.workers < 0:
         raise UsageError("--batch-size must be >= 1 and --workers >= 0")
     device = resolve_device(args.device, info.local_rank if info.distributed else None)
+    check_quantize(args, device)
     if info.is_main:
         writable_dir(args.out)  # before any model is loaded or video decoded
-    loaded = load(args.model, args.weights, frames=args.frames, image_size=args.image_size)
+    loaded = quantize_loaded(load(args.model, args.weights, frames=args.frames, image_size=args.image_size),
+                             args.quantize)
     proto = resolve_protocol(loaded.protocol(args.dataset), args.views, args.frames, args.stride)
     items, _ = load_items(args.data, args.root)
     check_compatible(loaded, proto, items)

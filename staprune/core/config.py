@@ -402,6 +402,37 @@ def as_config(config: STAConfig | None = None, r: int | None = None, **options: 
     return base.with_options(**options) if options else base
 
 
+def config_record(config: STAConfig) -> dict:
+    """``config`` as JSON values (every field; schedule pairs and locations as lists): what
+    ``save_pretrained`` of a patched model writes under ``"staprune"`` in ``config.json``."""
+    record = {}
+    for name in STAConfig.__dataclass_fields__:
+        value = getattr(config, name)
+        if name == "schedule" and not isinstance(value, str):
+            value = [list(pair) for pair in value]
+        elif isinstance(value, tuple):
+            value = list(value)
+        record[name] = value
+    return record
+
+
+def config_from_record(record: object) -> STAConfig:
+    """The :class:`STAConfig` :func:`config_record` wrote (validated as any config).
+
+    Raises:
+        ConfigError: not a mapping of STAConfig fields, or a value STAConfig refuses.
+    """
+    if not isinstance(record, dict) or not set(record) <= set(STAConfig.__dataclass_fields__):
+        unknown = sorted(set(record) - set(STAConfig.__dataclass_fields__)) if isinstance(record, dict) else record
+        raise ConfigError(f"not a staprune pruning record (unknown entries: {unknown})")
+    values = dict(record)
+    if isinstance(values.get("schedule"), list):
+        values["schedule"] = tuple(tuple(pair) for pair in values["schedule"])
+    if isinstance(values.get("locations"), list):
+        values["locations"] = tuple(values["locations"])
+    return STAConfig(**values)
+
+
 def largest_square_grid(r: int) -> int:
     """Cells per side of the grid first-unit pruner: ``ceil(sqrt(r))`` (exactly sqrt(r) for squares)."""
     return max(1, math.isqrt(r - 1) + 1) if r > 0 else 1

@@ -173,6 +173,8 @@ class LoadedModel:
         protocols: evaluation protocols that replace the family's (dataset -> protocol), e.g. the
             demo models' 16 consecutive frames.
         levels: default pruning levels of this model (None: the family's for its geometry).
+        pruning: the STAConfig the model was saved with and is patched with (``save_pretrained`` of a
+            patched model, a ``staprune finetune`` checkpoint), or None.
     """
 
     model: nn.Module
@@ -184,6 +186,7 @@ class LoadedModel:
     source: str
     protocols: Mapping[str, ViewProtocol] | None = None
     levels: tuple[int, ...] | None = None
+    pruning: STAConfig | None = None
     _digest: str | None = field(default=None, repr=False, compare=False)
 
     def to_input(self, views: Tensor) -> Tensor:
@@ -219,7 +222,8 @@ class LoadedModel:
     def default_r(self, frames: int | None = None, size: int | None = None) -> int:
         """The middle of :meth:`default_levels`: the r commands use when none is given (as the paper
         trains STA48-ViT-B, levels 32/48/64)."""
-        return self.default_levels(frames, size)[1]
+        levels = self.default_levels(frames, size)
+        return levels[len(levels) // 2]
 
 
 # --- named models -------------------------------------------------------------------------------

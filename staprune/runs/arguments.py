@@ -191,6 +191,19 @@ def default_r(args: argparse.Namespace, model_r: int) -> int:
     return 0 if explicit_schedule(pruning_options(args)) else model_r
 
 
+def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
+    """``--quantize int8``: PyTorch's dynamic int8 on the linear layers, the pruning kept (CPU)."""
+    parser.add_argument("--quantize", choices=("int8",),
+                        help="dynamic int8 on every linear layer, after patching (CPU, fp32 activations in and out)")
+
+
+def check_quantize(args: argparse.Namespace, device: torch.device) -> None:
+    """``--quantize`` runs on CPU in fp32: anything else is one clear line before any work."""
+    if getattr(args, "quantize", None) and (device.type != "cpu" or getattr(args, "dtype", "fp32") != "fp32"):
+        raise UsageError(f"--quantize {args.quantize} is PyTorch's dynamic int8 on CPU with fp32 activations: "
+                         "use --device cpu --dtype fp32")
+
+
 def add_keep_argument(parser: argparse.ArgumentParser) -> None:
     """``--keep``: keep ratios, the video LLMs' budget (besides or instead of ``--r``)."""
     parser.add_argument("--keep", type=float, nargs="+", metavar="RATIO",
@@ -222,6 +235,8 @@ def _method(args: argparse.Namespace) -> str:
 __all__ = [
     "MODEL_FORMS",
     "add_keep_argument",
+    "add_quantize_argument",
+    "check_quantize",
     "refuse_keep",
     "video_llm_settings",
     "DefaultsHelpFormatter",

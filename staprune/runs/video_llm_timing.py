@@ -5,7 +5,9 @@ Every setting runs on the same model object, round-robin (one of each per round)
 :mod:`staprune.runs.timing` does for the classifiers. Per setting and round:
 
 * **encode**: the vision encoder and projector on the video (``get_video_features``, which
-  ``generate`` calls before its first forward; pruning does not change it);
+  ``generate`` calls before its first forward; pruning does not change it). It runs once per round
+  for the stock model and once for each different vision-side need of the pruned settings (the
+  similarity read off the tower): budgets that differ only in how many tokens they keep share it;
 * **prefill**: the forward after it, on the encoded features, STA's selection included: what
   pruning shrinks;
 * **TTFT** = encode + prefill of the same round: the time to first token of ``generate`` but for
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..adapters.state import PATCH_ATTR
 from ..api.patching import patch, unpatch
 from ..core.config import STAConfig
 from ..core.flops import wrapping_selection
@@ -89,16 +92,24 @@ def time_video_llm(model: nn.Module, inputs: dict[str, Tensor], settings: Sequen
     try:
         with torch.inference_mode(), wrapping_selection(timed_selection(device, spent)):
             for round_index in range(warmup + repeats):
+                shared: dict = {}  # vision-side need -> (features, what the patch recorded, seconds)
                 for config, result in zip(settings, results, strict=True):
                     unpatch(model)
                     if config is not None:
                         patch(model, config=config)
-                    sync_device(device)
-                    start = time.perf_counter()
-                    # through the patched entry point, as generate() calls it: it records each video's layout
-                    encoded = {"video": inner.get_video_features(**video, return_dict=True)}
-                    sync_device(device)
-                    encode = time.perf_counter() - start
+                    need = None if config is None else (config.similarity, config.method)
+                    if need in shared:
+                        encoded, videos, encode = shared[need]
+                        model.__dict__[PATCH_ATTR].videos = videos
+                    else:
+                        sync_device(device)
+                        start = time.perf_counter()
+                        # through the patched entry point, as generate() calls it: it records each video's layout
+                        encoded = {"video": inner.get_video_features(**video, return_dict=True)}
+                        sync_device(device)
+                        encode = time.perf_counter() - start
+                        videos = None if config is None else model.__dict__[PATCH_ATTR].videos
+                        shared[need] = (encoded, videos, encode)
                     spent[0] = 0.0
                     start = time.perf_counter()
                     out = model(**text_only, use_cache=True, logits_to_keep=1, mm_encoder_outputs=encoded)

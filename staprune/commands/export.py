@@ -1,0 +1,105 @@
+"""``staprune export --model M [--r R] [options] -o model.onnx [--quantize int8]``: a pruned video
+model as ONNX, verified with ONNX Runtime on fresh clips.
+
+The patched model is exported with the stock ``torch.onnx.export(dynamo=True)`` at the model's clip
+shape with a dynamic batch axis; the kept set is computed inside the graph. ONNX Runtime then runs
+clips that are not the export example and the largest difference from PyTorch is printed (exit 1
+above ``--tolerance``). ``--quantize int8`` also writes ONNX Runtime's dynamic int8 of the model
+beside it (``model.int8.onnx``) and prints its difference and top-1 agreement with PyTorch fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from ..api.deploy import export_onnx, max_difference, onnx_session, quantize_onnx_int8, run_onnx
+from ..api.loading import load
+from ..api.patching import patch
+from ..core.errors import UsageError
+from ..runs.arguments import (
+    add_model_arguments,
+    add_pruning_arguments,
+    check_pruning_options,
+    default_r,
+    pruning_options,
+)
+from ..storage.outputs import write_error, writable_file
+
+CHECK_CLIPS = 2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser, required=True)
+    parser.add_argument("--r", type=int, help="tokens dropped per unit at the first stage (r1 for Swin); default: the "
+                        "model's saved pruning, else the middle of its three levels; 0 exports the dense model")
+    parser.add_argument("--method", choices=("sta", "random", "tome"), default="sta", help="pruning method")
+    parser.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    parser.add_argument("--quantize", choices=("int8",), help="also write ONNX Runtime's dynamic int8 model "
+                        "(OUTPUT with .int8.onnx)")
+    parser.add_argument("--frames", type=int, help="clip length (default: the model's)")
+    parser.add_argument("--size", type=int, help="input side (default: the model's)")
+    parser.add_argument("--tolerance", type=float, default=1e-4,
+                        help="largest accepted |ONNX Runtime - PyTorch| logit difference (fp32 model)")
+    parser.add_argument("--force", action="store_true", help="replace OUTPUT (and its .int8.onnx) when they exist")
+    add_pruning_arguments(parser)
+
+
+def int8_path(output: Path) -> Path:
+    """Where ``--quantize int8`` writes: ``model.onnx`` -> ``model.int8.onnx``."""
+    return output.with_name(f"{output.stem}.int8.onnx")
+
+
+def run(args: argparse.Namespace) -> int:
+    output = writable_file(args.output, "-o", (".onnx",), replace=args.force)  # before any work
+    quantized = writable_file(int8_path(output), "the int8 model", (".onnx",), replace=args.force) if args.quantize else None
+    check_pruning_options(args)
+    try:
+        import onnxruntime  # noqa: F401  (checked before the export, which takes a while)
+        import onnxscript  # noqa: F401
+    except ImportError as err:
+        raise UsageError(f"staprune export needs the export extra: pip install 'staprune[export]' ({err.name} is "
+                         "missing)") from err
+    loaded = load(args.model, args.weights, frames=args.frames, image_size=args.size)
+    family = loaded.family
+    if family.video_llm:
+        raise UsageError(f"{family.title} deploys through its serving stack (vLLM, SGLang, transformers); staprune "
+                         "export takes the video classifiers and encoders")
+    spec = family.spec_of(loaded.model, args.frames or loaded.frames, args.size or loaded.image_size)
+    r = default_r(args, loaded.default_r(spec.frames, spec.size))
+    patch(loaded.model, r=r, method=args.method if r else "none", **(pruning_options(args) if r else {}))
+    loaded.model.eval()
+    example = family.example_input(spec, 2)  # batch 2: an exporter specialises a batch of 1 to a constant
+    print(f"exporting {loaded.source}, {args.method} r={r}, clips of {tuple(example.shape[1:])} (batch dynamic)",
+          file=sys.stderr)
+    try:
+        path = export_onnx(loaded.model, example, output)
+    except OSError as err:
+        raise write_error(output, err) from err
+    g = torch.Generator().manual_seed(1234)  # fresh clips, not the export example
+    clips = [torch.randn(b, *example.shape[1:], generator=g) for b in (1, 3)][:CHECK_CLIPS]
+    difference = max_difference(onnx_session(path), loaded.model, clips, family.logits)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    print(f"  ONNX Runtime vs PyTorch on {len(clips)} fresh clips: max |logit difference| = {difference:.2e}")
+    status = 0
+    if difference > args.tolerance:
+        print(f"staprune export: error: ONNX Runtime differs from PyTorch by {difference:.2e} > --tolerance "
+              f"{args.tolerance:g}", file=sys.stderr)
+        status = 1
+    if quantized is not None:
+        quantize_onnx_int8(path, quantized)
+        session = onnx_session(quantized)
+        with torch.no_grad():
+            agree = sum(int((run_onnx(session, x).argmax(-1) == family.logits(loaded.model(x)).argmax(-1)).sum())
+                        for x in clips)
+        shift = max_difference(session, loaded.model, clips, family.logits)
+        print(f"wrote {quantized} ({quantized.stat().st_size / 2**20:.1f} MiB, ONNX Runtime dynamic int8)")
+        print(f"  int8 vs PyTorch fp32: max |logit difference| = {shift:.2e}, top-1 agrees on {agree}/"
+              f"{sum(x.shape[0] for x in clips)} clips")
+    return status
+
+
+__all__ = ["add_arguments", "int8_path", "run"]
