@@ -46,8 +46,8 @@ from ..families import (
 )
 from ..families.base import LoadedModel
 from ..storage.runfolder import epoch_files, latest_epoch, training_record_of
-from .patching import patch, saved_pruning
 from ..storage.state_dicts import STATE_DICT_SUFFIXES, listing, load_verified, read_state_dict
+from .patching import patch, saved_pruning
 
 
 # --- dispatch -----------------------------------------------------------------------------------

@@ -24,9 +24,9 @@ from ..families import levels_of
 from ..runs.arguments import (
     add_device_arguments,
     add_keep_argument,
-    add_quantize_argument,
     add_model_arguments,
     add_pruning_arguments,
+    add_quantize_argument,
     apply_threads,
     check_pruning_options,
     check_quantize,

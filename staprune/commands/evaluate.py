@@ -23,20 +23,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..api.evaluation import check_compatible, resolve_protocol
 from ..api.deploy import quantize_loaded
+from ..api.evaluation import check_compatible, resolve_protocol
 from ..api.loading import load
 from ..api.settings import Setting
 from ..core.errors import UsageError
 from ..data.lists import load_items
 from ..runs import distributed as dist_utils
 from ..runs.arguments import (
-    add_quantize_argument,
-    check_quantize,
     add_device_arguments,
     add_model_arguments,
     add_pruning_arguments,
+    add_quantize_argument,
     check_pruning_options,
+    check_quantize,
     default_levels,
     pruning_options,
 )

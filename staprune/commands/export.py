@@ -27,7 +27,7 @@ from ..runs.arguments import (
     default_r,
     pruning_options,
 )
-from ..storage.outputs import write_error, writable_file
+from ..storage.outputs import writable_file, write_error
 
 CHECK_CLIPS = 2
 
