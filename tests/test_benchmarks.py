@@ -24,6 +24,7 @@ SMOKE_HEADER = "SMOKE RUN (--smoke)"
 
 # What each script is for, as its smoke output must show it (regular expressions over stdout).
 EXPECTED: dict[str, list[str]] = {
+    "bench_deploy.py": [r"PyTorch STA\+int8", r"ORT STA\+int8", r"2 thread\(s\)", r"demo-vit r=\d+"],
     "bench_decode.py": [r"segments\s+\S+\s+\S+\s+\S+\s+\S+x\s+yes", r"linear\s+.*yes", r"min-max ms"],
     "bench_families.py": [r"## Part 1", r"## Part 2", r"speedup/ratio", r"min-max s",
                           r"\d+ frames: \d+ tokens, attention \d+% of dense FLOPs"],

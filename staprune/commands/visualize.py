@@ -149,16 +149,22 @@ def run(args: argparse.Namespace) -> int:
     clip = read_clip(args.video, loaded, args.dataset)
     r = default_r(args, loaded.default_r())
     views = stage_views(loaded.model, loaded.backbone, clip, r, args.method, **pruning_options(args))
+    return _write(output, gif, lambda: figure(clip, loaded.backbone, views, args.tile_size),
+                  lambda: animation(clip, loaded.backbone, views, args.tile_size), [v.title for v in views])
+
+
+def _write(output, gif, picture, frames, titles: list[str]) -> int:
+    """Save ``picture()`` (and ``frames()`` as the GIF, when asked) and say what each row shows."""
     try:
-        path = save_png(figure(clip, loaded.backbone, views, args.tile_size), output)
+        path = save_png(picture(), output)
     except OSError as err:
         raise write_error(output, err) from err
     print(f"wrote {path}")
-    for v in views:
-        print(f"  {v.title}")
+    for title in titles:
+        print(f"  {title}")
     if gif is not None:
         try:
-            print(f"wrote {save_gif(animation(clip, loaded.backbone, views, args.tile_size), gif)}")
+            print(f"wrote {save_gif(frames(), gif)}")
         except OSError as err:
             raise write_error(gif, err) from err
     return 0
@@ -181,22 +187,10 @@ def _run_video_llm(args: argparse.Namespace, loaded, output, gif) -> int:
     rows = [images] + [v.images for v in views]
     tiles = [[resize_tile(img, side) for img in row] for row in rows]
     titles = [f"input: {video.path.name} ({spec.frames} frames over the video, first frame of each temporal unit)"]
-    try:
-        path = save_png(render_grid(tiles, titles + [v.title for v in views], labels), output)
-    except OSError as err:
-        raise write_error(output, err) from err
-    print(f"wrote {path}")
-    for v in views:
-        print(f"  {v.title}")
-    if gif is not None:
-        names = ["input"] + [v.title.split(":")[0] for v in views]
-        frames = [render_grid([[resize_tile(row[t], side) for row in rows]], [labels[t]], names)
-                  for t in range(len(images))]
-        try:
-            print(f"wrote {save_gif(frames, gif)}")
-        except OSError as err:
-            raise write_error(gif, err) from err
-    return 0
+    names = ["input"] + [v.title.split(":")[0] for v in views]
+    return _write(output, gif, lambda: render_grid(tiles, titles + [v.title for v in views], labels),
+                  lambda: [render_grid([[resize_tile(row[t], side) for row in rows]], [labels[t]], names)
+                           for t in range(len(images))], [v.title for v in views])
 
 
 __all__ = ["StageView", "add_arguments", "animation", "figure", "run", "stage_views"]
