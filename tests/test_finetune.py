@@ -439,3 +439,18 @@ def test_ddp_two_processes_gloo(tiny_dir, tmp_path):
     assert doc["world_size"] == 2 and doc["recipe"]["global_batch"] == 4 and doc["step"] == 4
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["eval"][0]["videos"] == 8
+
+
+def test_a_checkpoint_trained_with_sta_loads_with_its_pruning(tiny_dir, tmp_path):
+    """The recipe beside the weights names the pruning; staprune.load restores it (issue 25)."""
+    import staprune
+
+    assert ft.run(demo_args(tiny_dir, tmp_path / "sta", "--epochs", "1", "--order", "FFF")) == 0
+    loaded = staprune.load(str(tmp_path / "sta" / "epoch_001.safetensors"))
+    config = staprune.get_config(loaded.model)
+    assert config is not None and (config.r, config.method, config.order) == (4, "sta", "FFF")
+    assert loaded.pruning == config and loaded.default_levels() == (4,)
+    dense = demo_args(tiny_dir, tmp_path / "dense", "--epochs", "1", "--method", "none")
+    dense.r = None
+    assert ft.run(dense) == 0
+    assert staprune.get_config(staprune.load(str(tmp_path / "dense" / "epoch_001.safetensors")).model) is None
