@@ -211,12 +211,14 @@ def add_keep_argument(parser: argparse.ArgumentParser) -> None:
                         "when no --r is given)")
 
 
-def video_llm_settings(args: argparse.Namespace, default_keep: Sequence[float]) -> list[STAConfig | None]:
-    """The settings a video-LLM command runs: the stock model (None), then one per ``--keep`` ratio and
-    per non-zero ``--r`` (default ``default_keep``), each with ``--method`` and the pruning options."""
-    options, method = pruning_options(args), getattr(args, "method", None) or "sta"
-    rs = [r for r in (getattr(args, "r", None) or []) if r]
-    keeps = args.keep or ([] if rs else list(default_keep))
+def video_llm_settings(keeps: Sequence[float] | None, rs: Sequence[int] | None, method: str | None,
+                       options: dict[str, Any], default_keep: Sequence[float]) -> list[STAConfig | None]:
+    """The settings a video-LLM command runs: the stock model (None), then one per keep ratio in
+    ``keeps`` and per non-zero ``rs`` (neither given: ``default_keep``), each with ``method`` and the
+    pruning ``options``."""
+    rs = [r for r in (rs or []) if r]
+    keeps = list(keeps or ([] if rs else default_keep))
+    method = method or "sta"
     return [None, *(STAConfig(keep_ratio=k, method=method, **options) for k in keeps),
             *(STAConfig(r=r, method=method, **options) for r in rs)]
 
