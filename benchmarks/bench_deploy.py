@@ -51,8 +51,9 @@ def runners(model_name: str, r: int, frames: int | None, size: int | None, scrat
             if not path.is_file():  # exported once, whatever the thread count
                 export_onnx(model, family.example_input(spec, 2), path)
                 quantize_onnx_int8(path, int8)
-            built[f"ORT {tag}"] = lambda x, s=onnx_session(path, threads): run_onnx(s, x)
-            built[f"ORT {'STA+int8' if pruned else 'int8'}"] = lambda x, s=onnx_session(int8, threads): run_onnx(s, x)
+            fp32_session, int8_session = onnx_session(path, threads), onnx_session(int8, threads)
+            built[f"ORT {tag}"] = lambda x, s=fp32_session: run_onnx(s, x)
+            built[f"ORT {'STA+int8' if pruned else 'int8'}"] = lambda x, s=int8_session: run_onnx(s, x)
     return {name: built[name] for name in CONFIGS}, loaded
 
 
