@@ -25,6 +25,11 @@ def random_keep_indices(rng: PerSampleRandom, bsz: int, units: int, n: int, r: i
     return (kept + offsets).reshape(bsz, units * (n - r))
 
 
+def uniform_unit_count(units: int, n: int, keep: int) -> int:
+    """Whole units :func:`uniform_unit_indices` keeps: ``round(units * keep / n)``, at least 1."""
+    return max(1, min(units, round(units * keep / n)))
+
+
 def uniform_unit_indices(units: int, n: int, keep: int, device: torch.device | str = "cpu") -> Tensor:
     """Keep whole temporal units, evenly spaced (fewer frames: how video-LLM users usually save tokens),
     about as many tokens as keeping ``keep`` of each unit's ``n``.
@@ -32,8 +37,7 @@ def uniform_unit_indices(units: int, n: int, keep: int, device: torch.device | s
     Returns ``(m * n,)`` ascending indices into ``units * n``, ``m = round(units * keep / n)`` (at least 1)
     units spread from the first to the last.
     """
-    m = max(1, min(units, round(units * keep / n)))
-    chosen = torch.linspace(0, units - 1, m, device=device).round().long().unique()
+    chosen = torch.linspace(0, units - 1, uniform_unit_count(units, n, keep), device=device).round().long().unique()
     return (chosen.view(-1, 1) * n + torch.arange(n, device=device)).reshape(-1)
 
 

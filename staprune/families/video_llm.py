@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..adapters.filled_grid import packed_slice, slice_metric
 from ..adapters.video_tokens import VideoLayout, VideoLLMModel, VideoPatch, install, kept_per_unit
+from ..core.baselines import uniform_unit_count
 from ..core.config import STAConfig
 from ..core.errors import CheckpointError, ConfigError
 from ..core.flops import FlopCount
@@ -178,8 +179,7 @@ class VideoLLMFamily(TransformersFamily):
             return layout.tokens
         keep = kept_per_unit(config, layout.per_unit)
         if config.method == "uniform":
-            units = max(1, min(layout.units, round(layout.units * keep / layout.per_unit)))
-            return units * layout.per_unit + layout.tail
+            return uniform_unit_count(layout.units, layout.per_unit, keep) * layout.per_unit + layout.tail
         return layout.units * keep + layout.tail
 
     def flops(self, spec: VideoLLMSpec, config: STAConfig) -> FlopCount:
