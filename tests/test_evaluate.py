@@ -300,6 +300,30 @@ def test_kill_and_resume_matches_uninterrupted(assets, reference, tmp_path):
     _same_predictions(_records(_run(tmp_path, "sta_r4")), _records(_run(ref_out, "sta_r4")))
 
 
+# --- decoding workers after the parent decoded --------------------------------------------------
+def test_workers_score_after_the_parent_decoded(assets, reference, tmp_path):
+    """PyAV 18.1.1 deadlocks a worker forked from a process that had decoded (FFmpeg's slice threads
+    are not inherited): a process that decodes first and then scores with two workers must finish,
+    with the same predictions as the reference run."""
+    ref_out, ref_rows = reference
+    script = (
+        "import sys\n"
+        "from staprune.data import read_frames\n"
+        "from staprune.cli import main\n"
+        f"read_frames({str(assets['root'] / 'v0.mp4')!r}, [0, 5, 9])  # the parent decodes first\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    cmd = [sys.executable, "-c", script, "eval", "--model", str(assets["model"]), "--data", str(assets["list"]),
+           "--out", str(tmp_path), "--method", "sta", "--r", "4", "--workers", "2", "--json", *COMMON]
+    try:
+        done = subprocess.run(cmd, env=_cli_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("scoring with workers after decoding in the parent hung (fork-unsafe decoder state)")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _metrics(json.loads(done.stdout)[0]) == _metrics(ref_rows[0])
+    _same_predictions(_records(_run(tmp_path, "sta_r4")), _records(_run(ref_out, "sta_r4")))
+
+
 # --- torchrun -----------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_torchrun_two_processes_match_single(assets, reference, tmp_path):

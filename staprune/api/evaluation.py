@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..adapters.state import get_config, kept_tokens
 from ..core.errors import UsageError
@@ -36,7 +36,8 @@ from ..core.flops import flop_counter
 from ..data.lists import VideoItem
 from ..data.sampling import ViewProtocol, parse_views
 from ..data.transforms import Preprocessing
-from ..data.video import VideoReadError, decode_worker_init, probe, read_frames
+from ..data.video import VideoReadError, probe, read_frames
+from ..data.workers import decoding_loader
 from ..families.base import LoadedModel
 from .flops import analytic_flops
 from .settings import Setting
@@ -187,11 +188,10 @@ def score_videos(
     order videos finish. Views of consecutive videos share forward passes of up to ``batch_size``.
     """
     stats = LoopStats()
-    loader = DataLoader(
+    loader = decoding_loader(
         VideoViewsDataset(videos, proto, loaded.preprocessing),
+        workers,
         batch_size=None,  # one item = one video's views; batching across videos happens below
-        num_workers=workers,
-        worker_init_fn=decode_worker_init if workers else None,
         pin_memory=device.type == "cuda",
     )
     pending: list[_Pending] = []

@@ -69,7 +69,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..adapters.state import get_config, pruning_stage_count, recorded_stage_count
 from ..api.evaluation import check_compatible, resolve_protocol, score_clips
@@ -78,7 +78,8 @@ from ..api.settings import Setting, recorded
 from ..core.errors import DataError, UsageError
 from ..data.lists import VideoItem, load_items
 from ..data.transforms import Preprocessing, normalize, resize_short_side
-from ..data.video import VideoReadError, decode_worker_init, probe, read_frames
+from ..data.video import VideoReadError, probe, read_frames
+from ..data.workers import decoding_loader
 from ..demo.data import HELD_OUT_SEED, NUM_CLASSES, generate
 from ..families import Family, LoadedModel, families, family_of
 from ..runs import distributed as dist_utils
@@ -326,14 +327,7 @@ def rank_batches(
             yield dataset.batch(row)
         return
     keys = [(int(i), int(s)) for i, s in zip(mine_i.flatten(), mine_s.flatten(), strict=True)]
-    loader = DataLoader(
-        dataset,
-        batch_size=per_rank,
-        sampler=keys,
-        num_workers=workers,
-        worker_init_fn=decode_worker_init if workers else None,
-        drop_last=False,
-    )
+    loader = decoding_loader(dataset, workers, batch_size=per_rank, sampler=keys, drop_last=False)
     yield from loader
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import bisect
 import math
-import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -258,10 +257,3 @@ def read_frames(path: str | Path, indices: Sequence[int], strategy: str = "segme
         )
     return torch.from_numpy(np.stack([found[i] for i in wanted_list]))
 
-
-def decode_worker_init(_: int) -> None:
-    """``worker_init_fn`` of DataLoaders that decode videos: one thread per worker, so decoding
-    workers do not fight the model for cores; Ctrl-C is the main process's to handle (it stops the
-    workers itself), so a worker never prints a traceback of its own."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    torch.set_num_threads(1)
