@@ -125,6 +125,22 @@ def test_resume_skips_junk_records_and_recomputes_their_videos(assets, tmp_path)
     assert json.loads(out)[0]["videos"] == 4
 
 
+def test_resume_names_a_record_that_is_not_utf8(assets, tmp_path):
+    """Bytes that are not UTF-8 in a rank file: one line naming the file and line, the video evaluated
+    again, the other records kept."""
+    assert _eval(assets, tmp_path / "out")[0] == 0
+    (rank0,) = (tmp_path / "out").glob("*/none_r0/rank0.jsonl")
+    good = rank0.read_bytes().splitlines(keepends=True)
+    rank0.write_bytes(b"".join([good[0], b'{"index": 1, "path": "v\xe9\xff.mp4"}\n', *good[2:]]))
+    rc, out, err = _cli("eval", "--model", str(assets["model"]), "--data", str(assets["list"]), "--out",
+                        str(tmp_path / "out"), "--views", "1x1", "--method", "none", "--workers", "0", "--quiet",
+                        "--resume", "--json")
+    assert rc == 0 and "Traceback" not in err, err
+    assert f"{rank0}:2: a damaged record (not UTF-8) is skipped" in err
+    assert "resuming, 3 of 4 videos already done" in err
+    assert json.loads(out)[0]["videos"] == 4
+
+
 def test_a_second_run_into_a_folder_being_written_refuses(assets, tmp_path):
     from staprune.storage.runfolder import RunLock
 

@@ -85,12 +85,18 @@ def read_records(run_dir: Path) -> dict[int, dict[str, Any]]:
     """Compact records of every rank file; the first record of an index wins. A line that is not a
     whole record (torn by a killed run, or anything else) counts as not done: that video runs again."""
     done: dict[int, dict[str, Any]] = {}
-    for rec in read_jsonl(_rank_files(run_dir)):
+    damaged: list[tuple[Path, int, str]] = []
+    for rec in read_jsonl(_rank_files(run_dir), on_bad=lambda *where: damaged.append(where)):
         if not all(k in rec for k in _RECORD_FIELDS) or not isinstance(rec["index"], int):
             continue
         if rec.get("error") is None and not isinstance(rec.get("top5"), list):
             continue
         done.setdefault(rec["index"], compact(rec))
+    if damaged:
+        path, line, reason = damaged[0]
+        more = f" (and {len(damaged) - 1} more line(s))" if len(damaged) > 1 else ""
+        print(f"staprune: {path}:{line}: a damaged record ({reason}){more} is skipped; its video is evaluated again",
+              file=sys.stderr, flush=True)
     return done
 
 

@@ -69,20 +69,29 @@ def atomic_write_json(path: Path, obj: Any, indent: int = 2) -> None:
 
 
 # --- records --------------------------------------------------------------------------------------
-def read_jsonl(paths: Path | Iterable[Path]) -> Iterator[dict[str, Any]]:
-    """The records (JSON objects) of one or more JSON-lines files, in order; lines that do not parse
-    (the torn last line of a killed run) and files that do not exist are skipped."""
+def read_jsonl(paths: Path | Iterable[Path],
+               on_bad: Callable[[Path, int, str], None] | None = None) -> Iterator[dict[str, Any]]:
+    """The records (JSON objects) of one or more JSON-lines files, in order; files that do not exist
+    are skipped, and so are lines that are not a record: the torn last line of a killed run, or a
+    damaged one (bytes that are not UTF-8, text that is not JSON), each told to ``on_bad(path,
+    line number, reason)`` but the torn last line."""
     for path in [paths] if isinstance(paths, Path) else paths:
         if not path.is_file():
             continue
-        with path.open(encoding="utf-8") as f:
-            for line in f:
+        with path.open("rb") as f:  # bytes: one damaged line must not stop the others being read
+            for number, raw in enumerate(f, start=1):
                 try:
-                    record = json.loads(line)
+                    record = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    reason = "not UTF-8"
                 except json.JSONDecodeError:
+                    reason = "not JSON"
+                else:
+                    if isinstance(record, dict):
+                        yield record
                     continue
-                if isinstance(record, dict):
-                    yield record
+                if on_bad is not None and raw.endswith(b"\n"):  # no newline: torn by a kill, nothing to tell
+                    on_bad(path, number, reason)
 
 
 def repair_tail(path: Path) -> None:
