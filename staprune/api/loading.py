@@ -18,12 +18,15 @@ the model's state dict and any difference raises :class:`CheckpointError`, then 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import zlib
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from ..core.config import config_from_record
@@ -47,6 +50,7 @@ from ..families import (
 from ..families.base import LoadedModel
 from ..storage.runfolder import epoch_files, latest_epoch, training_record_of
 from ..storage.state_dicts import STATE_DICT_SUFFIXES, listing, load_verified, read_state_dict
+from .memory import check_weights_fit, parameter_count
 from .patching import patch, saved_pruning
 
 
@@ -199,11 +203,18 @@ def load_file(path: Path, *, frames: int | None = None, image_size: int | None =
 INITS = ("auto", "bundled", "random")
 
 
+def registry_seed(name: str) -> int:
+    """The seed of a registry model's random weights, fixed by its name: every run builds the same
+    model, so a resumed run continues the same result."""
+    return zlib.crc32(f"staprune registry model {name}".encode())
+
+
 def load_registry(name: str, frames: int | None = None, image_size: int | None = None,
-                  init: str = "auto") -> LoadedModel:
+                  init: str = "auto", dtype: torch.dtype | None = None) -> LoadedModel:
     """A registry model: its own weights when the entry has a loader (the demo models; ``init``
     chooses, see :func:`load`), else a model of its geometry with RANDOM weights (timing, FLOPs,
-    smoke tests), drawn from torch's global RNG."""
+    smoke tests), drawn from :func:`registry_seed` (torch's global RNG is left as it was) in ``dtype``
+    (default fp32). One too large for the machine's free memory is refused before it is built."""
     entry = model_entry(name)
     spec = entry.spec_for(frames, image_size)
     family = family_of_entry(entry)
@@ -211,7 +222,25 @@ def load_registry(name: str, frames: int | None = None, image_size: int | None =
         return entry.loader(init)
     if init == "bundled":
         raise UsageError(f"--init bundled is for models with weights of their own (the demo models), not {name}")
-    loaded = family.wrap(family.build(spec), f"registry:{name} (random weights)")
+    dtype = dtype or torch.float32
+    parameters = parameter_count(functools.partial(family.build, spec))
+
+    def smaller() -> list[tuple[str, int]]:  # the family's other registry models with fewer parameters
+        others = [other for other in model_names() if model_entry(other).family == entry.family and other != name]
+        counts = [(other, parameter_count(functools.partial(family.build, model_entry(other).spec_for())))
+                  for other in others]
+        return [(other, count) for other, count in counts if count < parameters]
+
+    check_weights_fit(name, parameters, dtype, smaller)
+    default = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(registry_seed(name))
+        torch.set_default_dtype(dtype)  # built in the dtype it runs in: no fp32 copy on the way
+        try:
+            model = family.build(spec)
+        finally:
+            torch.set_default_dtype(default)
+    loaded = family.wrap(model, f"registry:{name} (random weights)")
     if entry.preprocessing is not None:
         loaded.preprocessing = entry.preprocessing
     loaded.protocols, loaded.levels = entry.protocols, entry.levels
@@ -226,6 +255,7 @@ def load(
     image_size: int | None = None,
     num_heads: int | None = None,
     init: str = "auto",
+    dtype: torch.dtype | None = None,
 ) -> LoadedModel:
     """The one loader: a model in eval mode, with what commands need to know about it, from what a
     user typed. Every command and script loads through here.
@@ -243,6 +273,9 @@ def load(
         init: for registry models with weights of their own (the demo models): ``auto`` (theirs if
             installed, else untrained), ``bundled`` (theirs, or an error) or ``random`` (untrained,
             drawn from torch's global RNG: seed it first for a repeatable init).
+        dtype: the number format a registry model with random weights is built in (default fp32;
+            other models load as stored and are cast by the caller). A registry model's random
+            weights are drawn from a seed fixed by its name (:func:`registry_seed`).
 
     Raises:
         FileNotFoundError: a path that does not exist (or an unloadable hub id).
@@ -250,7 +283,8 @@ def load(
     """
     if init not in INITS:
         raise UsageError(f"init={init!r}; choose one of {', '.join(INITS)}")
-    return _restore_pruning(_at_image_size(_resolve(spec, weights, frames, image_size, num_heads, init), image_size))
+    loaded = _resolve(spec, weights, frames, image_size, num_heads, init, dtype)
+    return _restore_pruning(_at_image_size(loaded, image_size))
 
 
 def _restore_pruning(loaded: LoadedModel) -> LoadedModel:
@@ -283,7 +317,7 @@ def _at_image_size(loaded: LoadedModel, image_size: int | None) -> LoadedModel:
 
 
 def _resolve(spec: str, weights: str | Path | None, frames: int | None, image_size: int | None,
-             num_heads: int | None, init: str) -> LoadedModel:
+             num_heads: int | None, init: str, dtype: torch.dtype | None) -> LoadedModel:
     builders = {name: family for family in families() for name in family.builder_names}
     name, _, rest = spec.partition(":")
     if weights is None and name in builders and rest:
@@ -295,7 +329,7 @@ def _resolve(spec: str, weights: str | Path | None, frames: int | None, image_si
     if weights is not None:
         raise UsageError(f"--weights is only for architecture names ({', '.join(builders)})")
     if find_model(spec) is not None:
-        return load_registry(spec, frames, image_size, init)
+        return load_registry(spec, frames, image_size, init, dtype)
     if init != "auto":
         raise UsageError(f"--init {init} is for models with weights of their own (the demo models), not {spec}")
     path = Path(spec).expanduser()

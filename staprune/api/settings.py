@@ -20,6 +20,7 @@ from typing import Any
 from torch import nn
 
 from ..core.config import STAConfig
+from ..families.base import Family
 from .patching import patch, unpatch
 
 
@@ -88,6 +89,23 @@ class Setting:
         return "_".join(parts)
 
 
+def check_settings_fit(family: Family, model: nn.Module, settings: Iterable[Setting], frames: int, size: int) -> None:
+    """Every setting patches ``model`` and fits its ``frames`` x ``size``² input, checked before any
+    data is made or read (the model is left unpatched).
+
+    Raises:
+        ConfigError: an option the family refuses, or an r too large for the token grid (the
+            message states the largest valid r).
+    """
+    spec = family.spec_of(model, frames, size)
+    try:
+        for setting in settings:
+            setting.apply(model)
+            if not setting.is_dense:
+                family.plan(spec, setting.config())
+    finally:
+        unpatch(model)
+
 
 def recorded(options: dict[str, Any]) -> dict[str, Any]:
     """Options as JSON values (schedule pairs and locations as lists)."""
@@ -95,4 +113,4 @@ def recorded(options: dict[str, Any]) -> dict[str, Any]:
             (list(v) if isinstance(v, tuple) else v) for k, v in options.items()}
 
 
-__all__ = ["Setting", "recorded"]
+__all__ = ["Setting", "check_settings_fit", "recorded"]

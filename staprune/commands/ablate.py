@@ -48,7 +48,7 @@ import torch
 from ..api.evaluation import check_compatible, resolve_protocol, score_clips
 from ..api.loading import load
 from ..api.patching import unpatch
-from ..api.settings import Setting, recorded
+from ..api.settings import Setting, check_settings_fit, recorded
 from ..core.config import STAConfig, default_locations
 from ..core.errors import ConfigError, UsageError
 from ..core.flops import measure_flops
@@ -380,7 +380,7 @@ def run(args: argparse.Namespace) -> int:
         loaded = load(args.model, args.weights, frames=args.frames)
         loaded.model.to(device)
         frames, size = args.frames or loaded.frames or 16, loaded.image_size or loaded.preprocessing.size
-        source = DemoClips(args.clips, args.batch_size, frames)
+        source = None  # the demo clips are made once every setting is known to fit (below)
         temporal_default = [1, 2, 4]
     loaded.model.eval()
     if not loaded.family.block_locations:
@@ -392,9 +392,10 @@ def run(args: argparse.Namespace) -> int:
     step = levels[-1] - levels[-2]
     temporal = _int_list(args.temporal_views, "--temporal-views") if args.temporal_views else temporal_default
     rows_to_measure = settings_for(tables, r, loaded, spec, temporal, (*levels[1:], levels[-1] + step))
-    for row in rows_to_measure:  # every configuration must fit before anything is measured
-        row.setting.apply(loaded.model)
-    unpatch(loaded.model)
+    # Every configuration must fit before anything is measured.
+    check_settings_fit(loaded.family, loaded.model, [row.setting for row in rows_to_measure], frames, size)
+    if source is None:
+        source = DemoClips(args.clips, args.batch_size, frames)
     with RunLock(out):
         done = _resumable_rows(out, _definition(args, loaded, source, frames, size, r, temporal), args.resume)
         print(f"staprune ablate: {loaded.source}, {len(rows_to_measure)} settings ({len(done)} already done), "

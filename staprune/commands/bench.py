@@ -20,7 +20,7 @@ from ..api.models import example_input, spec_of_model
 from ..api.patching import unpatch
 from ..api.settings import Setting
 from ..core.errors import UsageError
-from ..families import levels_of
+from ..families import family_of_spec, find_model, levels_of
 from ..runs.arguments import (
     add_device_arguments,
     add_keep_argument,
@@ -84,7 +84,9 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     check_quantize(args, device)
     dtype = DTYPES[args.dtype]
-    loaded = quantize_loaded(load(args.model, args.weights, frames=args.frames, image_size=args.size), args.quantize)
+    _check_registry_settings(args)
+    loaded = quantize_loaded(load(args.model, args.weights, frames=args.frames, image_size=args.size, dtype=dtype),
+                             args.quantize)
     if loaded.family.video_llm:
         return _run_video_llm(args, loaded, device, dtype)
     refuse_keep(args, loaded.family.title)
@@ -132,6 +134,25 @@ def run(args: argparse.Namespace) -> int:
                   "peak RSS rise during one forward in a fresh process." if args.cpu_memory else
                   "n/a on CPU (use --cpu-memory)."))
     return 0
+
+
+def _check_registry_settings(args: argparse.Namespace) -> None:
+    """A registry model's budgets checked on its geometry before it is built (a 7B model takes minutes
+    to build; a model loaded from files is checked once loaded, below)."""
+    entry = find_model(args.model)
+    if entry is None or entry.loader is not None:
+        return
+    spec = entry.spec_for(args.frames, args.size)
+    family = family_of_spec(spec)
+    options = pruning_options(args)
+    if family.video_llm:
+        for config in video_llm_settings(args.keep, args.r, args.method, options, family.default_keep)[1:]:
+            family.kept_video_tokens(spec, config)
+        return
+    refuse_keep(args, family.title)
+    for setting in (Setting.of(args.method, r, options) for r in args.r or []):
+        if not setting.is_dense:
+            family.plan(spec, setting.config())
 
 
 def _run_video_llm(args: argparse.Namespace, loaded, device: torch.device, dtype: torch.dtype) -> int:

@@ -26,7 +26,7 @@ from typing import Any
 from ..api.deploy import quantize_loaded
 from ..api.evaluation import check_compatible, resolve_protocol
 from ..api.loading import load
-from ..api.settings import Setting
+from ..api.settings import Setting, check_settings_fit
 from ..core.errors import UsageError
 from ..data.lists import load_items
 from ..runs import distributed as dist_utils
@@ -223,8 +223,8 @@ def setup(args: argparse.Namespace, info: dist_utils.DistInfo) -> ListEvaluation
     check_quantize(args, device)
     if info.is_main:
         writable_dir(args.out)  # before any model is loaded or video decoded
-    loaded = quantize_loaded(load(args.model, args.weights, frames=args.frames, image_size=args.image_size),
-                             args.quantize)
+    loaded = quantize_loaded(load(args.model, args.weights, frames=args.frames, image_size=args.image_size,
+                                  dtype=DTYPES[args.dtype]), args.quantize)
     proto = resolve_protocol(loaded.protocol(args.dataset), args.views, args.frames, args.stride)
     items, _ = load_items(args.data, args.root)
     check_compatible(loaded, proto, items)
@@ -272,11 +272,8 @@ def run(args: argparse.Namespace) -> int:
         loaded, p = evaluation.loaded, evaluation.protocol
         # Without --r: the model's own levels (a sweep over its three pruning levels).
         settings = settings_from_args(args.method, args.r, loaded.default_levels(p.frames, loaded.image_size), options)
-        spec = loaded.family.spec_of(loaded.model, p.frames, loaded.preprocessing.size)
-        for setting in settings:  # every setting must fit the model and its input before any video is read
-            setting.apply(loaded.model)
-            if not setting.is_dense:
-                loaded.family.plan(spec, setting.config())
+        # Every setting must fit the model and its input before any video is read.
+        check_settings_fit(loaded.family, loaded.model, settings, p.frames, loaded.preprocessing.size)
         evaluation.log(f"{loaded.source}: {len(evaluation.items)} videos, {p.clips}x{p.crops} views of {p.frames} "
                        f"frames ({p.sampling}, stride {p.stride}), {loaded.preprocessing.size}px, "
                        f"{info.world_size} process(es), device {evaluation.device}")

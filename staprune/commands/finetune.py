@@ -74,7 +74,7 @@ from torch.utils.data import Dataset
 from ..adapters.state import get_config, pruning_stage_count, recorded_stage_count
 from ..api.evaluation import check_compatible, resolve_protocol, score_clips
 from ..api.loading import load
-from ..api.settings import Setting, recorded
+from ..api.settings import Setting, check_settings_fit, recorded
 from ..core.errors import DataError, UsageError
 from ..data.lists import VideoItem, load_items
 from ..data.transforms import Preprocessing, normalize, resize_short_side
@@ -631,20 +631,34 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError("--val goes with --data; --demo evaluates on generated held-out clips")
 
 
+def _clip_shape(args: argparse.Namespace, loaded: LoadedModel) -> tuple[int, int, int]:
+    """(frames, stride, size) of the training clips, known before any data exists."""
+    if args.demo:
+        return args.frames or loaded.frames or 16, 1, loaded.image_size or loaded.preprocessing.size
+    base = loaded.protocol(args.dataset)
+    return args.frames or base.frames, args.stride or base.stride, loaded.preprocessing.size
+
+
+def _check_fits(args: argparse.Namespace, loaded: LoadedModel, frames: int, size: int) -> None:
+    """The trained setting and every ``--eval-r`` fit the model's token grid, before any clip is made or read."""
+    options = pruning_options(args)
+    entries = [(args.method, args.r or 0)] + eval_entries(args.method, args.r, args.eval_r,
+                                                           explicit_schedule(options))
+    settings = [Setting.of(m, r, options if m != "none" else None) for m, r in entries]
+    check_settings_fit(loaded.family, loaded.model, settings, frames, size)
+
+
 def _datasets(args: argparse.Namespace, loaded: LoadedModel) -> tuple[Any, ClipTensorSet | None, int, int]:
     """(training set, demo held-out set or None, frames, stride) for ``args``."""
+    frames, stride, size = _clip_shape(args, loaded)
     if args.demo:
         if loaded.num_classes < NUM_CLASSES:
             raise UsageError(f"--demo has {NUM_CLASSES} classes; the model has {loaded.num_classes}")
-        frames = args.frames or loaded.frames or 16
-        size = loaded.image_size or loaded.preprocessing.size
         train = ClipTensorSet(*generate(args.train_clips, args.data_seed, frames, size), loaded.preprocessing)
         held = ClipTensorSet(
             *generate(args.val_clips, HELD_OUT_SEED, frames, size), loaded.preprocessing
         )
-        return train, held, frames, 1
-    base = loaded.protocol(args.dataset)
-    frames, stride = args.frames or base.frames, args.stride or base.stride
+        return train, held, frames, stride
     items, _ = load_items(args.data, args.root)
     bad = [it for it in items if it.label >= loaded.num_classes]
     if not items or bad:
@@ -721,6 +735,8 @@ def setup(args: argparse.Namespace, info: dist_utils.DistInfo) -> Run:
     if args.method != "none" and not args.r and not explicit_schedule(pruning_options(args)):
         args.r = loaded.default_r()
         _log(info, f"--r not given: training at r={args.r}, the middle of this model's levels {loaded.default_levels()}")
+    frames, _, size = _clip_shape(args, loaded)
+    _check_fits(args, loaded, frames, size)
     train_set, val_set, frames, stride = _datasets(args, loaded)
     global_batch = args.batch_size * info.world_size
     steps_per_epoch = len(train_set) // global_batch

@@ -108,6 +108,9 @@ class Spec:
             fits = " or ".join(str(v) for v in (lower, upper) if v)
             raise ConfigError(f"an input side of {size} pixels is not a multiple of this model's {patch}-pixel "
                               f"patches; use {fits}")
+        tubelet = getattr(self, "tubelet", None)
+        if frames is not None and isinstance(tubelet, int) and tubelet > 1:
+            check_frames(int(frames), tubelet, "this model")  # before a model is built for it
         return replace(self, **changes) if changes else self
 
 
@@ -124,9 +127,11 @@ def scaled_levels(tokens_per_frame: int, reference: tuple[int, ...] = PAPER_VIT_
 def check_frames(spec_frames: int, tubelet: int, what: str) -> int:
     """Tubelet-frames of a clip, refusing a clip length the tubelet does not divide."""
     if spec_frames % tubelet:
+        nearest = dict.fromkeys(v for v in (spec_frames - spec_frames % tubelet, spec_frames - spec_frames % tubelet
+                                            + tubelet) if v > 0)  # 1 frame of tubelet 2: "use 2", not "2 or 2"
         raise ConfigError(
             f"{what} cuts clips into tubelets of {tubelet} frames: {spec_frames} frames is not a multiple of "
-            f"{tubelet}; use {spec_frames - spec_frames % tubelet or tubelet} or {spec_frames + tubelet - spec_frames % tubelet} frames"
+            f"{tubelet}; use {' or '.join(map(str, nearest))} frames"
         )
     return spec_frames // tubelet
 
