@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import staprune
+from staprune.adapters.video_tokens import VideoLayout, videos_of_rows
 from staprune.core.errors import ConfigError, UsageError
 
 transformers = pytest.importorskip("transformers")
@@ -268,22 +269,27 @@ def test_greedy_generation_equals_a_no_cache_loop_at_stock_positions(family):
         model(**inputs)
     keep = _keep_mask(model, inputs)
     staprune.unpatch(model)
-    embeds, positions = stock["inputs_embeds"][:, keep], stock_positions(stock)[..., keep]
-    # Stock positions of the answer: after the prompt's last position, in every M-RoPE row alike.
-    next_position = stock_positions(stock)[..., -1:] + 1
-    lm = model.model.language_model
     tokens = []
-    with torch.no_grad():
-        for _ in range(4):
-            hidden = lm(inputs_embeds=embeds, position_ids=positions, use_cache=False,
-                        attention_mask=torch.ones(1, embeds.shape[1], dtype=torch.long),
-                        **_deepstack(stock, keep, extra=len(tokens))).last_hidden_state
-            token = model.lm_head(hidden[:, -1]).argmax(-1)
-            tokens.append(int(token))
-            embeds = torch.cat([embeds, lm.embed_tokens(token)[:, None]], dim=1)
-            positions = torch.cat([positions, next_position], dim=-1)
-            next_position = next_position + 1
+    for _ in range(4):
+        tokens.append(int(reference_next_logits(model, stock, keep, tokens).argmax(-1)))
     assert generated.tolist() == tokens
+
+
+def reference_next_logits(model, stock: dict, keep: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+    """The next token's logits ``(1, V)`` of the stock language model, without a cache, on the prompt's
+    ``keep`` columns (the stock language-model inputs ``stock`` of a one-row prompt) and then ``tokens``,
+    every one at its stock position (the answer after the prompt's last position, in every M-RoPE row alike)."""
+    lm = model.model.language_model
+    embeds, positions = stock["inputs_embeds"][:, keep], stock_positions(stock)[..., keep]
+    if tokens:
+        embeds = torch.cat([embeds, lm.embed_tokens(torch.tensor([tokens]))], dim=1)
+        answer = stock_positions(stock)[..., -1:] + torch.arange(1, len(tokens) + 1)
+        positions = torch.cat([positions, answer], dim=-1)
+    with torch.no_grad():
+        hidden = lm(inputs_embeds=embeds, position_ids=positions, use_cache=False,
+                    attention_mask=torch.ones(1, embeds.shape[1], dtype=torch.long),
+                    **_deepstack(stock, keep, extra=len(tokens))).last_hidden_state
+        return model.lm_head(hidden[:, -1])
 
 
 def _keep_mask(model, inputs) -> torch.Tensor:
@@ -342,6 +348,174 @@ def test_llava_batch_of_two_videos_equals_each_alone():
         alone = [model(**p).logits[0, -1] for p in (a, b)]
     for row, single in zip(together, alone, strict=True):
         torch.testing.assert_close(row, single, atol=1e-5, rtol=1e-5)
+
+
+# --- prompts without a video: the stock model ------------------------------------------------------------
+def prompts(model, rows: list[list[int]], **vision) -> dict:
+    """Left-padded ``rows`` of token ids with the vision tensors of their videos and images (Qwen: and
+    the processor's ``mm_token_type_ids``: 2 on video placeholders, 1 on image ones)."""
+    length = max(map(len, rows))
+    input_ids = torch.tensor([[PAD] * (length - len(r)) + r for r in rows])
+    padding = torch.tensor([length - len(r) for r in rows])
+    inputs = {"input_ids": input_ids, "attention_mask": (torch.arange(length) >= padding[:, None]).long(), **vision}
+    if not isinstance(model, transformers.LlavaOnevisionForConditionalGeneration):
+        inputs["mm_token_type_ids"] = (input_ids == VID).long() * 2 + (input_ids == IMG).long()
+    return inputs
+
+
+def text_prompt(model) -> dict:
+    return prompts(model, [TEXT_BEFORE + [24, 25, 26] + TEXT_AFTER])
+
+
+def image_prompt(model) -> dict:
+    """A prompt around one image, laid out as each processor does."""
+    g = torch.Generator().manual_seed(9)
+    if isinstance(model, transformers.LlavaOnevisionForConditionalGeneration):
+        # One 112 px tile plus the base image: 8x8 base tokens, then 8 rows of 8 tokens and a newline.
+        model.config.image_grid_pinpoints = [[112, 112]]
+        return prompts(model, [TEXT_BEFORE + [IMG] * (64 + 8 * 9) + TEXT_AFTER],
+                       pixel_values=torch.randn(1, 2, 3, 112, 112, generator=g), image_sizes=torch.tensor([[112, 112]]))
+    patch = model.config.vision_config.patch_size
+    return prompts(model, [TEXT_BEFORE + [VS] + [IMG] * 16 + [VE] + TEXT_AFTER],
+                   pixel_values=torch.randn(64, 3 * 2 * patch * patch, generator=g), image_grid_thw=torch.tensor([[1, 8, 8]]))
+
+
+def video_tensors(inputs: dict) -> dict:
+    return {k: v for k, v in inputs.items() if k in ("pixel_values_videos", "video_grid_thw")}
+
+
+@pytest.mark.parametrize("kind", [text_prompt, image_prompt])
+def test_a_prompt_without_a_video_is_the_stock_model_even_after_a_video(family, kind):
+    model, video = family
+    inputs = kind(model)
+    staprune.unpatch(model)
+    with torch.no_grad():
+        stock = model(**inputs).logits
+    stock_tokens = greedy(model, inputs)
+    staprune.patch(model, keep_ratio=0.5)
+    greedy(model, video)  # a pruned prompt first: nothing of it may reach the next ones
+    with torch.no_grad():
+        model(**video)
+        assert torch.equal(model(**inputs).logits, stock)
+    assert [kept.numel() for kept in staprune.kept_tokens(model)] == [0]  # one row, no video
+    assert torch.equal(greedy(model, inputs), stock_tokens)
+
+
+def test_a_batch_of_a_video_row_and_a_text_row_is_each_row_alone(family):
+    model, video = family
+    text = text_prompt(model)
+    text_ids, video_ids = text["input_ids"][0].tolist(), video["input_ids"][0].tolist()
+    batch = prompts(model, [video_ids, text_ids], **video_tensors(video))
+    staprune.unpatch(model)
+    with torch.no_grad():
+        stock_text = model(**text).logits[0]
+    stock_text_tokens = greedy(model, text)[0]
+    staprune.patch(model, keep_ratio=0.5)
+    with torch.no_grad():
+        video_alone = model(**video).logits[0]
+        kept_alone = staprune.kept_tokens(model)[0]
+        together = model(**batch).logits
+    kept_video, kept_text = staprune.kept_tokens(model)
+    assert torch.equal(kept_video, kept_alone) and kept_text.numel() == 0
+    # Rows are left-padded: each row's own columns are its last ones.
+    torch.testing.assert_close(together[0, -video_alone.shape[0]:], video_alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(together[1, -stock_text.shape[0]:], stock_text, atol=1e-5, rtol=1e-5)
+    tokens = greedy(model, batch)
+    assert tokens[0].tolist() == greedy(model, video)[0].tolist()
+    assert tokens[1].tolist() == stock_text_tokens.tolist()
+
+
+def test_direct_language_model_calls_are_the_stock_language_model(family):
+    """The language model called on its own, after a pruned prompt, with a prompt's full inputs_embeds."""
+    model, video = family
+    staprune.unpatch(model)
+    seen = language_model_inputs(model, video)
+    names = ("inputs_embeds", "position_ids", "attention_mask", "visual_pos_masks", "deepstack_visual_embeds")
+    full = {k: seen[k] for k in names if seen.get(k) is not None}
+    lm = model.model.language_model
+    text = torch.tensor([TEXT_BEFORE + TEXT_AFTER])
+
+    def run() -> list[torch.Tensor]:
+        with torch.no_grad():
+            prefill = lm(input_ids=text, use_cache=True)
+            step = lm(input_ids=torch.tensor([[26]]), cache=prefill.cache, use_cache=True)
+            return [lm(**full, use_cache=False).last_hidden_state, prefill.last_hidden_state, step.last_hidden_state]
+
+    stock = run()
+    staprune.patch(model, keep_ratio=0.5)
+    greedy(model, video)
+    with torch.no_grad():
+        model(**video)
+    for ours, theirs in zip(run(), stock, strict=True):
+        assert torch.equal(ours, theirs)
+
+
+def test_video_features_encoded_once_by_the_patched_model_are_pruned_in_each_prompt():
+    """mm_encoder_outputs (what generate passes) made by the patched model; the stock model's are refused."""
+    model = qwen25()
+    inputs = qwen_inputs(model)
+    encode = dict(pixel_values_videos=inputs["pixel_values_videos"], video_grid_thw=inputs["video_grid_thw"],
+                  return_dict=True)
+    without_pixels = {k: v for k, v in inputs.items() if k != "pixel_values_videos"}
+    with torch.no_grad():
+        stock_features = model.model.get_video_features(**encode)
+        staprune.patch(model, keep_ratio=0.5)
+        pruned = model(**inputs).logits
+        features = model.model.get_video_features(**encode)
+        for _ in range(2):
+            torch.testing.assert_close(model(**without_pixels, mm_encoder_outputs={"video": features}).logits, pruned)
+        with pytest.raises(UsageError, match="mm_encoder_outputs made by the patched model"):
+            model(**without_pixels, mm_encoder_outputs={"video": stock_features})
+
+
+# --- beam search and several sequences ------------------------------------------------------------------
+def test_beam_search_is_stock_beam_search_on_the_kept_tokens(family):
+    """Every beam prunes the single sequence's tokens; the beams are those of a beam search (two beams,
+    no end token: the tiny models' is outside the vocabulary) with the stock language model on them."""
+    model, inputs = family
+    staprune.unpatch(model)
+    stock = language_model_inputs(model, inputs)
+    staprune.patch(model, keep_ratio=0.5)
+    with torch.no_grad():
+        model(**inputs)
+        single = staprune.kept_tokens(model)[0]
+        out = model.generate(**inputs, max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False,
+                             pad_token_id=PAD, return_dict_in_generate=True, output_scores=True)
+    beams = [kept.tolist() for kept in staprune.kept_tokens(model)]
+    assert beams == [single.tolist()] * 2
+    keep = _keep_mask(model, inputs)
+    staprune.unpatch(model)
+    hypotheses = [([], 0.0)]
+    for _ in range(3):
+        candidates = []
+        for tokens, score in hypotheses:
+            logprobs = reference_next_logits(model, stock, keep, tokens)[0].log_softmax(-1)
+            best = logprobs.topk(2)
+            candidates += [(tokens + [int(t)], score + float(v)) for v, t in zip(best.values, best.indices, strict=True)]
+        hypotheses = sorted(candidates, key=lambda c: -c[1])[:2]
+    generated = out.sequences[:, inputs["input_ids"].shape[1]:]
+    assert generated.tolist() == [tokens for tokens, _ in hypotheses]
+    # A beam's score: its summed log-probabilities over its length (length_penalty 1).
+    torch.testing.assert_close(out.sequences_scores, torch.tensor([score / 3 for _, score in hypotheses]),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_each_sampled_sequence_prunes_what_one_sequence_prunes(family):
+    model, inputs = family
+    staprune.patch(model, keep_ratio=0.5)
+    with torch.no_grad():
+        model(**inputs)
+    single = staprune.kept_tokens(model)[0]
+    one = greedy(model, inputs, steps=3)[0]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        sampled = model.generate(**inputs, max_new_tokens=3, do_sample=True, num_return_sequences=2, pad_token_id=PAD)
+    assert sampled.shape == (2, inputs["input_ids"].shape[1] + 3)
+    assert [kept.tolist() for kept in staprune.kept_tokens(model)] == [single.tolist()] * 2
+    with torch.no_grad():  # top_k=1 samples the greedy token: each returned row decodes the pruned prompt alone
+        narrow = model.generate(**inputs, max_new_tokens=3, do_sample=True, top_k=1, num_return_sequences=2,
+                                pad_token_id=PAD)
+    assert narrow[:, inputs["input_ids"].shape[1]:].tolist() == [one.tolist()] * 2
 
 
 # --- what is not a video stays ---------------------------------------------------------------------------
@@ -477,11 +651,38 @@ def test_a_budget_that_empties_a_unit_is_refused():
         model(**inputs)
 
 
-def test_a_prompt_without_video_is_one_clear_error():
+def test_inputs_embeds_with_a_video_and_no_input_ids_is_one_clear_error():
+    """The placeholders are found by their id: a video encoded by the forward needs its input_ids."""
     model = qwen25()
+    inputs = qwen_inputs(model)
+    embeds = model.model.get_input_embeddings()(inputs["input_ids"])
     staprune.patch(model, keep_ratio=0.5)
-    with pytest.raises(UsageError, match="no video"):
-        model(input_ids=torch.tensor([TEXT_BEFORE + TEXT_AFTER]))
+    with pytest.raises(UsageError, match="pass input_ids with pixel_values_videos, not inputs_embeds"), torch.no_grad():
+        model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"],
+              pixel_values_videos=inputs["pixel_values_videos"], video_grid_thw=inputs["video_grid_thw"])
+
+
+def test_placeholders_are_matched_to_videos_whole_or_as_copies_of_a_row():
+    """generate(num_beams=k) repeats each prompt k times in a row but encodes its videos once."""
+    a, b = VideoLayout(2, 2, 2), VideoLayout(1, 2, 2, tail=1)  # 8 and 5 placeholder tokens
+    text = [20, 21]
+
+    def ids(*rows):
+        return torch.tensor(rows)
+
+    assert videos_of_rows(ids([VID] * 8 + [VID] * 5, text + [PAD] * 11), VID, [a, b]) == [[0, 1], []]
+    assert videos_of_rows(ids([PAD] * 5 + [VID] * 8, [PAD] * 8 + [VID] * 5), VID, [a, b]) == [[0], [1]]
+    video_row, text_row = [VID] * 8 + text, [PAD] * 8 + text
+    assert videos_of_rows(ids(video_row, video_row, text_row, text_row), VID, [a]) == [[0], [0], [], []]
+    assert videos_of_rows(ids(*[[VID] * 13] * 3), VID, [a, b]) == [[0, 1]] * 3
+    for rows, layouts in (
+        (ids([VID] * 8 + text, text + [VID] * 8), [a]),  # twice the placeholders, rows that are not copies
+        (ids([VID] * 12), [a]),  # 1.5 videos
+        (ids([VID] * 4 + text, [VID] * 4 + text), [a]),  # a video split over two rows
+        (ids([PAD] * 8 + [VID] * 5, [PAD] * 5 + [VID] * 8), [a, b]),  # the videos' rows in another order
+    ):
+        with pytest.raises(UsageError, match="video placeholder tokens"):
+            videos_of_rows(rows, VID, layouts)
 
 
 def test_options_that_do_not_apply_are_refused():

@@ -99,10 +99,15 @@ class Patch:
         module.__dict__[name] = PatchCallable(method)
         self._overrides.append((module, name))
 
-    def hook(self, module: nn.Module, fn, *, pre: bool = False, with_kwargs: bool = False) -> None:
-        """Register ``fn`` as a forward (``pre``: forward-pre) hook of ``module`` until :meth:`undo`."""
-        register = module.register_forward_pre_hook if pre else module.register_forward_hook
-        self._hooks.append(register(PatchCallable(fn), with_kwargs=with_kwargs))
+    def hook(self, module: nn.Module, fn, *, pre: bool = False, with_kwargs: bool = False,
+             always_call: bool = False) -> None:
+        """Register ``fn`` as a forward (``pre``: forward-pre) hook of ``module`` until :meth:`undo`;
+        ``always_call``: a forward hook that runs even when the forward raised."""
+        if pre:
+            handle = module.register_forward_pre_hook(PatchCallable(fn), with_kwargs=with_kwargs)
+        else:
+            handle = module.register_forward_hook(PatchCallable(fn), with_kwargs=with_kwargs, always_call=always_call)
+        self._hooks.append(handle)
 
     def __reduce__(self):
         raise _not_picklable()
@@ -174,6 +179,10 @@ def kept_tokens(model: nn.Module) -> list[Tensor]:
 
     Returns one ``(B, kept)`` long tensor per stage; index ``t * N + s`` is tubelet-frame ``t``,
     spatial token ``s``. For ToMe, the index of each merged token's representative.
+
+    A video LLM (last prompt's prefill): rows in batch order, each row's videos in prompt order,
+    one ``(K,)`` tensor per video of its kept placeholder indices; a row without a video has one
+    empty ``(0,)`` tensor in its place (a beam or returned sequence is a row of its own).
     """
     p = model.__dict__.get(PATCH_ATTR)
     if p is None:

@@ -11,17 +11,23 @@ module does the rest:
   language model the shorter sequence: left-padded again when rows drop different counts, every
   kept token at its stock position (or renumbered, for 1D positions);
 * at every decoding step it maps the stock-length attention mask and positions that ``generate``
-  keeps onto the pruned cache (the KV cache holds only kept tokens).
+  keeps onto the pruned cache (the KV cache holds only kept tokens; the prefill's
+  :class:`PrunedPrompt` travels on the cache object, so only that cache's decoding steps use it).
 
-Nothing else changes: text, images and the video's special tokens (vision start/end, LLaVA's
-newline) stay, so ``processor.apply_chat_template`` inputs and ``generate`` work unchanged.
+Only the videos the model's own forward consumes are pruned: those its forward encodes, or those
+``generate`` encoded for it just before (``mm_encoder_outputs``). Everything else reaches the
+language model as in the stock model: text, images, the video's special tokens (vision start/end,
+LLaVA's newline), prompts without a video, rows of a batch without a video, and direct calls of the
+language model. ``generate`` with ``num_beams`` or ``num_return_sequences`` > 1 encodes each video
+once and repeats the prompt; every copy then reuses the selection of its source video.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -136,8 +142,9 @@ class PrunedPrompt:
     """What the prefill of one prompt decided, for the decoding steps that follow it.
 
     Attributes:
-        kept: per video (in the order the model consumed them), original indices into that
-            video's placeholder tokens (:func:`staprune.kept_tokens`).
+        kept: :func:`staprune.kept_tokens`: rows in batch order, each row's videos in prompt order,
+            one ``(K,)`` long tensor per video (original indices into that video's placeholder
+            tokens, ascending); a row without a video has one empty ``(0,)`` entry in its place.
         stock_length: columns of the stock prompt ``L``.
         mask: ``(B, L')`` the pruned prompt's attention mask; None when nothing was dropped (the
             hooks then change nothing). dropped: ``(B,)`` tokens each row dropped.
@@ -198,15 +205,38 @@ class VideoLLMModel:
 
 
 class VideoPatch(Patch):
-    """A patched video LLM's undo log, the videos last encoded and the prompt in flight."""
+    """A patched video LLM's undo log and the state of the forward in flight.
+
+    Attributes:
+        encoding_video: set while ``get_video_features`` runs (the key hooks record only then).
+        videos: the videos of the forward in flight, as ``get_video_features`` encoded them
+            (``layouts``, ``keys``, ``change``): in the forward, or before it by ``generate`` (then
+            read off the ``mm_encoder_outputs`` it passes); empty outside a forward.
+        input_ids: the input_ids of the forward in flight; None outside it.
+        in_forward: the model's (``inner``'s) forward is running; a language-model call outside it
+            is somebody else's and passes unchanged.
+        foreign_videos: this forward received video features that staprune's ``get_video_features`` did not make.
+        state: the last prefill's :class:`PrunedPrompt` (:func:`staprune.kept_tokens`).
+        applied: the :class:`PrunedPrompt` the language model's last call in a forward used (None:
+            it ran unchanged), for the loss.
+        labels: the labels the loss hook held back.
+    """
 
     def __init__(self, config: STAConfig) -> None:
         super().__init__(config)
         self.encoding_video = False
         self.videos: dict = {}
         self.input_ids: Tensor | None = None
+        self.in_forward = False
+        self.foreign_videos = False
         self.state: PrunedPrompt | None = None
+        self.applied: PrunedPrompt | None = None
         self.labels: Tensor | None = None
+        self._prefilled: PrunedPrompt | None = None  # to put on the cache the language model returns
+
+
+CACHE_ATTR = "_staprune_pruned"  # the PrunedPrompt a KV cache was filled with (absent: a stock cache)
+VIDEOS_ATTR = "_staprune_videos"  # on get_video_features' output: its VideoPatch.videos
 
 
 def install(p: VideoPatch, model: VideoLLMModel) -> None:
@@ -231,20 +261,54 @@ def install(p: VideoPatch, model: VideoLLMModel) -> None:
             out = type(inner).get_video_features(inner, *args, **kwargs)
         finally:
             p.encoding_video = False
-        p.videos = {"layouts": model.layouts(pixels, grid),
-                    "keys": None if read_keys is None else read_keys(pixels, grid),
-                    "change": model.pixel_change(pixels, grid) if p.config.method == "static" else None}
+        videos = {"layouts": model.layouts(pixels, grid),
+                  "keys": None if read_keys is None else read_keys(pixels, grid),
+                  "change": model.pixel_change(pixels, grid) if p.config.method == "static" else None}
+        if p.in_forward:  # the forward encodes its own videos
+            p.videos = videos
+        # generate encodes before its first forward and hands the output over as mm_encoder_outputs
+        # (repeated in place per beam): what the selection needs travels with it.
+        with contextlib.suppress(AttributeError, TypeError):  # a tuple output (return_dict=False) takes none
+            setattr(out, VIDEOS_ATTR, videos)
         return out
 
-    def remember_input_ids(module, args, kwargs):
+    def start_forward(module, args, kwargs):
         p.input_ids = args[0] if args else kwargs.get("input_ids")
+        p.in_forward, p.applied, p._prefilled = True, None, None
+        given = (kwargs.get("mm_encoder_outputs") or {}).get("video")
+        p.videos = {} if given is None else getattr(given, VIDEOS_ATTR, {})
+        p.foreign_videos = given is not None and not p.videos
+
+    def end_forward(module, args, kwargs, output):
+        p.input_ids, p.videos, p.in_forward, p.foreign_videos, p._prefilled = None, {}, False, False, None
 
     p.override_method(inner, "get_video_features", get_video_features)
-    p.hook(inner, remember_input_ids, pre=True, with_kwargs=True)
+    p.hook(inner, start_forward, pre=True, with_kwargs=True)
+    # always_call: a forward that raised must not leave its input_ids or videos to the next call.
+    p.hook(inner, end_forward, with_kwargs=True, always_call=True)
     p.hook(model.language_model, lambda module, args, kwargs: _language_model_inputs(p, model, kwargs),
            pre=True, with_kwargs=True)
+    p.hook(model.language_model, lambda module, args, output: _remember_on_cache(p, output))
     if model.outer is not None:
         _install_pruned_loss(p, model.outer)
+
+
+def _cache_of(values: object) -> object | None:
+    """The KV cache in the language model's kwargs or output (a ``ModelOutput`` is a mapping; a tuple
+    output names none): ``cache``, or ``past_key_values`` as transformers called it before."""
+    if not isinstance(values, Mapping):
+        return None
+    cache = values.get("cache")
+    return values.get("past_key_values") if cache is None else cache
+
+
+def _remember_on_cache(p: VideoPatch, output) -> None:
+    """Put the prefill's :class:`PrunedPrompt` on the cache it filled: that cache's decoding steps
+    (and only those) map onto the pruned columns, whichever calls come in between."""
+    state, p._prefilled = p._prefilled, None
+    cache = None if state is None else _cache_of(output)
+    if cache is not None:
+        setattr(cache, CACHE_ATTR, state)
 
 
 def _install_pruned_loss(p: VideoPatch, outer: nn.Module) -> None:
@@ -252,6 +316,7 @@ def _install_pruned_loss(p: VideoPatch, outer: nn.Module) -> None:
     compute the same loss on the labels of the kept columns (a label follows its token)."""
 
     def hold_labels(module, args, kwargs):
+        p.applied = None
         p.labels = kwargs.get("labels")
         if p.labels is None:
             return None
@@ -260,9 +325,9 @@ def _install_pruned_loss(p: VideoPatch, outer: nn.Module) -> None:
 
     def pruned_loss(module, args, kwargs, output):
         labels, p.labels = p.labels, None
+        state, p.applied = p.applied, None
         if labels is None:
             return None
-        state = p.state
         if state is not None and state.pruned and labels.shape[-1] == state.stock_length:
             labels = state.shorten(labels, fill=-100)  # -100: the loss's ignore index
         extra = {k: kwargs[k] for k in ("num_items_in_batch",) if k in kwargs}
@@ -275,55 +340,120 @@ def _install_pruned_loss(p: VideoPatch, outer: nn.Module) -> None:
 
 
 def _language_model_inputs(p: VideoPatch, model: VideoLLMModel, kwargs: dict):
-    cache = kwargs.get("cache")
+    if not p.in_forward:  # a direct call of the language model: no video of ours in it
+        return None
+    cache = _cache_of(kwargs)
     past = 0 if cache is None else cache.get_seq_length()
-    ids = p.input_ids
-    has_video = ids is not None and bool((ids == model.video_token_id).any())
     if past == 0:
-        p.state = _prefill(p, model, kwargs, ids, has_video)
-        return None if not p.state.pruned else ((), kwargs)
-    state = p.state
-    if has_video:
-        raise UsageError("a pruned video LLM cannot add a video to a cached conversation; start the prompt anew")
+        state = _prefill(p, model, kwargs)
+        p.state = p._prefilled = state
+        p.applied = state if state.pruned else None
+        return ((), kwargs) if state.pruned else None
+    if p.videos or p.foreign_videos:
+        raise UsageError("a pruned video LLM prunes a video only in a prompt's first forward (an empty cache); "
+                         "start the prompt anew instead of adding a video to a cached conversation")
+    state = getattr(cache, CACHE_ATTR, None)  # None: a cache staprune did not fill, e.g. a text-only prompt's
     if state is None or not state.pruned:
         return None
+    p.applied = state
     return (), _decode(state, kwargs, past, model.one_d_positions and p.config.positions == "renumbered")
 
 
-def _prefill(p: VideoPatch, model: VideoLLMModel, kwargs: dict, ids: Tensor | None, has_video: bool) -> PrunedPrompt:
-    embeds = kwargs.get("inputs_embeds")
-    if ids is None:
-        raise UsageError("a pruned video LLM needs input_ids (it finds the video tokens by their placeholder id), "
-                         "not inputs_embeds")
-    if not has_video:
-        raise UsageError("this prompt has no video: staprune prunes video tokens, so a patched video LLM needs "
-                         "pixel_values_videos with video placeholders (processor(videos=...)); "
-                         "staprune.unpatch(model) for text or image prompts")
-    cfg = p.config
+def videos_of_rows(ids: Tensor, video_token_id: int, layouts: list[VideoLayout]) -> list[list[int]]:
+    """Which encoded video each row's placeholders hold: per row, indices into ``layouts`` in prompt order.
+
+    The model scatters the videos into the placeholders row-major, each video whole in one row.
+    ``generate`` with ``num_beams`` or ``num_return_sequences`` = ``k`` > 1 encodes each prompt's
+    videos once and repeats the prompt ``k`` times in a row (``repeat_interleave``), its features
+    with it: then the rows come in groups of ``k`` equal rows, and every row of a group holds the
+    videos of the group's one source row.
+
+    Args:
+        ids: ``(B, L)`` the forward's input_ids.
+        layouts: the encoded videos, in the order the model consumes them.
+    Raises:
+        UsageError: the placeholders hold neither the videos whole and in order nor ``k`` copies of them.
+    """
+    counts = (ids == video_token_id).sum(1).tolist()
+    total, encoded = sum(counts), sum(v.tokens for v in layouts)
+    rows = _fill_rows(counts, layouts) if total == encoded else None
+    copies = total // encoded if encoded and total % encoded == 0 else 0
+    if rows is None and copies > 1 and ids.shape[0] % copies == 0:
+        groups = ids.reshape(ids.shape[0] // copies, copies, -1)
+        if bool((groups == groups[:, :1]).all()):
+            sources = _fill_rows(counts[::copies], layouts)
+            rows = None if sources is None else [held for held in sources for _ in range(copies)]
+    if rows is None:
+        raise UsageError(f"the prompt has {total} video placeholder tokens (per row {counts}) but its videos make "
+                         f"{encoded} ({[v.tokens for v in layouts]} per video), neither whole videos per row nor "
+                         "copies of each row's; pass the processor's input_ids with its video tensors")
+    return rows
+
+
+def _fill_rows(counts: list[int], layouts: list[VideoLayout]) -> list[list[int]] | None:
+    """The videos, in order, filling rows of ``counts`` placeholders exactly (None: they do not)."""
+    rows, video = [], 0
+    for count in counts:
+        held = []
+        while count and video < len(layouts) and layouts[video].tokens <= count:
+            count -= layouts[video].tokens
+            held.append(video)
+            video += 1
+        if count:
+            return None
+        rows.append(held)
+    return rows if video == len(layouts) else None
+
+
+def _prefill(p: VideoPatch, model: VideoLLMModel, kwargs: dict) -> PrunedPrompt:
+    """Prune this forward's videos out of the language model's prefill ``kwargs`` (in place).
+
+    Returns the :class:`PrunedPrompt`; ``mask`` None (``kwargs`` untouched) when nothing was dropped,
+    e.g. a prompt without a video.
+    """
+    embeds, ids = kwargs["inputs_embeds"], p.input_ids
+    bsz, length = embeds.shape[:2]
     layouts = p.videos.get("layouts", [])
-    bsz, length = ids.shape
-    rows, cols = (ids == model.video_token_id).nonzero(as_tuple=True)
-    if sum(v.tokens for v in layouts) != rows.numel():
-        raise UsageError(f"the prompt has {rows.numel()} video placeholder tokens but its videos make "
-                         f"{sum(v.tokens for v in layouts)}; pass the processor's input_ids with its video tensors")
-    keys = p.videos.get("keys")
-    keep = torch.ones(bsz, length, dtype=torch.bool, device=ids.device)
     state = PrunedPrompt(stock_length=length)
-    start = 0
-    for video, layout in enumerate(layouts):
-        row, span = rows[start], cols[start : start + layout.tokens]
-        if not bool((rows[start : start + layout.tokens] == row).all()):
-            raise UsageError("a video's placeholder tokens must all be in one prompt")
-        tokens = embeds[row, span]
-        metric = keys[start : start + layout.tokens] if keys is not None else normalize_metric(tokens)
-        rng = PerSampleRandom(sample_seeds(tokens[None], cfg.seed), tokens.device) if needs_noise(cfg) else None
-        change = p.videos["change"][video] if cfg.method == "static" else None
-        kept = select_video_tokens(tokens, metric, layout, cfg, rng, change)
-        state.kept.append(kept)
-        dropped = torch.ones(layout.tokens, dtype=torch.bool, device=ids.device)
-        dropped[kept] = False
-        keep[row, span[dropped]] = False
-        start += layout.tokens
+    no_video = torch.empty(0, dtype=torch.long, device=embeds.device)
+    if p.foreign_videos:
+        raise UsageError("a pruned video LLM prunes only videos its own get_video_features encoded: pass "
+                         "pixel_values_videos, or mm_encoder_outputs made by the patched model, whole "
+                         "(not with generate's prefill_chunk_size)")
+    if not layouts:  # no video in this forward: placeholder ids, if any, are plain tokens as in the stock model
+        state.kept = [no_video] * bsz
+        return state
+    if ids is None:
+        raise UsageError("a pruned video LLM finds a video's tokens by their placeholder id: pass input_ids with "
+                         "pixel_values_videos, not inputs_embeds")
+    cfg = p.config
+    placeholders = ids == model.video_token_id
+    keys = p.videos.get("keys")
+    starts = [0]  # each encoded video's first row in keys
+    for layout in layouts:
+        starts.append(starts[-1] + layout.tokens)
+    chosen: dict[int, Tensor] = {}
+    keep = torch.ones(bsz, length, dtype=torch.bool, device=ids.device)
+    for row, held in enumerate(videos_of_rows(ids, model.video_token_id, layouts)):
+        if not held:
+            state.kept.append(no_video)
+            continue
+        cols, start = placeholders[row].nonzero().flatten(), 0
+        for video in held:
+            layout = layouts[video]
+            span = cols[start : start + layout.tokens]
+            start += layout.tokens
+            if video not in chosen:  # a copy of a prompt (beams, returned sequences) reuses its selection
+                tokens = embeds[row, span]
+                metric = keys[starts[video] : starts[video + 1]] if keys is not None else normalize_metric(tokens)
+                rng = PerSampleRandom(sample_seeds(tokens[None], cfg.seed), tokens.device) if needs_noise(cfg) else None
+                change = p.videos["change"][video] if cfg.method == "static" else None
+                chosen[video] = select_video_tokens(tokens, metric, layout, cfg, rng, change)
+            kept = chosen[video]
+            state.kept.append(kept)
+            dropped = torch.ones(layout.tokens, dtype=torch.bool, device=ids.device)
+            dropped[kept] = False
+            keep[row, span[dropped]] = False
     if bool(keep.all()):
         return state
     index, valid = pack_kept(keep)

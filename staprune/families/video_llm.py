@@ -125,6 +125,12 @@ class VideoLLMFamily(TransformersFamily):
         raise NotImplementedError
 
     def patch(self, model: nn.Module, config: STAConfig) -> nn.Module:
+        """Hook ``model`` (either class) so that every video its forward consumes reaches the language
+        model pruned (:mod:`staprune.adapters.video_tokens`); prompts and batch rows without a video,
+        and direct calls of the language model, run as in the stock model. After a prompt,
+        ``staprune.kept_tokens(model)`` lists, rows in batch order, each video's kept placeholder
+        indices ``(K,)`` and one empty ``(0,)`` tensor for a row without a video
+        (:attr:`~staprune.adapters.video_tokens.PrunedPrompt.kept`)."""
         self.check_method(config)
         described = self.describe(model)
         if config.positions == "renumbered" and not described.one_d_positions:
