@@ -87,6 +87,30 @@ def test_export_writes_verified_onnx_and_int8_for_a_saved_folder_and_demo_vit(tm
     assert rc == 2 and "already exists" in err  # nothing replaced without --force
 
 
+@pytest.mark.slow
+def test_export_publishes_whole_files_under_the_folder_lock(tmp_path):
+    """A missing folder is made before the export; the model appears only whole (no staging left);
+    --force without --quantize drops the older int8 model; a second export into a folder being
+    written stops at once."""
+    from staprune.storage.runfolder import RunLock
+
+    folder = tmp_path / "tiny"
+    tiny_videomae(layers=3).save_pretrained(folder)
+    output = tmp_path / "new" / "deeper" / "m.onnx"
+    rc, _, err = run_cli("export", "--model", str(folder), "--r", "8", "-o", str(output), "--quantize", "int8")
+    assert rc == 0, err
+    int8 = output.with_name("m.int8.onnx")
+    assert sorted(p.name for p in output.parent.iterdir()) == [".staprune.lock", "m.int8.onnx", "m.onnx"]
+    first = output.read_bytes()
+    rc, _, err = run_cli("export", "--model", str(folder), "--r", "4", "-o", str(output), "--force")
+    assert rc == 0, err
+    assert output.read_bytes() != first and not int8.exists(), "--force replaces the model and its int8"
+    with RunLock(output.parent, "the folder of -o"):
+        rc, _, err = run_cli("export", "--model", str(folder), "--r", "8", "-o", str(output.with_name("o.onnx")))
+    assert rc == 2 and "is being written by another staprune run" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in output.parent.iterdir()) == [".staprune.lock", "m.onnx"]
+
+
 def test_export_refuses_what_it_cannot_export(tmp_path):
     rc, _, err = run_cli("export", "--model", "LLaVA-OneVision-0.5B", "-o", str(tmp_path / "m.onnx"))
     assert rc == 2 and "serving stack" in err and len(err.strip().splitlines()) == 1

@@ -11,7 +11,9 @@ beside it (``model.int8.onnx``) and prints its difference and top-1 agreement wi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +22,7 @@ from ..api.deploy import export_onnx, max_difference, onnx_session, quantize_onn
 from ..api.loading import load
 from ..api.patching import patch
 from ..core.errors import UsageError
+from ..families import Family, family_of_entry, find_model
 from ..runs.arguments import (
     add_model_arguments,
     add_pruning_arguments,
@@ -28,6 +31,7 @@ from ..runs.arguments import (
     pruning_options,
 )
 from ..storage.outputs import writable_file, write_error
+from ..storage.runfolder import RunLock
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,17 +59,46 @@ def run(args: argparse.Namespace) -> int:
     output = writable_file(args.output, "-o", (".onnx",), replace=args.force)  # before any work
     quantized = writable_file(int8_path(output), "the int8 model", (".onnx",), replace=args.force) if args.quantize else None
     check_pruning_options(args)
+    entry = find_model(args.model)
+    if entry is not None and family_of_entry(entry).video_llm:  # said before the model is built
+        _refuse_video_llm(family_of_entry(entry))
     try:
         import onnxruntime  # noqa: F401  (checked before the export, which takes a while)
         import onnxscript  # noqa: F401
     except ImportError as err:
         raise UsageError(f"staprune export needs the export extra: pip install 'staprune[export]' ({err.name} is "
                          "missing)") from err
+    # One export writes a folder at a time (a second stops at once instead of reading a half-written
+    # file); the folder is created now, not after the export.
+    with RunLock(output.parent, "the folder of -o"):
+        writable_file(output, "-o", (".onnx",), replace=args.force)  # again, now that no other export can write
+        with tempfile.TemporaryDirectory(dir=output.parent, prefix=".staprune-export-") as staging:
+            status = _export(args, output.name, Path(staging))
+            # Published only whole: the model (with its external data, if the exporter wrote any) and the
+            # int8 model move into place by rename; --force without --quantize drops an older int8 model,
+            # which no longer matches the model beside it.
+            for path in sorted(Path(staging).iterdir()):
+                os.replace(path, output.parent / path.name)
+            if args.force and quantized is None:
+                int8_path(output).unlink(missing_ok=True)
+    print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB)")
+    if quantized is not None:
+        print(f"wrote {quantized} ({quantized.stat().st_size / 2**20:.1f} MiB, ONNX Runtime dynamic int8)")
+    return status
+
+
+def _refuse_video_llm(family: Family) -> None:
+    raise UsageError(f"{family.title} deploys through its serving stack (vLLM, SGLang, transformers); staprune "
+                     "export takes the video classifiers and encoders")
+
+
+def _export(args: argparse.Namespace, name: str, staging: Path) -> int:
+    """Export, verify and (``--quantize``) quantize into the empty folder ``staging``; returns the exit
+    status (1: ONNX Runtime differs beyond ``--tolerance``)."""
     loaded = load(args.model, args.weights, frames=args.frames, image_size=args.size)
     family = loaded.family
     if family.video_llm:
-        raise UsageError(f"{family.title} deploys through its serving stack (vLLM, SGLang, transformers); staprune "
-                         "export takes the video classifiers and encoders")
+        _refuse_video_llm(family)
     spec = family.spec_of(loaded.model, args.frames or loaded.frames, args.size or loaded.image_size)
     r = default_r(args, loaded.default_r(spec.frames, spec.size))
     patch(loaded.model, r=r, method=args.method if r else "none", **(pruning_options(args) if r else {}))
@@ -74,27 +107,25 @@ def run(args: argparse.Namespace) -> int:
     print(f"exporting {loaded.source}, {args.method} r={r}, clips of {tuple(example.shape[1:])} (batch dynamic)",
           file=sys.stderr)
     try:
-        path = export_onnx(loaded.model, example, output)
+        path = export_onnx(loaded.model, example, staging / name)
     except OSError as err:
-        raise write_error(output, err) from err
+        raise write_error(staging / name, err) from err
     g = torch.Generator().manual_seed(1234)  # fresh clips, not the export example
     clips = [torch.randn(b, *example.shape[1:], generator=g) for b in (1, 3)]
     difference = max_difference(onnx_session(path), loaded.model, clips, family.logits)
-    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     print(f"  ONNX Runtime vs PyTorch on {len(clips)} fresh clips: max |logit difference| = {difference:.2e}")
     status = 0
     if difference > args.tolerance:
         print(f"staprune export: error: ONNX Runtime differs from PyTorch by {difference:.2e} > --tolerance "
               f"{args.tolerance:g}", file=sys.stderr)
         status = 1
-    if quantized is not None:
-        quantize_onnx_int8(path, quantized)
+    if args.quantize:
+        quantized = quantize_onnx_int8(path, int8_path(path))
         session = onnx_session(quantized)
         with torch.no_grad():
             agree = sum(int((run_onnx(session, x).argmax(-1) == family.logits(loaded.model(x)).argmax(-1)).sum())
                         for x in clips)
         shift = max_difference(session, loaded.model, clips, family.logits)
-        print(f"wrote {quantized} ({quantized.stat().st_size / 2**20:.1f} MiB, ONNX Runtime dynamic int8)")
         print(f"  int8 vs PyTorch fp32: max |logit difference| = {shift:.2e}, top-1 agrees on {agree}/"
               f"{sum(x.shape[0] for x in clips)} clips")
     return status
