@@ -194,6 +194,53 @@ def test_long_strides_are_reported_not_silent(assets, tmp_path):
     assert rc == 0 and "4 shorter than one clip (8 frames at stride 1000) repeated their last frame" in err
 
 
+# What each command writes in its --out: planted as a folder written before the marker file existed.
+LOOKS_LIKE = {
+    "eval": lambda f: (f / "results.json").write_text("[]"),
+    "demo": lambda f: (f / "results.json").write_text('{"rows": [], "verdicts": []}'),
+    "ablate": lambda f: (f / "rows.jsonl").write_text('{"key": "a"}\n'),
+    "finetune": lambda f: (f / "epoch_001.train.json").write_text("{}"),
+}
+
+
+@pytest.mark.parametrize("writer", list(LOOKS_LIKE))
+def test_a_folder_of_another_command_is_refused_before_work(assets, tmp_path, writer):
+    """eval, demo, ablate and finetune share file names (results.json, the plot): each refuses another's
+    folder in one line, marked or (written by an older staprune) recognised by its files."""
+    argv = {
+        "eval": ["eval", "--model", str(assets["model"]), "--data", str(assets["list"]), "--views", "1x1"],
+        "demo": ["demo", "--clips", "2"],
+        "ablate": ["ablate", "--clips", "2", "--tables", "6e"],
+        "finetune": ["finetune", "--demo", "--epochs", "1"],
+    }
+    for marked in (False, True):
+        folder = tmp_path / f"marked{marked}"
+        folder.mkdir()
+        if marked:
+            (folder / ".staprune-command").write_text(writer + "\n")
+        else:
+            LOOKS_LIKE[writer](folder)
+        before = _snapshot(folder)
+        for command, args in argv.items():
+            if command == writer:
+                continue
+            rc, _, err = _cli(*args, "--out", str(folder))
+            assert rc == 2 and len(err.strip().splitlines()) == 1, err
+            assert f"holds the results of `staprune {writer}`; `staprune {command}` writes a folder of its own" in err
+        assert _snapshot(folder) == before
+
+
+def test_eval_marks_its_folder_and_the_demo_refuses_it(assets, tmp_path):
+    out = tmp_path / "o"
+    assert _cli("eval", "--model", str(assets["model"]), "--data", str(assets["list"]), "--out", str(out), "--views",
+                "1x1", "--method", "none", "--workers", "0", "--quiet")[0] == 0
+    assert (out / ".staprune-command").read_text() == "eval\n"
+    before = _snapshot(out)
+    rc, _, err = _cli("demo", "--clips", "2", "--out", str(out))
+    assert rc == 2 and "holds the results of `staprune eval`" in err
+    assert _snapshot(out) == before
+
+
 def test_two_models_into_one_out_are_kept_apart(assets, tmp_path):
     out = tmp_path / "o"
     common = ["--data", str(assets["list"]), "--out", str(out), "--views", "1x1", "--workers", "0", "--quiet"]

@@ -67,6 +67,7 @@ from ..storage.runfolder import (
     append_jsonl,
     atomic_write_json,
     check_no_results,
+    claim_folder,
     differences,
     read_jsonl,
 )
@@ -366,6 +367,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--clips and --batch-size must be >= 1")
     apply_threads(args)
     out = writable_dir(args.out)
+    claim_folder(out, "ablate")
     # Refuse existing rows without --resume before anything is loaded (the definition is checked below).
     check_no_results(out, any("key" in row for row in read_jsonl(out / "rows.jsonl")), args.resume, "ablation rows")
     device = resolve_device(args.device)
@@ -396,7 +398,7 @@ def run(args: argparse.Namespace) -> int:
     check_settings_fit(loaded.family, loaded.model, [row.setting for row in rows_to_measure], frames, size)
     if source is None:
         source = DemoClips(args.clips, args.batch_size, frames)
-    with RunLock(out):
+    with RunLock(out, command="ablate"):
         done = _resumable_rows(out, _definition(args, loaded, source, frames, size, r, temporal), args.resume)
         print(f"staprune ablate: {loaded.source}, {len(rows_to_measure)} settings ({len(done)} already done), "
               f"default r={r}", file=sys.stderr, flush=True)

@@ -36,7 +36,7 @@ from ..runs.arguments import (
     pruning_options,
 )
 from ..storage.outputs import writable_dir
-from ..storage.runfolder import RunLock, atomic_write, atomic_write_json
+from ..storage.runfolder import RunLock, atomic_write, atomic_write_json, claim_folder
 
 MIN_Y_SPAN = 5.0  # top-1 points the plot's y axis spans at least
 DEFAULT_SEED = 7  # neither the training seed (0) nor the model cards' held-out seed
@@ -170,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
     if args.clips < 1:
         raise UsageError(f"--clips must be >= 1, got {args.clips}")
     out = writable_dir(args.out)  # before the work, not after it
+    claim_folder(out, "demo")
     names = args.models or list(DEMO_MODELS)
     missing = [name for name in names if not weights_path(name).exists()]
     hint = "train them with `python -m staprune.demo.train --model NAME --install`"
@@ -180,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
         log(f"note: skipping {', '.join(missing)} (its weights are not bundled yet: {hint})")
     names = [name for name in names if name not in missing]
     apply_threads(args)
-    with RunLock(out):  # one run writes an --out at a time
+    with RunLock(out, command="demo"):  # one run writes an --out at a time
         start = time.time()
         log(f"generating {args.clips} held-out clips (seed {args.seed}) ...")
         clips, labels = generate(args.clips, args.seed)

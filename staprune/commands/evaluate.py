@@ -43,7 +43,7 @@ from ..runs.arguments import (
 from ..runs.devices import DTYPES, resolve_device
 from ..runs.list_evaluation import ListEvaluation, holds_records, model_dirname
 from ..storage.outputs import writable_dir, write_error
-from ..storage.runfolder import atomic_write, atomic_write_json
+from ..storage.runfolder import atomic_write, atomic_write_json, claim_folder
 
 METHODS = ("sta", "random", "tome", "none")
 
@@ -222,7 +222,7 @@ def setup(args: argparse.Namespace, info: dist_utils.DistInfo) -> ListEvaluation
     device = resolve_device(args.device, info.local_rank if info.distributed else None)
     check_quantize(args, device)
     if info.is_main:
-        writable_dir(args.out)  # before any model is loaded or video decoded
+        claim_folder(writable_dir(args.out), "eval")  # before any model is loaded or video decoded
     loaded = quantize_loaded(load(args.model, args.weights, frames=args.frames, image_size=args.image_size,
                                   dtype=DTYPES[args.dtype]), args.quantize)
     proto = resolve_protocol(loaded.protocol(args.dataset), args.views, args.frames, args.stride)
@@ -277,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
         evaluation.log(f"{loaded.source}: {len(evaluation.items)} videos, {p.clips}x{p.crops} views of {p.frames} "
                        f"frames ({p.sampling}, stride {p.stride}), {loaded.preprocessing.size}px, "
                        f"{info.world_size} process(es), device {evaluation.device}")
-        with dist_utils.locked_on_main(info, evaluation.out):
+        with dist_utils.locked_on_main(info, evaluation.out, command="eval"):
             rows = [evaluation.evaluate(setting) for setting in settings]
             for row in rows:
                 if row["error"]:

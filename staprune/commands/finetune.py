@@ -102,6 +102,7 @@ from ..storage.runfolder import (
     atomic_write,
     atomic_write_json,
     check_no_results,
+    claim_folder,
     differences,
     epoch_files,
     latest_epoch,
@@ -496,6 +497,7 @@ def save_checkpoint(
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
+    claim_folder(out, "finetune")  # marks the folder (checked before the training started)
     files = epoch_files(out, epoch)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors, opt_meta = flatten_optimizer(opt)
@@ -728,7 +730,7 @@ def setup(args: argparse.Namespace, info: dist_utils.DistInfo) -> Run:
     if args.model is None:
         raise UsageError("--model is required with --data")
     if info.is_main:
-        writable_dir(args.out)  # before the model is loaded or a clip decoded
+        claim_folder(writable_dir(args.out), "finetune")  # before the model is loaded or a clip decoded
     torch.manual_seed(args.seed)  # a random init (--init random, or auto without bundled weights) follows the seed
     loaded = load(args.model, args.weights, frames=args.frames, image_size=args.image_size, init=args.init)
     loaded.model.train()

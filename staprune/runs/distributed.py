@@ -111,10 +111,11 @@ def raise_if_any(info: DistInfo, error: BaseException | None) -> None:
 
 
 @contextlib.contextmanager
-def locked_on_main(info: DistInfo, folder: str | Path, what: str = "--out") -> Iterator[None]:
-    """Rank 0 holds ``folder``'s :class:`~staprune.storage.runfolder.RunLock` while the block runs
-    (the only writer of a torchrun job's shared files); when it cannot, every rank raises."""
-    lock = RunLock(Path(folder), what) if info.is_main else contextlib.nullcontext()
+def locked_on_main(info: DistInfo, folder: str | Path, what: str = "--out",
+                   command: str | None = None) -> Iterator[None]:
+    """Rank 0 holds ``folder``'s :class:`~staprune.storage.runfolder.RunLock` (of ``command``) while the
+    block runs (the only writer of a torchrun job's shared files); when it cannot, every rank raises."""
+    lock = RunLock(Path(folder), what, command) if info.is_main else contextlib.nullcontext()
     error: BaseException | None = None
     try:
         lock.__enter__()

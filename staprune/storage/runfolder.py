@@ -150,19 +150,21 @@ LOCK_NAME = ".staprune.lock"
 class RunLock:
     """Exclusive hold on an output folder for as long as a command writes into it.
 
-    ``with RunLock(folder, "--out"):`` creates the folder, takes the lock (``folder/.staprune.lock``,
+    ``with RunLock(folder, "--out", command):`` creates the folder, takes the lock (``folder/.staprune.lock``,
     which records who holds it: process, host, command line, start time) or raises
     :class:`~staprune.core.errors.BusyError` naming the holder. Released on exit, and by the
     operating system when the process ends in any other way. POSIX locks do not exclude the process
-    that holds them, so folders held in this process are tracked too.
+    that holds them, so folders held in this process are tracked too. With ``command`` (``eval``,
+    ``demo``, ...), a folder another command wrote is refused and the folder is marked as this
+    command's (:func:`claim_folder`).
     """
 
     # Folders this process holds, with what their lock file says (never re-read while held: closing
     # any other descriptor of the file would release the process's lock).
     _held: ClassVar[dict[Path, str]] = {}
 
-    def __init__(self, folder: Path, what: str = "--out") -> None:
-        self.folder, self.what = Path(folder), what
+    def __init__(self, folder: Path, what: str = "--out", command: str | None = None) -> None:
+        self.folder, self.what, self.command = Path(folder), what, command
         self._file = None
 
     def _busy(self, holder: str) -> BusyError:
@@ -196,6 +198,12 @@ class RunLock:
         handle.flush()
         RunLock._held[key] = holder
         self._file = handle
+        if self.command is not None:
+            try:  # checked again now that no other run can write the folder, and marked as the command's
+                claim_folder(self.folder, self.command, self.what)
+            except BaseException:
+                self.__exit__()
+                raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -204,6 +212,61 @@ class RunLock:
             self._file.close()  # closing releases the process's lock
             self._file = None
             RunLock._held.pop(self.folder.resolve(), None)
+
+
+# --- one kind of result per folder -----------------------------------------------------------------
+KIND_NAME = ".staprune-command"
+
+
+def _results_document(folder: Path) -> Any:
+    try:
+        return json.loads((folder / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+# How each command's folder looks, for folders written before the marker file existed: eval, demo and
+# ablate all write a results.json, each its own shape.
+_SIGNS: dict[str, Callable[[Path], bool]] = {
+    "eval": lambda f: any(f.glob("*/*/meta.json")) or isinstance(_results_document(f), list),
+    "demo": lambda f: isinstance(doc := _results_document(f), dict) and "verdicts" in doc,
+    "ablate": lambda f: (f / "rows.jsonl").is_file() or (isinstance(doc := _results_document(f), dict)
+                                                          and "default_r" in doc),
+    "finetune": lambda f: any(f.glob("epoch_*.train.json")),
+}
+
+
+def folder_kind(folder: Path) -> str | None:
+    """The command whose results ``folder`` holds (its marker file, else what its files look like), or None."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    try:
+        marked = (folder / KIND_NAME).read_text(encoding="utf-8").strip()
+    except OSError:
+        marked = ""
+    if marked:
+        return marked
+    return next((kind for kind, looks_like in _SIGNS.items() if looks_like(folder)), None)
+
+
+def claim_folder(folder: Path, command: str, what: str = "--out") -> None:
+    """Refuse ``folder`` when another command's results are in it (their files share names:
+    results.json, the plot), and mark it as ``command``'s once it exists.
+
+    Raises:
+        ExistingResultsError: naming the command that wrote the folder and the way on.
+    """
+    folder = Path(folder)
+    found = folder_kind(folder)
+    if found is not None and found != command:
+        raise ExistingResultsError(f"{what} {folder} holds the results of `staprune {found}`; `staprune {command}` "
+                                   f"writes a folder of its own: use another {what}")
+    if folder.is_dir() and found is None:
+        try:
+            (folder / KIND_NAME).write_text(command + "\n", encoding="utf-8")
+        except OSError as err:
+            raise write_error(folder / KIND_NAME, err) from err
 
 
 # --- resuming -------------------------------------------------------------------------------------
@@ -263,6 +326,7 @@ def latest_epoch(folder: Path) -> int | None:
 
 
 __all__ = [
+    "KIND_NAME",
     "LOCK_NAME",
     "EpochFiles",
     "JsonlWriter",
@@ -272,6 +336,8 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "check_no_results",
+    "claim_folder",
+    "folder_kind",
     "differences",
     "epoch_files",
     "latest_epoch",
