@@ -29,8 +29,16 @@ COMMANDS = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A command-line mistake is one line, as every other mistake is (not argparse's usage block);
+    the subcommands' parsers are of this class too (argparse makes them of their parent's)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="staprune",
         description="Training-free spatio-temporal token pruning (STA, ICCV 2023) for video transformers.",
     )

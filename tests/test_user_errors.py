@@ -107,6 +107,10 @@ CASES = [
      "latin1.txt:2: not UTF-8"),
     ("finetune-device", lambda a: ["finetune", "--demo", "--device", "banana", "--out", str(a["root"] / "ft")],
      "is not a device"),
+    ("flops-empty-model", lambda a: ["flops", "--model", ""], "--model is empty"),
+    ("bench-empty-model", lambda a: ["bench", "--model", ""], "the model is empty"),
+    ("video-llm-tome", lambda a: ["bench", "--model", "LLaVA-OneVision-0.5B", "--method", "tome", "--r", "4"],
+     "use sta, random, uniform, static or none"),
     ("unpatchable-similarity", lambda a: ["visualize", str(a["root"] / "v0.mp4"), "--model", str(a["model"]), "--r",
                                           "4", "--similarity", "banana", "-o", str(a["root"] / "x.png")],
      "similarity='banana' is not valid"),
@@ -146,6 +150,31 @@ def test_read_only_output_is_one_line(assets, monkeypatch, command):
     rc, _, err = _cli(*argv)
     assert rc == 2 and "read-only" in err and len(err.strip().splitlines()) == 1, err
     assert not target.exists()
+
+
+@pytest.mark.parametrize("argv", [["flops", "--model", "ViT-S", "--r", "abc"], ["eval", "--r"], ["bogus"],
+                                  ["analyze", "redundancy", "--frames", "x"]])
+def test_a_command_line_mistake_is_one_line(argv, capsys):
+    """argparse's own errors too: one line naming the command and where its help is, exit 2."""
+    from staprune.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("staprune") and "error: " in err and "--help`)" in err
+
+
+def test_visualize_says_when_a_short_video_repeats_frames(assets, tmp_path):
+    write_video(tmp_path / "one.mp4", torch.full((1, SIZE, SIZE, 3), 100, dtype=torch.uint8))
+    rc, _, err = _cli("visualize", str(tmp_path / "one.mp4"), "--model", str(assets["model"]), "--r", "4", "-o",
+                      str(tmp_path / "one.png"))
+    assert rc == 0 and "gives 1 distinct frame(s) for a clip of 8" in err and (tmp_path / "one.png").is_file()
+    long = torch.arange(64).view(-1, 1, 1, 1).mul(3).expand(64, SIZE, SIZE, 3).to(torch.uint8)
+    write_video(tmp_path / "long.mp4", long)  # 64 frames: room for 8 at the default stride
+    rc, _, err = _cli("visualize", str(tmp_path / "long.mp4"), "--model", str(assets["model"]), "--r", "4", "-o",
+                      str(tmp_path / "long.png"))
+    assert rc == 0 and "distinct frame" not in err, err
 
 
 def test_ctrl_c_during_eval_says_how_to_resume(assets, monkeypatch, tmp_path):

@@ -283,6 +283,8 @@ def load(
     """
     if init not in INITS:
         raise UsageError(f"init={init!r}; choose one of {', '.join(INITS)}")
+    if not str(spec).strip():  # Path("") is the current folder: say what was typed instead
+        raise UsageError("the model is empty; give a registry name (`staprune flops` lists them), a folder or a file")
     loaded = _resolve(spec, weights, frames, image_size, num_heads, init, dtype)
     return _restore_pruning(_at_image_size(loaded, image_size))
 

@@ -116,6 +116,8 @@ def _print_tables(rows: list[dict]) -> None:
 def run(args: argparse.Namespace) -> int:
     """``staprune flops``: the paper's tables, one model's GFLOPs for some r, or r for a budget."""
     check_pruning_options(args)
+    if args.model is not None and not args.model.strip():
+        raise UsageError("--model is empty; give a registry name or a path, or leave --model out for the paper's tables")
     names = [args.model] if args.model else list(paper_tables())
     specs = {name: resolve_spec(name, args.frames, args.size) for name in names}
     video_llms = {name: spec for name, spec in specs.items() if family_of_spec(spec).video_llm}

@@ -11,6 +11,7 @@ Under ToMe, tokens that are not a merged token's representative are painted whit
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -147,10 +148,20 @@ def run(args: argparse.Namespace) -> int:
     refuse_keep(args, plain.family.title)
     loaded = at_input(plain, args.frames, args.size)
     clip = read_clip(args.video, loaded, args.dataset)
+    warn_repeated_frames(clip.path, clip.indices)
     r = default_r(args, loaded.default_r())
     views = stage_views(loaded.model, loaded.backbone, clip, r, args.method, **pruning_options(args))
     return _write(output, gif, lambda: figure(clip, loaded.backbone, views, args.tile_size),
                   lambda: animation(clip, loaded.backbone, views, args.tile_size), [v.title for v in views])
+
+
+def warn_repeated_frames(path, indices) -> None:
+    """A video shorter than the clip repeats frames (as eval does, and says): the pictures then show
+    copies, which every pruning method finds redundant; say so instead of leaving it to be guessed."""
+    distinct = len(set(map(int, indices)))
+    if distinct < len(indices):
+        print(f"staprune visualize: warning: {path} gives {distinct} distinct frame(s) for a clip of {len(indices)}; "
+              "the rest repeat its last frame, so later temporal units are copies", file=sys.stderr)
 
 
 def _write(output, gif, picture, frames, titles: list[str]) -> int:
@@ -179,6 +190,7 @@ def _run_video_llm(args: argparse.Namespace, loaded, output, gif) -> int:
     for config in settings:  # every budget fits before the video is decoded
         family.kept_video_tokens(spec, config)
     video = sample_video(args.video, spec.frames, spec.size)
+    warn_repeated_frames(video.path, video.indices)
     views = kept_views(loaded.model, family, spec, video, settings, loaded.preprocessing)
     images, _ = unit_images(video, family, spec)
     per_unit = spec.frames // len(images)

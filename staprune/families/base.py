@@ -329,8 +329,10 @@ class Family:
     def check_method(self, config: STAConfig) -> None:
         """Refuse a method this family cannot run (ToMe where :attr:`supports_tome` is False)."""
         if config.method == "tome" and not self.supports_tome:
+            others = ("sta", "random", "uniform", "static", "none") if self.video_llm else ("sta", "random", "none")
             raise ConfigError(
-                f"method='tome' is not supported for {self.title}: {self.tome_refusal}; use sta, random or none"
+                f"method='tome' is not supported for {self.title}: {self.tome_refusal}; use "
+                f"{', '.join(others[:-1])} or {others[-1]}"
             )
         if not self.video_llm:
             if config.method in ("uniform", "static"):
