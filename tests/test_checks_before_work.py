@@ -125,3 +125,23 @@ def test_registry_models_build_in_the_requested_dtype():
     loaded = load("VideoSwin-T", dtype=torch.bfloat16)
     assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
     assert torch.get_default_dtype() == torch.float32
+
+
+# --- commands that need no weights read none ---------------------------------------------------------
+@pytest.mark.parametrize("build", ["tiny_videomae", "tiny_vivit"])
+def test_flops_of_a_folder_reads_its_config_only(build, tmp_path):
+    """The geometry of a HF folder comes from its config on the meta device: the same spec as the
+    loaded model's, with the weights file gone."""
+    import conftest
+
+    from staprune.api.flops import resolve_spec
+    from staprune.families import family_of
+
+    conftest.__dict__[build]().save_pretrained(tmp_path)
+    loaded = load(str(tmp_path))
+    expected = family_of(loaded.model).spec_of(loaded.model)
+    for weights in tmp_path.glob("*.safetensors"):
+        weights.unlink()
+    assert resolve_spec(str(tmp_path)) == expected
+    rc, out, err = run_cli("flops", "--model", str(tmp_path), "--r", "4", "--json")
+    assert rc == 0, err

@@ -8,7 +8,7 @@ from ..core.config import STAConfig, as_config
 from ..core.errors import ConfigError
 from ..core.flops import FlopCount, MeasuredFlops, measure_flops
 from ..families import Spec, family_of, family_of_spec, find_model, model_names
-from .loading import load
+from .loading import folder_skeleton, load
 from .patching import patch, unpatch
 
 
@@ -22,7 +22,9 @@ def resolve_spec(model, frames: int | None = None, size: int | None = None):
     entry = find_model(model)
     if entry is not None:
         return entry.spec_for(frames, size)
-    net = load(model, frames=frames, image_size=size).model  # a path: read its config (loads the weights too)
+    # A HF folder: its config on the meta device (no weight read); a checkpoint file names its shapes
+    # only through its tensors, so it is loaded.
+    net = folder_skeleton(model) or load(model, frames=frames, image_size=size).model
     return family_of(net).spec_of(net, frames, size)
 
 

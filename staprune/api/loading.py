@@ -27,7 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..core.config import config_from_record
 from ..core.errors import (
@@ -91,6 +91,24 @@ def _family_of_folder(folder: Path, name: str) -> Family:
     raise CheckpointError(
         f"{name}: config.json model_type {model_type!r} is not one staprune prunes (supported: {', '.join(known)})"
     )
+
+
+def folder_skeleton(path: str | Path) -> nn.Module | None:
+    """A local Hugging Face folder's model built on the meta device from its ``config.json`` alone:
+    its geometry without reading or allocating a weight (``staprune flops``). None when ``path`` is
+    not such a folder or its config names no transformers class."""
+    import transformers
+
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        return None
+    _family_of_folder(folder, str(path))  # a model_type staprune prunes, or the usual one-line error
+    config = transformers.AutoConfig.from_pretrained(str(folder))
+    cls = getattr(transformers, (config.architectures or [""])[0], None)
+    if cls is None:
+        return None
+    with torch.device("meta"):
+        return cls._from_config(config)
 
 
 def load_hf(name_or_path: str) -> LoadedModel:
