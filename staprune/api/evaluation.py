@@ -37,7 +37,7 @@ from ..data.lists import VideoItem
 from ..data.sampling import ViewProtocol, parse_views
 from ..data.transforms import Preprocessing
 from ..data.video import VideoReadError, probe, read_frames
-from ..data.workers import decoding_loader
+from ..data.workers import decoding_loader, loading
 from ..families.base import LoadedModel
 from .flops import analytic_flops
 from .settings import Setting
@@ -241,16 +241,17 @@ def score_videos(
             emit(finish_video(done.sample, torch.cat(done.probs), done.kept.hexdigest()[:16] if done.pruned else None))
 
     buffered = 0
-    for sample in loader:
-        views = sample.pop("views")
-        if views is None:
-            emit(sample)
-            continue
-        pending.append(_Pending(sample, views))
-        buffered += views.shape[0]
-        while buffered >= batch_size:
-            run_batch(batch_size)
-            buffered -= batch_size
+    with loading(loader) as samples:
+        for sample in samples:
+            views = sample.pop("views")
+            if views is None:
+                emit(sample)
+                continue
+            pending.append(_Pending(sample, views))
+            buffered += views.shape[0]
+            while buffered >= batch_size:
+                run_batch(batch_size)
+                buffered -= batch_size
     while buffered > 0:
         n = min(batch_size, buffered)
         run_batch(n)

@@ -79,7 +79,7 @@ from ..core.errors import DataError, UsageError
 from ..data.lists import VideoItem, load_items
 from ..data.transforms import Preprocessing, normalize, resize_short_side
 from ..data.video import VideoReadError, probe, read_frames
-from ..data.workers import decoding_loader
+from ..data.workers import decoding_loader, loading
 from ..demo.data import HELD_OUT_SEED, NUM_CLASSES, generate
 from ..families import Family, LoadedModel, families, family_of
 from ..runs import distributed as dist_utils
@@ -329,7 +329,8 @@ def rank_batches(
         return
     keys = [(int(i), int(s)) for i, s in zip(mine_i.flatten(), mine_s.flatten(), strict=True)]
     loader = decoding_loader(dataset, workers, batch_size=per_rank, sampler=keys, drop_last=False)
-    yield from loader
+    with loading(loader) as batches:
+        yield from batches
 
 
 # --- model --------------------------------------------------------------------------------------

@@ -8,12 +8,19 @@ the child: it never returns). So workers come from a ``forkserver`` (``spawn`` w
 has none): a clean process that never decoded and forks each worker. The server preloads the
 dataset's module (torch, PyAV and the library), so each worker starts in milliseconds rather
 than importing torch anew. Python 3.14 makes the same choice its default on Linux.
+
+Ctrl-C stays this process's to handle, as with forked workers: the server starts with it ignored
+(and so does every worker it forks), and a Ctrl-C while workers start is delivered once they are
+up, so :func:`loading` always stops them cleanly, without a traceback from any of them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import signal
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -33,6 +40,62 @@ def decode_worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
+def _on_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()  # only there can signal handlers change
+
+
+def _start_forkserver() -> None:
+    """Start the server with Ctrl-C ignored. An ignored signal stays ignored through exec, so the server
+    (which imports torch first, for seconds) and every worker it forks never die of a Ctrl-C meant
+    for this process, half-started and with a traceback; this process stops its workers itself."""
+    from multiprocessing import forkserver
+
+    if not _on_main_thread():
+        forkserver.ensure_running()
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        forkserver.ensure_running()  # returns once the server is spawned, not once it has imported
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def _ctrl_c_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C back while the workers start and deliver it once they are up: interrupted
+    half-way, torch's DataLoader leaves started workers with no one to stop them."""
+    if not _on_main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: caught.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        if callable(previous):
+            previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt
+        elif previous == signal.SIG_DFL:
+            signal.raise_signal(signal.SIGINT)
+
+
+@contextlib.contextmanager
+def loading(loader: DataLoader) -> Iterator[Iterator[Any]]:
+    """Iterate ``loader`` with its workers started whole and joined when the block ends, however it
+    ends: on Ctrl-C this process would otherwise exit while a worker is still starting, which then
+    finds its queues gone and prints a traceback of its own."""
+    iterator = None
+    try:
+        with _ctrl_c_deferred():
+            iterator = iter(loader)
+        yield iterator
+    finally:
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # torch's own clean stop of its workers
+        if shutdown is not None:
+            shutdown()
+
+
 def decoding_loader(dataset: Dataset, workers: int, **options: Any) -> DataLoader:
     """A DataLoader over ``dataset`` whose ``workers`` processes (0: decode in this process) are
     safe to start after this process decoded videos (module docstring).
@@ -50,5 +113,6 @@ def decoding_loader(dataset: Dataset, workers: int, **options: Any) -> DataLoade
         # A dataset defined in a script (__main__) is imported by each worker anyway, as with spawn.
         preload = ["torch", "av", type(dataset).__module__]
         multiprocessing.set_forkserver_preload([m for m in preload if m != "__main__"])
+        _start_forkserver()
     return DataLoader(dataset, num_workers=workers, worker_init_fn=decode_worker_init,
                       multiprocessing_context=multiprocessing.get_context(method), **options)
