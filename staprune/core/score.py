@@ -131,6 +131,19 @@ def stable_argsort(values: Tensor, descending: bool = False) -> Tensor:
     return torch.zeros_like(rank).scatter(-1, rank, index.expand_as(rank))
 
 
+def lowest_k(values: Tensor, k: int) -> Tensor:
+    """Indices of the ``k`` lowest values along the last axis, lowest first, equal values by index.
+
+    Where no two values are equal this is ``values.topk(k, largest=False).indices``, bit for bit.
+    Among equal values topk's choice is unspecified (CPU: ``std::nth_element`` or ``partial_sort``;
+    ONNX ``TopK``: lowest index first), so an exported graph could keep other tokens than PyTorch; a
+    stable order is the same everywhere (while exporting, :func:`stable_argsort`'s ranks). Video Swin
+    makes equal scores common: patch merging turns identical 2x2 blocks of a refilled grid into
+    identical tokens.
+    """
+    return stable_argsort(values)[..., :k]
+
+
 def true_first(mask: Tensor) -> Tensor:
     """The positions along the last axis with ``mask`` True, then those with it False, each in index
     order (a stable sort of ``~mask``), from cumulative sums: exact, linear, and exportable."""
@@ -270,7 +283,7 @@ def sta_keep_indices(
                 else:
                     acc = (transition(m[:, u], m_prev) @ a_prev.unsqueeze(-1)).squeeze(-1)
                 s = combine_scores(acc, sem[:, u], score)
-                kept = s.topk(keep, dim=-1, largest=False).indices
+                kept = lowest_k(s, keep)
                 if acc is not None:
                     a_kept = acc.gather(1, kept)
                     a_prev = a_kept / a_kept.sum(-1, keepdim=True)

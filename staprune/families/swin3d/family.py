@@ -307,7 +307,9 @@ PAPER_R = (0, 192, 256, 320)
 
 
 def _entry(name: str, spec: SwinSpec, paper: tuple[float, ...], description: str) -> ModelEntry:
-    return ModelEntry(name, FAMILY.name, spec, levels=PAPER_R[1:], paper_gflops=dict(zip(PAPER_R, paper, strict=True)),
+    # No fixed levels: the family's scale with the clip (PAPER_R[1:] at 224², 48/64/80 at 112², where
+    # r1=256 would not fit stage 2's 14x14 tokens per frame).
+    return ModelEntry(name, FAMILY.name, spec, paper_gflops=dict(zip(PAPER_R, paper, strict=True)),
                       description=description)
 
 
