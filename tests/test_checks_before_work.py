@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import run_cli, write_list_of_videos
 
+import staprune
 import staprune.api.evaluation
 import staprune.commands.ablate
 import staprune.commands.bench
@@ -144,4 +145,21 @@ def test_flops_of_a_folder_reads_its_config_only(build, tmp_path):
         weights.unlink()
     assert resolve_spec(str(tmp_path)) == expected
     rc, out, err = run_cli("flops", "--model", str(tmp_path), "--r", "4", "--json")
+    assert rc == 0, err
+
+
+@pytest.mark.parametrize("name", ["ViT-B", "VideoSwin-T", "TimeSformer-B"])
+def test_a_registry_model_on_another_clip_takes_levels_that_fit_it(name):
+    """A paper's levels are for the paper's clip: at 112² the family's own, scaled to the grid."""
+    from staprune.families import family_of_spec, levels_of, model_entry
+
+    entry = model_entry(name)
+    small = entry.spec_for(None, 112)
+    family = family_of_spec(small)
+    assert levels_of(name, small) == family.levels(small)
+    for r in levels_of(name, small):
+        family.plan(small, staprune.STAConfig(r=r))  # every level fits the smaller clip
+    if entry.levels:
+        assert levels_of(name, entry.spec) == entry.levels
+    rc, _, err = run_cli("flops", "--model", name, "--size", "112")
     assert rc == 0, err

@@ -261,7 +261,8 @@ def load_registry(name: str, frames: int | None = None, image_size: int | None =
     loaded = family.wrap(model, f"registry:{name} (random weights)")
     if entry.preprocessing is not None:
         loaded.preprocessing = entry.preprocessing
-    loaded.protocols, loaded.levels = entry.protocols, entry.levels
+    # A paper's levels are for the paper's clip; on another the family scales them (LoadedModel.default_levels).
+    loaded.protocols, loaded.levels = entry.protocols, entry.levels if spec == entry.spec else None
     return loaded
 
 

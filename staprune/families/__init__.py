@@ -155,10 +155,11 @@ def family_of_entry(entry: ModelEntry) -> Family:
 
 def levels_of(name: str, spec: Spec) -> tuple[int, ...]:
     """Default pruning levels (non-zero r) of the model ``name`` on ``spec``'s input: its registry
-    entry's when it has them, else its family's for that geometry (also for names outside the
-    registry, such as paths)."""
+    entry's when it has them and ``spec`` is the entry's own input (a paper's levels are for the
+    paper's clip: r=64 of 196 tokens does not fit 49), else its family's for that geometry (also for
+    names outside the registry, such as paths)."""
     entry = find_model(name)
-    if entry is not None and entry.levels:
+    if entry is not None and entry.levels and spec == entry.spec:
         return entry.levels
     return family_of_spec(spec).levels(spec)
 
