@@ -99,6 +99,8 @@ def test_the_memory_check_offers_only_what_fits():
         memory.check_weights_fit("m", 4 * 10**9, torch.float32, tiny, available=12 * 10**9)
     with pytest.raises(UsageError, match=r"its bf16 weights .* use a smaller model \(small\)$"):
         memory.check_weights_fit("m", 4 * 10**9, torch.bfloat16, tiny, available=4 * 10**9)
+    with pytest.raises(UsageError, match=r"fp32 weights .* use a smaller model \(small\)$"):  # no --dtype to offer
+        memory.check_weights_fit("m", 4 * 10**9, torch.float32, tiny, available=12 * 10**9, offer_dtype=False)
     with pytest.raises(UsageError, match="use a machine with more memory"):
         memory.check_weights_fit("m", 4 * 10**9, torch.float32, lambda: [], available=10**9)
 

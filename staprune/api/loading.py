@@ -240,7 +240,7 @@ def load_registry(name: str, frames: int | None = None, image_size: int | None =
         return entry.loader(init)
     if init == "bundled":
         raise UsageError(f"--init bundled is for models with weights of their own (the demo models), not {name}")
-    dtype = dtype or torch.float32
+    chosen, dtype = dtype is not None, dtype or torch.float32
     parameters = parameter_count(functools.partial(family.build, spec))
 
     def smaller() -> list[tuple[str, int]]:  # the family's other registry models with fewer parameters
@@ -249,7 +249,7 @@ def load_registry(name: str, frames: int | None = None, image_size: int | None =
                   for other in others]
         return [(other, count) for other, count in counts if count < parameters]
 
-    check_weights_fit(name, parameters, dtype, smaller)
+    check_weights_fit(name, parameters, dtype, smaller, offer_dtype=chosen)  # --dtype only where a command has it
     default = torch.get_default_dtype()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(registry_seed(name))

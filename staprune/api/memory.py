@@ -45,7 +45,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def check_weights_fit(name: str, parameters: int, dtype: torch.dtype,
-                      smaller: Callable[[], list[tuple[str, int]]] = list, available: int | None = None) -> None:
+                      smaller: Callable[[], list[tuple[str, int]]] = list, available: int | None = None,
+                      offer_dtype: bool = True) -> None:
     """Refuse, in one line, a model whose weights alone would not fit the free memory.
 
     Args:
@@ -54,6 +55,7 @@ def check_weights_fit(name: str, parameters: int, dtype: torch.dtype,
         dtype: the number format it would be built in.
         smaller: gives ``(name, parameters)`` of alternatives to offer where they fit (called only to refuse).
         available: free bytes (default: :func:`available_bytes`; None skips the check).
+        offer_dtype: the caller can build in another dtype (the command has ``--dtype``): offer bf16.
 
     Raises:
         UsageError: the weights need more than :data:`WEIGHTS_SHARE` of ``available``, saying what would fit
@@ -68,7 +70,7 @@ def check_weights_fit(name: str, parameters: int, dtype: torch.dtype,
     if needed <= budget:
         return
     ways = []
-    if size > 2 and parameters * 2 <= budget:
+    if offer_dtype and size > 2 and parameters * 2 <= budget:
         ways.append(f"--dtype bf16 ({parameters * 2 / GB:.1f} GB)")
     fitting = [other for other, count in smaller() if count * size <= budget]
     if fitting:
