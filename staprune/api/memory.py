@@ -65,7 +65,7 @@ def check_weights_fit(name: str, parameters: int, dtype: torch.dtype,
     if available is None:
         return
     budget = WEIGHTS_SHARE * available
-    size = torch.tensor([], dtype=dtype).element_size()
+    size = dtype.itemsize
     needed = parameters * size
     if needed <= budget:
         return

@@ -20,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from ..core.config import STAConfig
-from ..families.base import Family
+from ..families.base import Family, Spec
 from .patching import patch, unpatch
 
 
@@ -89,6 +89,18 @@ class Setting:
         return "_".join(parts)
 
 
+def check_plans(family: Family, spec: Spec, settings: Iterable[Setting]) -> None:
+    """Every pruned setting fits ``spec``'s token grid (no model needed: a registry model is checked
+    before it is built).
+
+    Raises:
+        ConfigError: an r too large for the token grid (the message states the largest valid r).
+    """
+    for setting in settings:
+        if not setting.is_dense:
+            family.plan(spec, setting.config())
+
+
 def check_settings_fit(family: Family, model: nn.Module, settings: Iterable[Setting], frames: int, size: int) -> None:
     """Every setting patches ``model`` and fits its ``frames`` x ``size``² input, checked before any
     data is made or read (the model is left unpatched).
@@ -101,8 +113,7 @@ def check_settings_fit(family: Family, model: nn.Module, settings: Iterable[Sett
     try:
         for setting in settings:
             setting.apply(model)
-            if not setting.is_dense:
-                family.plan(spec, setting.config())
+            check_plans(family, spec, [setting])
     finally:
         unpatch(model)
 
@@ -113,4 +124,4 @@ def recorded(options: dict[str, Any]) -> dict[str, Any]:
             (list(v) if isinstance(v, tuple) else v) for k, v in options.items()}
 
 
-__all__ = ["Setting", "check_settings_fit", "recorded"]
+__all__ = ["Setting", "check_plans", "check_settings_fit", "recorded"]

@@ -18,7 +18,7 @@ from ..api.deploy import quantize_loaded
 from ..api.loading import load
 from ..api.models import example_input, spec_of_model
 from ..api.patching import unpatch
-from ..api.settings import Setting
+from ..api.settings import Setting, check_plans
 from ..core.errors import UsageError
 from ..families import family_of_spec, find_model, levels_of
 from ..runs.arguments import (
@@ -150,9 +150,7 @@ def _check_registry_settings(args: argparse.Namespace) -> None:
             family.kept_video_tokens(spec, config)
         return
     refuse_keep(args, family.title)
-    for setting in (Setting.of(args.method, r, options) for r in args.r or []):
-        if not setting.is_dense:
-            family.plan(spec, setting.config())
+    check_plans(family, spec, [Setting.of(args.method, r, options) for r in args.r or []])
 
 
 def _run_video_llm(args: argparse.Namespace, loaded, device: torch.device, dtype: torch.dtype) -> int:

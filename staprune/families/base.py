@@ -127,8 +127,8 @@ def scaled_levels(tokens_per_frame: int, reference: tuple[int, ...] = PAPER_VIT_
 def check_frames(spec_frames: int, tubelet: int, what: str) -> int:
     """Tubelet-frames of a clip, refusing a clip length the tubelet does not divide."""
     if spec_frames % tubelet:
-        nearest = dict.fromkeys(v for v in (spec_frames - spec_frames % tubelet, spec_frames - spec_frames % tubelet
-                                            + tubelet) if v > 0)  # 1 frame of tubelet 2: "use 2", not "2 or 2"
+        lower = spec_frames - spec_frames % tubelet
+        nearest = [v for v in (lower, lower + tubelet) if v > 0]  # 1 frame of tubelet 2: "use 2", not "2 or 2"
         raise ConfigError(
             f"{what} cuts clips into tubelets of {tubelet} frames: {spec_frames} frames is not a multiple of "
             f"{tubelet}; use {' or '.join(map(str, nearest))} frames"
