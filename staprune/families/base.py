@@ -389,6 +389,13 @@ class Family:
         """A model of ``spec`` with random weights, in eval mode."""
         raise NotImplementedError
 
+    def tiny_model(self, seed: int = 0, **overrides: Any) -> nn.Module:
+        """The family's tiny test model: random weights drawn from ``seed``, in eval mode, small enough
+        for a unit test in seconds (a few layers, 112² or less). ``overrides`` change its config
+        (e.g. ``frames``, ``layers``, ``num_classes``); tests and ``--smoke`` benchmarks build from here,
+        so a new family's tests come from its registration."""
+        raise NotImplementedError(f"{self.title} has no tiny test model")
+
     def wrap(self, model: nn.Module, source: str, folder: Path | None = None) -> LoadedModel:
         """A :class:`LoadedModel` for a built model of this family (``folder``: where it was loaded
         from, when its preprocessing is stored there)."""
