@@ -34,8 +34,10 @@ import torch
 from torch import nn
 
 import staprune
+from staprune import training
 from staprune.api.settings import Setting
 from staprune.commands import finetune as ft
+from staprune.data.clips import ClipTensorSet
 from staprune.families import LoadedModel
 
 # --smoke: the same code path at a tiny setting (CI runs it so the script cannot rot); explicit
@@ -56,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="where both parts train (default cpu)")
-    parser.add_argument("--dtype", default="fp32", choices=tuple(ft.AUTOCAST))
+    parser.add_argument("--dtype", default="fp32", choices=tuple(training.AUTOCAST))
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd steps")
     parser.add_argument("--finetune", action="store_true", help="part 2: fine-tune dense and STA, evaluate")
     parser.add_argument("--epochs", type=int, default=2)
@@ -92,8 +94,8 @@ def _models(args: argparse.Namespace) -> tuple[LoadedModel, LoadedModel]:
     (``--method none``: staprune's dense model, dropping nothing)."""
     dense, sta = load_initial(args), load_initial(args)
     sta.model.load_state_dict(dense.model.state_dict())
-    ft.apply_pruning(dense.model, "none", None)
-    ft.apply_pruning(sta.model, "sta", args.r)
+    training.apply_pruning(dense.model, "none", None)
+    training.apply_pruning(sta.model, "sta", args.r)
     device = torch.device(args.device)
     for loaded in (dense, sta):
         loaded.model.to(device).train()
@@ -106,7 +108,7 @@ def _batches(
     from staprune.demo.data import generate
 
     clips, labels = generate(count * args.batch_size, seed=4242, frames=loaded.frames, size=loaded.image_size)
-    data = ft.ClipTensorSet(clips, labels, loaded.preprocessing)
+    data = ClipTensorSet(clips, labels, loaded.preprocessing)
     device = torch.device(args.device)
     return [tuple(t.to(device) for t in data.batch(torch.arange(i, i + args.batch_size)))
             for i in range(0, len(labels), args.batch_size)]
@@ -121,21 +123,21 @@ def time_alternating(args: argparse.Namespace, compile_models: bool = False) -> 
     """Median training-step seconds of dense and STA, stepping alternately on the same batches."""
     dense, sta = _models(args)
     device = torch.device(args.device)
-    cfg = ft.StepConfig(dense.family, ft.AUTOCAST[args.dtype], 0.1, 0.0, device)
-    lr = ft.scaled_lr(1e-3, args.batch_size)
+    cfg = training.StepConfig(dense.family, training.AUTOCAST[args.dtype], 0.1, 0.0, device)
+    lr = training.scaled_lr(1e-3, args.batch_size)
     runners: dict[str, tuple[nn.Module, torch.optim.Optimizer]] = {}
     first_step: dict[str, float] = {}
     for name, loaded in (("dense", dense), ("sta", sta)):
         runners[name] = (
             torch.compile(loaded.model) if compile_models else loaded.model,
-            ft.build_optimizer(loaded.model, lr, 0.05, loaded.family.no_weight_decay),
+            training.build_optimizer(loaded.model, lr, 0.05, loaded.family.no_weight_decay),
         )
     times: dict[str, list[float]] = {"dense": [], "sta": []}
     for i, (x, y) in enumerate(_batches(args, dense, args.warmup + args.steps)):
         for name, (model, opt) in runners.items():
             _sync(device)
             start = time.perf_counter()
-            ft.train_step(model, opt, x, y, lr, cfg)
+            training.train_step(model, opt, x, y, lr, cfg)
             _sync(device)
             seconds = time.perf_counter() - start
             if i == 0:
@@ -228,7 +230,7 @@ def initial_top1(args: argparse.Namespace) -> tuple[float, float]:
     clips, labels = generate(args.val_clips, HELD_OUT_SEED, loaded.frames, loaded.image_size)
     dense, sta = Setting(), Setting.of("sta", args.r)
     scores = staprune.score_clips(loaded, clips, labels, (dense, sta), batch_size=32,
-                                  autocast=ft.AUTOCAST[args.dtype])
+                                  autocast=training.AUTOCAST[args.dtype])
     return scores[dense].top1, scores[sta].top1
 
 

@@ -86,16 +86,17 @@ def transplant() -> torch.nn.Module:
 def fine_tune(model: torch.nn.Module, steps: int, batch: int, lr: float, train_clips: int) -> list[float]:
     """AdamW (staprune finetune's recipe: warm-up, cosine decay, label smoothing 0.1), random batches
     from a fixed set of generated training clips; returns the per-step losses."""
-    from staprune.commands import finetune as ft
+    from staprune import training
+
     clips, labels = generate(train_clips, TRAIN_SEED)
-    opt = ft.build_optimizer(model, lr, 0.05)
-    cfg = ft.StepConfig(family_of(model), None, 0.1, 1.0, torch.device("cpu"))
+    opt = training.build_optimizer(model, lr, 0.05)
+    cfg = training.StepConfig(family_of(model), None, 0.1, 1.0, torch.device("cpu"))
     losses, g = [], torch.Generator().manual_seed(0)
     model.train()
     for step in range(steps):
         idx = torch.randint(0, len(labels), (batch,), generator=g)
         x = model_input(model, clips[idx])
-        losses.append(float(ft.train_step(model, opt, x, labels[idx], ft.lr_at(step, steps, steps // 20, lr), cfg)))
+        losses.append(float(training.train_step(model, opt, x, labels[idx], training.lr_at(step, steps, steps // 20, lr), cfg)))
         if step % 100 == 0:
             print(f"  step {step}: loss {sum(losses[-100:]) / len(losses[-100:]):.3f}", file=sys.stderr, flush=True)
     return losses

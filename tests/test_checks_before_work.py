@@ -16,6 +16,7 @@ import staprune.api.evaluation
 import staprune.commands.ablate
 import staprune.commands.bench
 import staprune.commands.finetune
+import staprune.data.clips
 from staprune.api import memory
 from staprune.api.loading import load, registry_seed
 from staprune.core.errors import UsageError
@@ -41,7 +42,8 @@ def no_work(monkeypatch):
     """Making demo clips, decoding a video, building a registry model or timing: each fails the test."""
     for module in (staprune.commands.finetune, staprune.commands.ablate):
         monkeypatch.setattr(module, "generate", _never("making demo clips"))
-    for module in (staprune.commands.finetune, staprune.api.evaluation):
+    # finetune decodes its training clips in the clip set (staprune.data.clips), eval in api.evaluation.
+    for module in (staprune.data.clips, staprune.api.evaluation):
         monkeypatch.setattr(module, "read_frames", _never("decoding a video"))
     monkeypatch.setattr(staprune.commands.bench, "load", _never("building the model"))
 

@@ -18,11 +18,12 @@ import torch
 from conftest import tiny_swin
 
 import staprune
+from staprune import training
 from staprune.api.loading import load
 from staprune.commands import finetune as ft
 from staprune.families import family_named
-from staprune.runs.training import param_groups
 from staprune.storage.runfolder import latest_epoch
+from staprune.training import param_groups
 
 VIDEOMAE, SWIN = family_named("videomae"), family_named("swin3d")
 
@@ -30,21 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny(num_labels: int = 4, dropout: float = 0.0, seed: int = 0, layers: int = 3):
-    """The brief's tiny VideoMAE: 8 frames of 64² -> 4 tubelet-frames x 16 tokens, ``layers`` blocks."""
-    from transformers import VideoMAEConfig, VideoMAEForVideoClassification
-
-    torch.manual_seed(seed)
-    cfg = VideoMAEConfig(
-        image_size=64,
-        num_frames=8,
-        hidden_size=32,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=num_labels,
-        hidden_dropout_prob=dropout,
-    )
-    return VideoMAEForVideoClassification(cfg).train()
+    """The family's tiny VideoMAE at 8 frames of 64² (4 tubelet-frames x 16 tokens), ``layers``
+    blocks 32 wide, in training mode."""
+    return VIDEOMAE.tiny_model(seed, frames=8, size=64, layers=layers, hidden=32, heads=2, intermediate_size=64,
+                               num_classes=num_labels, hidden_dropout_prob=dropout).train()
 
 
 def batch(n: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,8 +46,8 @@ def batch(n: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return preprocessing().normalize_pixels(clips), labels % 4
 
 
-def step_cfg(dtype: str = "fp32") -> ft.StepConfig:
-    return ft.StepConfig(VIDEOMAE, ft.AUTOCAST[dtype], 0.1, 0.0, torch.device("cpu"))
+def step_cfg(dtype: str = "fp32") -> training.StepConfig:
+    return training.StepConfig(VIDEOMAE, training.AUTOCAST[dtype], 0.1, 0.0, torch.device("cpu"))
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -112,8 +102,8 @@ def demo_args(model: Path, out: Path, *extra: str) -> argparse.Namespace:
 
 # --- the recipe ---------------------------------------------------------------------------------
 def test_lr_schedule_warmup_then_cosine_to_zero():
-    assert ft.scaled_lr(1e-3, 128) == pytest.approx(5e-4)
-    lrs = [ft.lr_at(s, 100, 10, 1.0) for s in range(100)]
+    assert training.scaled_lr(1e-3, 128) == pytest.approx(5e-4)
+    lrs = [training.lr_at(s, 100, 10, 1.0) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))  # monotone decay after warm-up
     assert lrs[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
@@ -129,19 +119,55 @@ def test_weight_decay_only_on_matrices():
 
 
 def test_epoch_plan_is_a_function_of_seed_and_epoch():
-    a, sa = ft.epoch_plan(50, 3, 7, 8)
-    b, sb = ft.epoch_plan(50, 3, 7, 8)
-    c, _ = ft.epoch_plan(50, 4, 7, 8)
+    a, sa = training.epoch_plan(50, 3, 7, 8)
+    b, sb = training.epoch_plan(50, 3, 7, 8)
+    c, _ = training.epoch_plan(50, 4, 7, 8)
     assert a.shape == (6, 8) and torch.equal(a, b) and torch.equal(sa, sb) and not torch.equal(a, c)
     assert a.unique().numel() == 48  # no clip twice in an epoch
+
+
+def test_ranks_share_each_global_batch_and_the_clips():
+    """Two ranks take contiguous halves of every global batch (together: the single-process batch),
+    and the held-out clips' shards cover every clip once."""
+    from staprune.data.clips import ClipTensorSet
+    from staprune.demo.models import preprocessing
+    from staprune.runs.distributed import DistInfo
+
+    clips = torch.randint(0, 256, (12, 2, 3, 4, 4), dtype=torch.uint8)
+    data = ClipTensorSet(clips, torch.arange(12), preprocessing())
+    indices, seeds = training.epoch_plan(12, 0, 3, 4)
+    ranks = [list(training.rank_batches(data, indices, seeds, DistInfo(k, 2), workers=0)) for k in range(2)]
+    for step, (first, second) in enumerate(zip(*ranks, strict=True)):
+        assert first[0].shape == (2, 2, 3, 4, 4) and first[0].dtype == torch.float32
+        assert torch.equal(torch.cat([first[1], second[1]]), indices[step])
+    shards = [data.shard(k, 3) for k in range(3)]
+    assert sorted(int(y) for s in shards for y in s.labels) == list(range(12))
+
+
+def test_recipe_records_what_defines_the_run():
+    common = dict(model="m", train_clips=8, data_seed=1, method="sta", r=4, epochs=10, lr=None, base_lr=1e-3,
+                  batch_per_process=4, world_size=2, weight_decay=0.05, warmup_epochs=None, num_clips=20,
+                  label_smoothing=0.1, clip_grad=0.0, seed=0, dtype="fp32", frames=8, stride=1, flip=True,
+                  init="demo", options={}, weights=None, image_size=None)
+    demo = training.make_recipe(data=None, **common)
+    assert (demo["demo"], demo["data"], demo["train_clips"], demo["flip"]) == (True, None, 8, None)
+    assert demo["global_batch"] == 8 and demo["steps_per_epoch"] == 2 and demo["warmup_steps"] == 1
+    assert demo["lr"] == pytest.approx(1e-3 * 8 / 256) and demo["options"] is None
+    listed = training.make_recipe(data="train.txt", **{**common, "method": "none"})
+    assert (listed["demo"], listed["train_clips"], listed["flip"], listed["r"]) == (False, None, True, None)
+    assert set(training.RECIPE_KEYS) <= set(demo)
+    with pytest.raises(ValueError, match="recipe changed.*lr"):
+        training.check_recipe(demo, {**demo, "lr": 1.0}, Path("out"))
+    with pytest.raises(ValueError, match="cannot fill one global batch"):
+        training.make_recipe(data=None, **{**common, "num_clips": 7})
 
 
 # --- training with pruning ----------------------------------------------------------------------
 def test_sta_training_reduces_loss():
     model = staprune.patch(tiny(), r=4)
-    opt = ft.build_optimizer(model, 1e-3, 0.05)
+    opt = training.build_optimizer(model, 1e-3, 0.05)
     x, y = batch()
-    losses = [float(ft.train_step(model, opt, x, y, 1e-3, step_cfg())) for _ in range(20)]
+    losses = [float(training.train_step(model, opt, x, y, 1e-3, step_cfg())) for _ in range(20)]
     kept = staprune.kept_tokens(model)
     assert [k.shape[1] for k in kept] == [48, 40, 36]  # it really trained pruned: 64 -> 48 -> 40 -> 36 tokens
     assert losses[-1] < 0.8 * losses[0], losses
@@ -150,7 +176,7 @@ def test_sta_training_reduces_loss():
 def test_gradients_reach_every_block_under_pruning():
     model = staprune.patch(tiny(), r=4)
     x, y = batch(4)
-    torch.nn.functional.cross_entropy(ft.logits_of(model, x, VIDEOMAE), y).backward()
+    torch.nn.functional.cross_entropy(training.logits_of(model, x, VIDEOMAE), y).backward()
     for i, layer in enumerate(model.videomae.encoder.layer):
         for name, p in layer.named_parameters():
             assert p.grad is not None, f"layer {i} {name}: no gradient"
@@ -162,24 +188,24 @@ def test_swin_trains_pruned_with_stochastic_depth():
     """torchvision Video Swin in train mode: stochastic depth on, STA at stages 2-4, gradients everywhere."""
     model = tiny_swin(num_classes=4, stochastic_depth_prob=0.5).train()
     staprune.patch(model, r=12)
-    opt = ft.build_optimizer(model, 1e-3, 0.05)
+    opt = training.build_optimizer(model, 1e-3, 0.05)
     x, y = batch(2)  # (2, 8, 3, 64, 64); train_step hands Swin (2, 3, 8, 64, 64)
-    cfg = ft.StepConfig(SWIN, None, 0.1, 0.0, torch.device("cpu"))
-    losses = [float(ft.train_step(model, opt, x, y, 1e-3, cfg)) for _ in range(3)]
+    cfg = training.StepConfig(SWIN, None, 0.1, 0.0, torch.device("cpu"))
+    losses = [float(training.train_step(model, opt, x, y, 1e-3, cfg)) for _ in range(3)]
     assert all(math.isfinite(v) for v in losses)
     assert len(staprune.kept_tokens(model)) == 3
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     model.features[-1][0].stochastic_depth.p = 0.0  # the last stage's block never dropped: nonzero grads
     opt.zero_grad()
-    ft.train_step(model, opt, x, y, 1e-3, cfg)
+    training.train_step(model, opt, x, y, 1e-3, cfg)
     assert all(p.grad.abs().sum() > 0 for p in model.features[-1][0].mlp.parameters())
 
 
 def test_bf16_autocast_step_is_finite():
     model = staprune.patch(tiny(), r=4)
-    opt = ft.build_optimizer(model, 1e-3, 0.05)
+    opt = training.build_optimizer(model, 1e-3, 0.05)
     x, y = batch(4)
-    loss = ft.train_step(model, opt, x, y, 1e-3, step_cfg("bf16"))
+    loss = training.train_step(model, opt, x, y, 1e-3, step_cfg("bf16"))
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
     assert len(staprune.kept_tokens(model)) == 3
@@ -193,16 +219,16 @@ def _grads(model) -> torch.Tensor:
 def test_gradient_checkpointing_with_sta_matches_plain_backward():
     x, y = batch(2)
     plain = staprune.patch(tiny(layers=6), r=4)  # 6 blocks: pruning after 0, 2, 4; 1, 3, 5 stock
-    torch.nn.functional.cross_entropy(ft.logits_of(plain, x, VIDEOMAE), y).backward()
+    torch.nn.functional.cross_entropy(training.logits_of(plain, x, VIDEOMAE), y).backward()
     ckpt = staprune.patch(tiny(layers=6), r=4)
-    ft.enable_checkpointing(ckpt)
-    assert ft.checkpointing_enabled(ckpt)
-    ft.check_gradient_checkpointing(ckpt)  # sta: allowed
+    training.enable_checkpointing(ckpt)
+    assert training.checkpointing_enabled(ckpt)
+    training.check_gradient_checkpointing(ckpt)  # sta: allowed
     calls = [0] * 6
     for i, layer in enumerate(ckpt.videomae.encoder.layer):
         layer.layernorm_before.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
-    torch.nn.functional.cross_entropy(ft.logits_of(ckpt, x, VIDEOMAE), y).backward()
-    ft.assert_pruned_once(ckpt)
+    torch.nn.functional.cross_entropy(training.logits_of(ckpt, x, VIDEOMAE), y).backward()
+    training.assert_pruned_once(ckpt)
     assert calls == [1, 2, 1, 2, 1, 2]  # pruning blocks 0/2/4 run once; the others are recomputed
     assert torch.equal(_grads(plain), _grads(ckpt))
     assert [k.shape for k in staprune.kept_tokens(ckpt)] == [k.shape for k in staprune.kept_tokens(plain)]
@@ -210,19 +236,19 @@ def test_gradient_checkpointing_with_sta_matches_plain_backward():
 
 def test_gradient_checkpointing_rejected_with_tome():
     model = staprune.patch(tiny(), r=4, method="tome")
-    ft.enable_checkpointing(model)
+    training.enable_checkpointing(model)
     with pytest.raises(ValueError, match="ToMe"):
-        ft.check_gradient_checkpointing(model)
+        training.check_gradient_checkpointing(model)
 
 
 def test_guard_detects_a_rerun_pruning_step():
     model = staprune.patch(tiny(), r=4)
     x, y = batch(2)
-    torch.nn.functional.cross_entropy(ft.logits_of(model, x, VIDEOMAE), y).backward()
-    ft.assert_pruned_once(model)
+    torch.nn.functional.cross_entropy(training.logits_of(model, x, VIDEOMAE), y).backward()
+    training.assert_pruned_once(model)
     model._staprune.state.kept.append(model._staprune.state.source)  # what a recomputed stage would do
     with pytest.raises(RuntimeError, match="re-run"):
-        ft.assert_pruned_once(model)
+        training.assert_pruned_once(model)
 
 
 # --- torch.compile ------------------------------------------------------------------------------
@@ -233,7 +259,7 @@ def test_compile_failure_falls_back_to_eager():
         raise RuntimeError("backend exploded")
 
     with pytest.warns(UserWarning, match="training eager"):
-        used, note = ft.try_compile(model, failing)
+        used, note = training.try_compile(model, failing)
     assert used is model and "backend exploded" in note
 
 
@@ -246,13 +272,13 @@ def test_compile_traces_pruned_training_step():
     compiled_src = staprune.patch(tiny(), r=4)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a fallback warning fails the test
-        used, note = ft.try_compile(
+        used, note = training.try_compile(
             compiled_src,
-            lambda m: torch.nn.functional.cross_entropy(ft.logits_of(m, x, VIDEOMAE), y).backward(),
+            lambda m: torch.nn.functional.cross_entropy(training.logits_of(m, x, VIDEOMAE), y).backward(),
             backend="aot_eager",
         )
     assert note == "torch.compile: ok" and used is not compiled_src
-    torch.nn.functional.cross_entropy(ft.logits_of(eager, x, VIDEOMAE), y).backward()
+    torch.nn.functional.cross_entropy(training.logits_of(eager, x, VIDEOMAE), y).backward()
     assert [k.shape[1] for k in staprune.kept_tokens(compiled_src)] == [48, 40, 36]
     torch.testing.assert_close(_grads(compiled_src), _grads(eager), rtol=1e-4, atol=1e-5)
 
@@ -260,13 +286,13 @@ def test_compile_traces_pruned_training_step():
 # --- checkpoints and resume ---------------------------------------------------------------------
 def test_optimizer_state_roundtrips_through_flat_tensors():
     model = tiny()
-    opt = ft.build_optimizer(model, 1e-3, 0.05)
+    opt = training.build_optimizer(model, 1e-3, 0.05)
     x, y = batch(2)
-    ft.train_step(model, opt, x, y, 1e-3, step_cfg())
-    tensors, meta = ft.flatten_optimizer(opt)
+    training.train_step(model, opt, x, y, 1e-3, step_cfg())
+    tensors, meta = training.flatten_optimizer(opt)
     json.dumps(meta)  # the metadata must be JSON
-    opt2 = ft.build_optimizer(tiny(), 1e-3, 0.05)
-    opt2.load_state_dict(ft.unflatten_optimizer(tensors, json.loads(json.dumps(meta))))
+    opt2 = training.build_optimizer(tiny(), 1e-3, 0.05)
+    opt2.load_state_dict(training.unflatten_optimizer(tensors, json.loads(json.dumps(meta))))
     for a, b in zip(opt.state.values(), opt2.state.values(), strict=True):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

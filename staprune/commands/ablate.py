@@ -46,15 +46,17 @@ from typing import Any
 import torch
 
 from ..api.evaluation import check_compatible, resolve_protocol, score_clips
-from ..api.loading import load
+from ..api.loading import load, require_model_kind
 from ..api.patching import unpatch
 from ..api.settings import Setting, check_settings_fit, recorded
 from ..core.config import STAConfig, default_locations
 from ..core.errors import ConfigError, UsageError
 from ..core.flops import measure_flops
+from ..data.clips import ClipTensorSet
 from ..data.lists import load_items
 from ..data.sampling import ViewProtocol
 from ..demo.data import HELD_OUT_SEED, generate
+from ..families import VIDEO_CLASSIFIER, require_kind
 from ..families.base import LoadedModel
 from ..runs import distributed as dist_utils
 from ..runs.arguments import add_device_arguments, add_model_arguments, apply_threads
@@ -73,6 +75,7 @@ from ..storage.runfolder import (
 )
 
 TABLES = ("6a", "6b", "6c", "6d", "6e", "s3", "s2")
+INSTEAD = "compare a video LLM's budgets and methods with staprune bench, flops or visualize --keep"
 TITLES = {
     "base": "Dense model",
     "6a": "Table 6a: token removal at the first unit",
@@ -194,25 +197,26 @@ def measured_gflops(loaded: LoadedModel, row: Row, frames: int, size: int) -> tu
 class DemoClips:
     """Held-out generated clips for the bundled demo models, evaluated in memory: 16-frame clips,
     one view; for table s2, clips twice as long (the same kinds of motion, continued) read as
-    ``views`` evenly spaced 16-frame windows (1: the centre one), every row on the same clips."""
+    ``views`` evenly spaced 16-frame windows (1: the centre one), every row on the same clips.
+    Each clip set is a :class:`~staprune.data.clips.ClipTensorSet`, as ``staprune finetune --demo``'s."""
 
     def __init__(self, count: int, batch: int, frames: int) -> None:
         self.count, self.batch, self.frames = count, batch, frames
-        self.clips, self.labels = generate(count, HELD_OUT_SEED, frames=frames)
-        self._long: dict[int, torch.Tensor] = {}
+        self.held = ClipTensorSet(*generate(count, HELD_OUT_SEED, frames=frames))
+        self._long: dict[int, ClipTensorSet] = {}
 
-    def _views(self, views: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _views(self, views: int | None) -> tuple[ClipTensorSet, torch.Tensor | None]:
         """(clips, frame indices of each view (V, frames); None: one view of every frame)."""
         if views is None:  # every table but s2: the demo's own 16-frame clips, one view
-            return self.clips, None
+            return self.held, None
         length = 2 * self.frames  # longer clips of the same kind, windows spread over them
         if length not in self._long:
-            self._long[length] = generate(self.count, HELD_OUT_SEED, frames=length)[0]
+            self._long[length] = ClipTensorSet(*generate(self.count, HELD_OUT_SEED, frames=length))
         windows = ViewProtocol(views, 1, self.frames, 1, "uniform").clip_indices(length)
         return self._long[length], torch.tensor(windows)
 
     def evaluate(self, loaded: LoadedModel, row: Row) -> dict[str, Any]:
-        clips, windows = self._views(row.views)
+        data, windows = self._views(row.views)
         setting = row.setting
         bar = progress(self.count, f"  {row.table} {row.name}", "clip")
         done = [0]
@@ -221,8 +225,9 @@ class DemoClips:
             bar.update(total - done[0])
             done[0] = total
 
-        scores = score_clips(loaded, clips, self.labels, (setting,), batch_size=self.batch, windows=windows,
-                             on_batch=advance)[setting]
+        # The held-out labels for every view count: the longer clips continue the same ones.
+        scores = score_clips(loaded, data.clips, self.held.labels, (setting,), batch_size=self.batch,
+                             windows=windows, on_batch=advance)[setting]
         bar.close()
         return {"top1": scores.top1, "top5": scores.top5, "clips_per_s": scores.clips_per_s, "videos": self.count,
                 "views": f"{scores.views}x1"}
@@ -366,6 +371,7 @@ def run(args: argparse.Namespace) -> int:
     if args.clips < 1 or args.batch_size < 1:
         raise UsageError("--clips and --batch-size must be >= 1")
     apply_threads(args)
+    require_model_kind(args.model, VIDEO_CLASSIFIER, "staprune ablate", INSTEAD)
     out = writable_dir(args.out)
     claim_folder(out, "ablate")
     # Refuse existing rows without --resume before anything is loaded (the definition is checked below).
@@ -385,6 +391,7 @@ def run(args: argparse.Namespace) -> int:
         source = None  # the demo clips are made once every setting is known to fit (below)
         temporal_default = [1, 2, 4]
     loaded.model.eval()
+    require_kind(loaded.family, VIDEO_CLASSIFIER, "staprune ablate", INSTEAD)  # a hub id or file: known once loaded
     if not loaded.family.block_locations:
         raise UsageError(f"staprune ablate runs the paper's ablations of columnar ViTs (blocks 0, L/3, 2L/3); "
                          f"{loaded.family.title} prunes at its stages instead")

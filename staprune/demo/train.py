@@ -37,8 +37,8 @@ from ..api.patching import unpatch
 from ..api.settings import Setting
 from ..core.errors import CheckpointError, NotFoundError
 from ..families.base import LoadedModel
-from ..runs.training import build_optimizer, lr_at
 from ..storage.runfolder import atomic_write
+from ..training.optim import build_optimizer, lr_at
 from .data import HELD_OUT_SEED, NUM_CLASSES, generate
 from .models import (
     BUILDERS,

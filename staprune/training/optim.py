@@ -1,5 +1,6 @@
-"""What every training loop here shares: the learning-rate schedule and the AdamW parameter groups
-(``staprune finetune`` and the demo models' trainer, :mod:`staprune.demo.train`)."""
+"""The optimizer and its learning rate, shared by every training loop here (``staprune finetune``
+and the demo models' trainer, :mod:`staprune.demo.train`): AdamW with weight decay on weight
+matrices only, the paper's linear scaling rule, linear warm-up then cosine decay to 0."""
 
 from __future__ import annotations
 
@@ -9,6 +10,11 @@ from typing import Any
 
 import torch
 from torch import nn
+
+
+def scaled_lr(base_lr: float, global_batch: int) -> float:
+    """The paper's linear scaling rule: ``base_lr * global_batch / 256``."""
+    return base_lr * global_batch / 256
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
@@ -22,7 +28,11 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
 def param_groups(model: nn.Module, weight_decay: float, exempt: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Decay only weight matrices/kernels; biases, norms (ndim < 2) and parameters whose name holds
     one of ``exempt`` (the family's :attr:`~staprune.families.Family.no_weight_decay`, e.g. Swin's
-    relative-position tables) get none, as in the VideoMAE / Video Swin fine-tuning code."""
+    relative-position tables) get none, as in the VideoMAE / Video Swin fine-tuning code.
+
+    Returns:
+        two AdamW parameter groups: ``[decayed, not decayed]``.
+    """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -32,7 +42,8 @@ def param_groups(model: nn.Module, weight_decay: float, exempt: Sequence[str] = 
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, exempt: Sequence[str] = ()) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups`, betas (0.9, 0.999) (the paper's recipe)."""
     return torch.optim.AdamW(param_groups(model, weight_decay, exempt), lr=lr, betas=(0.9, 0.999))
 
 
-__all__ = ["build_optimizer", "lr_at", "param_groups"]
+__all__ = ["build_optimizer", "lr_at", "param_groups", "scaled_lr"]
