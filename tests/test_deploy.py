@@ -1,5 +1,5 @@
 """Deployment (issue 25): the pruning travels with the weights, ``staprune export`` writes a verified
-ONNX model (and its int8), and ``--quantize int8`` runs STA with PyTorch's dynamic int8."""
+ONNX model (and, ``--onnx-int8``, ONNX Runtime's int8), and ``--int8`` runs STA with PyTorch's dynamic int8."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def test_export_writes_verified_onnx_and_int8_for_a_saved_folder_and_demo_vit(tm
     tiny_videomae(layers=3).save_pretrained(folder)
     for model, r in ((str(folder), "8"), ("demo-vit", None)):
         output = tmp_path / f"{folder.name if model != 'demo-vit' else 'demo'}.onnx"
-        argv = ["export", "--model", model, "-o", str(output), "--quantize", "int8"] + (["--r", r] if r else [])
+        argv = ["export", "--model", model, "-o", str(output), "--onnx-int8"] + (["--r", r] if r else [])
         rc, out, err = run_cli(*argv)
         assert rc == 0, err
         assert output.is_file() and output.with_name(output.stem + ".int8.onnx").is_file()
@@ -90,14 +90,14 @@ def test_export_writes_verified_onnx_and_int8_for_a_saved_folder_and_demo_vit(tm
 @pytest.mark.slow
 def test_export_publishes_whole_files_under_the_folder_lock(tmp_path):
     """A missing folder is made before the export; the model appears only whole (no staging left);
-    --force without --quantize drops the older int8 model; a second export into a folder being
+    --force without --onnx-int8 drops the older int8 model; a second export into a folder being
     written stops at once."""
     from staprune.storage.runfolder import RunLock
 
     folder = tmp_path / "tiny"
     tiny_videomae(layers=3).save_pretrained(folder)
     output = tmp_path / "new" / "deeper" / "m.onnx"
-    rc, _, err = run_cli("export", "--model", str(folder), "--r", "8", "-o", str(output), "--quantize", "int8")
+    rc, _, err = run_cli("export", "--model", str(folder), "--r", "8", "-o", str(output), "--onnx-int8")
     assert rc == 0, err
     int8 = output.with_name("m.int8.onnx")
     assert sorted(p.name for p in output.parent.iterdir()) == [".staprune.lock", "m.int8.onnx", "m.onnx"]
@@ -119,13 +119,32 @@ def test_export_refuses_what_it_cannot_export(tmp_path):
 
 
 def test_bench_times_sta_with_int8(tmp_path):
-    rc, out, err = run_cli("bench", "--model", "demo-vit", "--quantize", "int8", "--r", "12", "--repeats", "1",
+    rc, out, err = run_cli("bench", "--model", "demo-vit", "--int8", "--r", "12", "--repeats", "1",
                            "--warmup", "0", "--json")
     assert rc == 0, err
     rows = json.loads(out)
     assert [row["config"] for row in rows] == ["dense", "sta r=12"] and rows[0]["model"] == "demo-vit int8"
-    rc, _, err = run_cli("bench", "--model", "demo-vit", "--quantize", "int8", "--dtype", "bf16")
-    assert rc == 2 and "--quantize int8" in err
+    rc, _, err = run_cli("bench", "--model", "demo-vit", "--int8", "--dtype", "bf16")
+    assert rc == 2 and "--int8 is PyTorch's dynamic int8" in err
+
+
+@pytest.mark.parametrize(("argv", "new"), [
+    (["bench", "--model", "demo-vit", "--quantize", "int8"], "--quantize is now --int8"),
+    (["eval", "--model", "demo-vit", "--data", "list.txt", "--quantize", "int8"], "--quantize is now --int8"),
+    (["export", "--model", "demo-vit", "-o", "OUT", "--quantize", "int8"], "--quantize is now --onnx-int8"),
+    (["export", "--model", "demo-vit", "-o", "OUT", "--quantize"], "--quantize is now --onnx-int8"),
+    (["export", "--model", "demo-vit", "-o", "OUT", "--int8"], "export writes ONNX Runtime's int8 with --onnx-int8"),
+])
+def test_the_two_int8s_have_names_of_their_own_and_the_old_spelling_names_the_new(argv, new, tmp_path, capsys):
+    """``--quantize int8`` meant PyTorch's int8 in bench and eval and ONNX Runtime's in export: each now
+    has its own flag, and the old spelling is one line naming it, exit 2, before any work."""
+    from staprune.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path / "m.onnx") if a == "OUT" else a for a in argv])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and new in err and len(err.strip().splitlines()) == 1, err
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.slow
@@ -145,7 +164,7 @@ def test_eval_with_int8_is_its_own_result(tmp_path):
               "--out", str(tmp_path / "out")]
     rc, out, err = run_cli(*common)
     assert rc == 0, err
-    rc, out_int8, err = run_cli(*common, "--quantize", "int8")
+    rc, out_int8, err = run_cli(*common, "--int8")
     assert rc == 0, err
     (row,), (row_int8,) = json.loads(out), json.loads(out_int8)
     assert row_int8["videos"] == row["videos"] == 4 and "int8" in row_int8["model"]

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_model
 
 import staprune
 from staprune.api.flops import analytic_flops, paper_tables, r_for_budget
@@ -17,16 +18,8 @@ from staprune.core.flops import flop_counter, measure_flops
 PAPER_GFLOPS = paper_tables()
 
 
-def _tiny_vit(frames: int = 8, size: int = 64, layers: int = 6, **overrides):
-    """A VideoMAE small enough for per-test forward passes: 4x16 tokens, 6 blocks."""
-    from transformers import VideoMAEConfig, VideoMAEForVideoClassification
-
-    cfg = dict(image_size=size, patch_size=16, num_frames=frames, tubelet_size=2, hidden_size=64,
-               num_hidden_layers=layers, num_attention_heads=4, intermediate_size=256, qkv_bias=True,
-               use_mean_pooling=True, num_labels=10)
-    cfg.update(overrides)
-    torch.manual_seed(0)
-    return VideoMAEForVideoClassification(VideoMAEConfig(**cfg)).eval()
+# VideoMAE's tiny model small enough for per-test forward passes: 8 x 64² (4x16 tokens), 6 blocks of width 64.
+TINY_VIT = dict(frames=8, size=64, hidden=64, num_classes=10)
 
 
 def _run_cli(*argv: str) -> int:
@@ -119,7 +112,7 @@ def _agree(model, inputs, name_or_model, r, tol=0.02, **options):
     ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "sta",
 )
 def test_measured_matches_analytic_tiny(options):
-    model = _tiny_vit()
+    model = tiny_model("videomae", **TINY_VIT)
     x = example_input(spec_of_model(model), 1)
     options = dict(options)
     r = options.pop("r", 4)
@@ -128,7 +121,7 @@ def test_measured_matches_analytic_tiny(options):
 
 
 def test_measured_is_per_batch_and_counts_selection():
-    model = _tiny_vit()
+    model = tiny_model("videomae", **TINY_VIT)
     x = example_input(spec_of_model(model), 1)
     dense = measure_flops(model, x)
     assert dense.selection == 0
@@ -139,6 +132,58 @@ def test_measured_is_per_batch_and_counts_selection():
     assert 0 < pruned.selection and pruned.backbone < dense.backbone
     assert twice.total == pytest.approx(2 * pruned.total)
     assert any("attention" in op for op in dense.by_operator), "CPU SDPA must be counted"
+
+
+def test_selection_is_measured_through_core_s_seam_without_replacing_module_attributes():
+    """The FLOP counter and the timing see the selection through ``core.selection_hook``: every call
+    a patched model makes (STA, random, ToMe) goes through the wrappers of the contexts around it,
+    which nest; no module's attributes change; outside them the functions run plain."""
+    import functools
+    import sys
+
+    from staprune.core.selection_hook import SELECTED, wrapping_selection
+
+    assert sorted(fn.__name__ for fn in SELECTED) == ["random_keep_indices", "sta_keep_indices", "tome_merge"]
+    calls: list[tuple[str, str]] = []
+
+    def recording(tag):
+        def wrap(fn):
+            @functools.wraps(fn)
+            def call(*args, **kwargs):
+                calls.append((tag, fn.__name__))
+                return fn(*args, **kwargs)
+
+            return call
+
+        return wrap
+
+    def attributes():
+        return {(name, key): value for name, module in list(sys.modules.items()) if name.startswith("staprune")
+                and module for key, value in vars(module).items()}
+
+    model = tiny_model("videomae", **TINY_VIT)
+    x = example_input(spec_of_model(model), 1)
+    methods = {"sta": "sta_keep_indices", "random": "random_keep_indices", "tome": "tome_merge"}
+    before = attributes()
+    with torch.no_grad(), wrapping_selection(recording("outer")), wrapping_selection(recording("inner")):
+        now = attributes()
+        assert all(now.get(key) is value for key, value in before.items()), "a module attribute was replaced"
+        for method in methods:
+            staprune.patch(model, r=4, method=method)
+            model(x)
+            staprune.unpatch(model)
+    assert {name for _, name in calls} == set(methods.values())
+    assert calls[0::2] == [("inner", name) for _, name in calls[1::2]]  # each call seen by both, the inner first
+    seen = len(calls)
+    staprune.patch(model, r=4)
+    with torch.no_grad():
+        model(x)
+    staprune.unpatch(model)
+    assert len(calls) == seen, "a wrapper outlived its context"
+    # the measurements built on it still attribute the selection
+    staprune.patch(model, r=4)
+    assert measure_flops(model, x).selection > 0
+    staprune.unpatch(model)
 
 
 @pytest.mark.parametrize("r", [0, 32, 64])
@@ -193,7 +238,7 @@ def test_registry_names_and_errors(tmp_path):
 
 
 def test_load_model_from_local_directory(tmp_path):
-    _tiny_vit().save_pretrained(tmp_path)
+    tiny_model("videomae", **TINY_VIT).save_pretrained(tmp_path)
     model = load(str(tmp_path)).model
     assert spec_of_model(model).hidden == 64 and not model.training
 
@@ -223,10 +268,10 @@ def test_cli_json_single_model_and_target(capsys, tmp_path):
 
 
 def test_cli_measured_on_local_model(capsys, tmp_path):
-    _tiny_vit().save_pretrained(tmp_path)
+    tiny_model("videomae", **TINY_VIT).save_pretrained(tmp_path)
     assert _run_cli("--model", str(tmp_path), "--r", "0", "4", "--measured", "--json") == 0
     rows = json.loads(capsys.readouterr().out)
-    model = _tiny_vit()
+    model = tiny_model("videomae", **TINY_VIT)
     assert rows[0]["model"] == str(tmp_path) and rows[1]["counted"] == "measured"
     for row in rows:
         assert row["gflops"] == pytest.approx(analytic_flops(model, row["r"]).gflops, abs=1e-3)

@@ -1,5 +1,5 @@
 """Deploying a pruned model: dynamic int8 that keeps the pruning, ONNX export verified with ONNX
-Runtime, and ONNX Runtime's own int8 (``staprune export``; ``--quantize int8`` in ``bench`` and ``eval``).
+Runtime, and ONNX Runtime's own int8 (``staprune export --onnx-int8``; ``--int8`` in ``bench`` and ``eval``).
 
 A patched model exports with the stock calls (``torch.export``, ``torch.onnx.export(dynamo=True)``):
 the kept set is computed inside the graph, so the exported model prunes every clip as PyTorch does.
@@ -8,7 +8,6 @@ The batch axis stays dynamic; the clip shape is the example's (positions and the
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import warnings
 from pathlib import Path
@@ -47,12 +46,10 @@ def quantize_loaded(loaded: LoadedModel, quantization: str | None) -> LoadedMode
     if quantization is None:
         return loaded
     if quantization not in QUANTIZATIONS:
-        raise UsageError(f"--quantize {quantization}: choose {', '.join(QUANTIZATIONS)}")
+        raise UsageError(f"quantization {quantization!r}: choose {', '.join(QUANTIZATIONS)}")
     if next(loaded.model.parameters()).device.type != "cpu":
-        raise UsageError("--quantize int8 is PyTorch's dynamic int8, which runs on CPU: use --device cpu")
-    float_digest = loaded.digest()
-    quantize_int8(loaded.model)
-    loaded._digest = hashlib.sha1(f"{float_digest}+{quantization}".encode()).hexdigest()
+        raise UsageError("--int8 is PyTorch's dynamic int8, which runs on CPU: use --device cpu")
+    loaded.transform(quantization, quantize_int8)
     loaded.source += f" ({quantization}, dynamic)"
     return loaded
 

@@ -20,10 +20,11 @@ from ..api.models import example_input, spec_of_model
 from ..api.patching import unpatch
 from ..api.settings import Setting, check_plans
 from ..core.errors import UsageError
-from ..families import family_of_spec, find_model, levels_of
+from ..families import VIDEO_LLM, family_of_spec, find_model, levels_of
 from ..runs.arguments import (
     add_device_arguments,
     add_keep_argument,
+    add_method_argument,
     add_model_arguments,
     add_pruning_arguments,
     add_quantize_argument,
@@ -55,8 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, default="ViT-S")
     parser.add_argument("--r", type=int, nargs="+", help="pruned configurations to time against dense (default: "
                         "the model's three levels)")
-    parser.add_argument("--method", default="sta", choices=("sta", "random", "tome", "uniform", "static"),
-                        help="pruning method (uniform, static: video-LLM baselines)")
+    add_method_argument(parser)
     add_keep_argument(parser)
     add_quantize_argument(parser)
     parser.add_argument("--batch-size", type=int, default=1, help="clips per forward")
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     _check_registry_settings(args)
     loaded = quantize_loaded(load(args.model, args.weights, frames=args.frames, image_size=args.size, dtype=dtype),
                              args.quantize)
-    if loaded.family.video_llm:
+    if loaded.family.kind == VIDEO_LLM:
         return _run_video_llm(args, loaded, device, dtype)
     refuse_keep(args, loaded.family.title)
     model = loaded.model.to(device=device, dtype=dtype)
@@ -145,7 +145,7 @@ def _check_registry_settings(args: argparse.Namespace) -> None:
     spec = entry.spec_for(args.frames, args.size)
     family = family_of_spec(spec)
     options = pruning_options(args)
-    if family.video_llm:
+    if family.kind == VIDEO_LLM:
         for config in video_llm_settings(args.keep, args.r, args.method, options, family.default_keep)[1:]:
             family.kept_video_tokens(spec, config)
         return

@@ -25,10 +25,11 @@ from typing import Any
 
 from ..api.deploy import quantize_loaded
 from ..api.evaluation import check_compatible, resolve_protocol
-from ..api.loading import load
+from ..api.loading import load, require_model_kind
 from ..api.settings import Setting, check_settings_fit
 from ..core.errors import UsageError
 from ..data.lists import load_items
+from ..families import VIDEO_CLASSIFIER, require_kind
 from ..runs import distributed as dist_utils
 from ..runs.arguments import (
     add_device_arguments,
@@ -46,6 +47,7 @@ from ..storage.outputs import writable_dir, write_error
 from ..storage.runfolder import atomic_write, atomic_write_json, claim_folder
 
 METHODS = ("sta", "random", "tome", "none")
+INSTEAD = "measure a video LLM with staprune bench, flops or visualize --keep"
 
 
 # --- CLI ----------------------------------------------------------------------------------------
@@ -225,6 +227,7 @@ def setup(args: argparse.Namespace, info: dist_utils.DistInfo) -> ListEvaluation
         claim_folder(writable_dir(args.out), "eval")  # before any model is loaded or video decoded
     loaded = quantize_loaded(load(args.model, args.weights, frames=args.frames, image_size=args.image_size,
                                   dtype=DTYPES[args.dtype]), args.quantize)
+    require_kind(loaded.family, VIDEO_CLASSIFIER, "staprune eval", INSTEAD)  # a hub id or file: known once loaded
     proto = resolve_protocol(loaded.protocol(args.dataset), args.views, args.frames, args.stride)
     items, _ = load_items(args.data, args.root)
     check_compatible(loaded, proto, items)
@@ -259,6 +262,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model is None or args.data is None:
         raise UsageError("give both --model and --data (or neither, to run the bundled demo)")
     check_pruning_options(args)
+    require_model_kind(args.model, VIDEO_CLASSIFIER, "staprune eval", INSTEAD)
     options = pruning_options(args)
     settings_from_args(args.method, args.r, levels=(1,), options=options)  # option errors before anything is loaded
     info = dist_utils.init(resolve_device(args.device).type)

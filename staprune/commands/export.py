@@ -1,10 +1,10 @@
-"""``staprune export --model M [--r R] [options] -o model.onnx [--quantize int8]``: a pruned video
+"""``staprune export --model M [--r R] [options] -o model.onnx [--onnx-int8]``: a pruned video
 model as ONNX, verified with ONNX Runtime on fresh clips.
 
 The patched model is exported with the stock ``torch.onnx.export(dynamo=True)`` at the model's clip
 shape with a dynamic batch axis; the kept set is computed inside the graph. ONNX Runtime then runs
 clips that are not the export example and the largest difference from PyTorch is printed (exit 1
-above ``--tolerance``). ``--quantize int8`` also writes ONNX Runtime's dynamic int8 of the model
+above ``--tolerance``). ``--onnx-int8`` also writes ONNX Runtime's dynamic int8 of the model
 beside it (``model.int8.onnx``) and prints its difference and top-1 agreement with PyTorch fp32.
 """
 
@@ -19,13 +19,14 @@ from pathlib import Path
 import torch
 
 from ..api.deploy import export_onnx, max_difference, onnx_session, quantize_onnx_int8, run_onnx
-from ..api.loading import load
+from ..api.loading import load, require_model_kind
 from ..api.patching import patch
 from ..core.errors import UsageError
-from ..families import Family, family_of_entry, find_model
+from ..families import VIDEO_CLASSIFIER, require_kind
 from ..runs.arguments import (
     add_model_arguments,
     add_pruning_arguments,
+    add_retired_flag,
     check_pruning_options,
     default_r,
     pruning_options,
@@ -40,8 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "model's saved pruning, else the middle of its three levels; 0 exports the dense model")
     parser.add_argument("--method", choices=("sta", "random", "tome"), default="sta", help="pruning method")
     parser.add_argument("-o", "--output", required=True, help="the .onnx file to write")
-    parser.add_argument("--quantize", choices=("int8",), help="also write ONNX Runtime's dynamic int8 model "
+    parser.add_argument("--onnx-int8", action="store_true", help="also write ONNX Runtime's dynamic int8 model "
                         "(OUTPUT with .int8.onnx)")
+    add_retired_flag(parser, "--quantize", "--quantize is now --onnx-int8 (ONNX Runtime's dynamic int8, written "
+                     "beside OUTPUT)")
+    add_retired_flag(parser, "--int8", "--int8 is PyTorch's dynamic int8 of bench and eval; export writes ONNX "
+                     "Runtime's int8 with --onnx-int8")
     parser.add_argument("--frames", type=int, help="clip length (default: the model's)")
     parser.add_argument("--size", type=int, help="input side (default: the model's)")
     parser.add_argument("--tolerance", type=float, default=1e-4,
@@ -50,18 +55,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_pruning_arguments(parser)
 
 
+INSTEAD = "a video LLM deploys through its serving stack (transformers, vLLM, SGLang) with the patched model"
+
 def int8_path(output: Path) -> Path:
-    """Where ``--quantize int8`` writes: ``model.onnx`` -> ``model.int8.onnx``."""
+    """Where ``--onnx-int8`` writes: ``model.onnx`` -> ``model.int8.onnx``."""
     return output.with_name(f"{output.stem}.int8.onnx")
 
 
 def run(args: argparse.Namespace) -> int:
     output = writable_file(args.output, "-o", (".onnx",), replace=args.force)  # before any work
-    quantized = writable_file(int8_path(output), "the int8 model", (".onnx",), replace=args.force) if args.quantize else None
+    quantized = writable_file(int8_path(output), "the int8 model", (".onnx",), replace=args.force) if args.onnx_int8 else None
     check_pruning_options(args)
-    entry = find_model(args.model)
-    if entry is not None and family_of_entry(entry).video_llm:  # said before the model is built
-        _refuse_video_llm(family_of_entry(entry))
+    require_model_kind(args.model, VIDEO_CLASSIFIER, "staprune export", INSTEAD)  # before the model is built
     try:
         import onnxruntime  # noqa: F401  (checked before the export, which takes a while)
         import onnxscript  # noqa: F401
@@ -75,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory(dir=output.parent, prefix=".staprune-export-") as staging:
             status = _export(args, output.name, Path(staging))
             # Published only whole: the model (with its external data, if the exporter wrote any) and the
-            # int8 model move into place by rename; --force without --quantize drops an older int8 model,
+            # int8 model move into place by rename; --force without --onnx-int8 drops an older int8 model,
             # which no longer matches the model beside it.
             for path in sorted(Path(staging).iterdir()):
                 os.replace(path, output.parent / path.name)
@@ -87,18 +92,12 @@ def run(args: argparse.Namespace) -> int:
     return status
 
 
-def _refuse_video_llm(family: Family) -> None:
-    raise UsageError(f"{family.title} deploys through its serving stack (vLLM, SGLang, transformers); staprune "
-                     "export takes the video classifiers and encoders")
-
-
 def _export(args: argparse.Namespace, name: str, staging: Path) -> int:
-    """Export, verify and (``--quantize``) quantize into the empty folder ``staging``; returns the exit
+    """Export, verify and (``--onnx-int8``) quantize into the empty folder ``staging``; returns the exit
     status (1: ONNX Runtime differs beyond ``--tolerance``)."""
     loaded = load(args.model, args.weights, frames=args.frames, image_size=args.size)
     family = loaded.family
-    if family.video_llm:
-        _refuse_video_llm(family)
+    require_kind(family, VIDEO_CLASSIFIER, "staprune export", INSTEAD)
     spec = family.spec_of(loaded.model, args.frames or loaded.frames, args.size or loaded.image_size)
     r = default_r(args, loaded.default_r(spec.frames, spec.size))
     patch(loaded.model, r=r, method=args.method if r else "none", **(pruning_options(args) if r else {}))
@@ -119,7 +118,7 @@ def _export(args: argparse.Namespace, name: str, staging: Path) -> int:
         print(f"staprune export: error: ONNX Runtime differs from PyTorch by {difference:.2e} > --tolerance "
               f"{args.tolerance:g}", file=sys.stderr)
         status = 1
-    if args.quantize:
+    if args.onnx_int8:
         quantized = quantize_onnx_int8(path, int8_path(path))
         session = onnx_session(quantized)
         with torch.no_grad():

@@ -12,8 +12,10 @@ import torch
 from torch import Tensor
 
 from .score import PerSampleRandom, gather_tokens, normalize_metric, random_first_unit, stable_argsort
+from .selection_hook import selection_function
 
 
+@selection_function
 def random_keep_indices(rng: PerSampleRandom, bsz: int, units: int, n: int, r: int) -> Tensor:
     """Drop ``r`` uniformly random tokens in each of ``units`` units of ``n`` tokens.
 
@@ -71,6 +73,7 @@ def unit_change(unit_pixels: Tensor) -> Tensor:
     return torch.cat([step[:1], step])
 
 
+@selection_function
 def tome_merge(
     x: Tensor, metric: Tensor, size: Tensor, source: Tensor, r: int
 ) -> tuple[Tensor, Tensor, Tensor]:

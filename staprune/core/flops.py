@@ -20,17 +20,15 @@ published numbers do not include it), :attr:`FlopCount.total` is their sum.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from . import baselines, score
 from .config import PruningPlan, STAConfig, Stage
+from .selection_hook import wrapping_selection
 
 
 @dataclass(frozen=True)
@@ -213,33 +211,6 @@ class MeasuredFlops:
     def gflops(self) -> float:
         """Backbone GFLOPs, comparable to :attr:`FlopCount.gflops`."""
         return self.backbone / 1e9
-
-
-# Names of selection functions whose cost is the pruning method's, not the backbone's.
-SELECTION_FUNCTIONS = ("sta_keep_indices", "tome_merge", "random_keep_indices")
-
-
-@contextlib.contextmanager
-def wrapping_selection(wrap: Callable[[Callable], Callable]) -> Iterator[None]:
-    """Replace every staprune module's reference to a selection function by ``wrap(function)``
-    for the duration of the block (used to attribute FLOPs and time to the selection).
-
-    Adapters import the functions by name (``from ..score import sta_keep_indices``), so each module
-    attribute that *is* the original function is replaced, and restored on exit.
-    """
-    originals = [getattr(score, name, None) or getattr(baselines, name) for name in SELECTION_FUNCTIONS]
-    replaced: list[tuple[object, str, Callable]] = []
-    for module in [m for name, m in list(sys.modules.items()) if name.startswith("staprune") and m]:
-        for fn in originals:
-            name = fn.__name__
-            if getattr(module, name, None) is fn:
-                replaced.append((module, name, fn))
-                setattr(module, name, wrap(fn))
-    try:
-        yield
-    finally:
-        for module, name, fn in replaced:
-            setattr(module, name, fn)
 
 
 def _attributing(counter: torch.utils.flop_counter.FlopCounterMode, spent: list[float]):

@@ -32,7 +32,7 @@ from ..api.loading import load
 from ..api.models import example_input, spec_of_model
 from ..api.patching import unpatch
 from ..api.settings import Setting
-from ..core.flops import wrapping_selection
+from ..core.selection_hook import wrapping_selection
 from .devices import DTYPES
 
 STOCK = None  # the unpatched model, as a configuration to time
