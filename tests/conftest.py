@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random-weight VideoMAE and Swin models built from configs (no downloads)."""
+"""Shared fixtures: every video-classifier family's tiny random-weight model (its family's
+:meth:`~staprune.families.Family.tiny_model`, no downloads), clips, the CLI in-process."""
 
 from __future__ import annotations
 
@@ -11,53 +12,46 @@ import pytest
 import torch
 
 
-def tiny_videomae(
-    image_size: int = 112,
-    num_frames: int = 16,
-    layers: int = 6,
-    hidden: int = 48,
-    heads: int = 4,
-    attn: str = "sdpa",
-    seed: int = 0,
-    head: bool = True,
-    **overrides,
-):
-    """A VideoMAE with the paper's geometry (patch 16, tubelet 2) but tiny width and depth."""
-    from transformers import VideoMAEConfig, VideoMAEForVideoClassification, VideoMAEModel
+def classifier_families() -> list:
+    """The registered video-classifier families, the ones every per-family test of the classifiers
+    runs on (each builds its tiny test model: :meth:`~staprune.families.Family.tiny_model`). The one
+    place this filter lives."""
+    from staprune.families import VIDEO_CLASSIFIER, families
 
-    torch.manual_seed(seed)
-    cfg = VideoMAEConfig(
-        image_size=image_size,
-        num_frames=num_frames,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=hidden * 4,
-        num_labels=7,
-        attn_implementation=attn,
-        **overrides,
-    )
-    model = (VideoMAEForVideoClassification if head else VideoMAEModel)(cfg)
-    # Random init gives near-identical tokens; scale the patch embedding so tokens differ clearly.
-    with torch.no_grad():
-        model.base_model.embeddings.patch_embeddings.projection.weight.mul_(4.0)
-    return model.eval()
+    return [f for f in families() if f.kind == VIDEO_CLASSIFIER]
 
 
-def tiny_swin(seed: int = 0, num_classes: int = 10, **overrides):
-    """A torchvision SwinTransformer3d with the paper's patch (2,4,4) but tiny width and depth."""
-    from torchvision.models.video.swin_transformer import SwinTransformer3d
+def classifier_family_names() -> list[str]:
+    """Names of :func:`classifier_families`, in registry order (parametrize ids)."""
+    return [f.name for f in classifier_families()]
 
-    torch.manual_seed(seed)
-    kwargs = dict(
-        patch_size=[2, 4, 4],
-        embed_dim=24,
-        depths=[1, 1, 2, 1],
-        num_heads=[1, 2, 3, 6],
-        window_size=[2, 7, 7],
-        num_classes=num_classes,
-    )
-    return SwinTransformer3d(**{**kwargs, **overrides}).eval()
+
+def tiny_model(family: str, seed: int = 0, **overrides):
+    """Family ``family``'s tiny test model (random weights from ``seed``, eval mode); its config and
+    what ``overrides`` it takes are the family's (``tiny_videomae(...)`` and the like: the same)."""
+    from staprune.families import family_named
+
+    return family_named(family).tiny_model(seed, **overrides)
+
+
+def tiny_videomae(seed: int = 0, **overrides):
+    return tiny_model("videomae", seed, **overrides)
+
+
+def tiny_swin(seed: int = 0, **overrides):
+    return tiny_model("swin3d", seed, **overrides)
+
+
+def tiny_vivit(seed: int = 0, **overrides):
+    return tiny_model("vivit", seed, **overrides)
+
+
+def tiny_vjepa2(seed: int = 0, **overrides):
+    return tiny_model("vjepa2", seed, **overrides)
+
+
+def tiny_timesformer(seed: int = 0, **overrides):
+    return tiny_model("timesformer", seed, **overrides)
 
 
 def clips(batch: int = 2, frames: int = 16, size: int = 112, seed: int = 1) -> torch.Tensor:
@@ -74,55 +68,6 @@ def model_factory():
 @pytest.fixture
 def clip_factory():
     return clips
-
-
-def _distinct_tokens(projection: torch.nn.Module) -> None:
-    """Random init gives near-identical tokens; scale the patch embedding so tokens differ clearly."""
-    with torch.no_grad():
-        projection.weight.mul_(4.0)
-
-
-def tiny_vivit(layers: int = 6, hidden: int = 48, heads: int = 4, attn: str = "sdpa", seed: int = 0,
-               frames: int = 16, size: int = 112, **overrides):
-    """A ViViT with the released tubelet (2x16x16) but tiny width and depth: 8 x 7x7 tokens + CLS."""
-    from transformers import VivitConfig, VivitForVideoClassification
-
-    torch.manual_seed(seed)
-    cfg = VivitConfig(image_size=size, num_frames=frames, tubelet_size=[2, 16, 16], hidden_size=hidden,
-                      num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=4 * hidden,
-                      num_labels=7, attn_implementation=attn, **overrides)
-    model = VivitForVideoClassification(cfg)
-    _distinct_tokens(model.vivit.embeddings.patch_embeddings.projection)
-    return model.eval()
-
-
-def tiny_vjepa2(layers: int = 6, hidden: int = 48, heads: int = 4, attn: str = "sdpa", seed: int = 0,
-                frames: int = 16, size: int = 112, **overrides):
-    """A V-JEPA 2 classifier (tubelet 2, patch 16, rotary positions, attentive pooler) at tiny size."""
-    from transformers import VJEPA2Config, VJEPA2ForVideoClassification
-
-    torch.manual_seed(seed)
-    cfg = VJEPA2Config(patch_size=16, crop_size=size, frames_per_clip=frames, tubelet_size=2, hidden_size=hidden,
-                       num_attention_heads=heads, num_hidden_layers=layers, num_pooler_layers=1, num_labels=7,
-                       pred_num_hidden_layers=1, pred_hidden_size=32, pred_num_attention_heads=2,
-                       attn_implementation=attn, **overrides)
-    model = VJEPA2ForVideoClassification(cfg)
-    _distinct_tokens(model.vjepa2.encoder.embeddings.patch_embeddings.proj)
-    return model.eval()
-
-
-def tiny_timesformer(layers: int = 6, hidden: int = 48, heads: int = 4, seed: int = 0, frames: int = 8,
-                     size: int = 112, **overrides):
-    """A TimeSformer (divided space-time attention, patch 16) at tiny size: 8 frames x 7x7 tokens + CLS."""
-    from transformers import TimesformerConfig, TimesformerForVideoClassification
-
-    torch.manual_seed(seed)
-    cfg = TimesformerConfig(image_size=size, patch_size=16, num_frames=frames, hidden_size=hidden,
-                            num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=4 * hidden,
-                            num_labels=7, **overrides)
-    model = TimesformerForVideoClassification(cfg)
-    _distinct_tokens(model.timesformer.embeddings.patch_embeddings.projection)
-    return model.eval()
 
 
 def run_cli(*argv: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model
 from PIL import Image
 
 import staprune
@@ -35,25 +36,8 @@ from staprune.commands import visualize as visualize_cli
 from staprune.data import Preprocessing, write_video
 
 SIZE, FRAMES = 64, 8  # tiny ViT: 4 tubelet-frames of 4x4 tokens
-
-
-def _tiny_vit(seed: int = 0):
-    from transformers import VideoMAEConfig, VideoMAEForVideoClassification
-
-    torch.manual_seed(seed)
-    cfg = VideoMAEConfig(
-        image_size=SIZE,
-        num_frames=FRAMES,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=5,
-    )
-    model = VideoMAEForVideoClassification(cfg)
-    with torch.no_grad():  # random init gives near-identical tokens; make them differ
-        model.videomae.embeddings.patch_embeddings.projection.weight.mul_(4.0)
-    return model.eval()
+# VideoMAE's tiny model at that clip, 3 blocks of width 32.
+TINY_VIT = dict(frames=FRAMES, size=SIZE, layers=3, hidden=32, heads=2, intermediate_size=64, num_classes=5)
 
 
 def _moving_square_video(path, frames: int = 24, height: int = 64, width: int = 80, seed: int = 0):
@@ -70,7 +54,7 @@ def _moving_square_video(path, frames: int = 24, height: int = 64, width: int = 
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("analysis")
     model_dir = root / "tiny-vit"
-    _tiny_vit().save_pretrained(model_dir)
+    tiny_model("videomae", **TINY_VIT).save_pretrained(model_dir)
     videos = [_moving_square_video(root / f"clip{i}.mp4", seed=i) for i in range(2)]
     (root / "list.txt").write_text("".join(f"{v} {i}\n" for i, v in enumerate(videos)))
     return {"root": root, "model": str(model_dir), "videos": videos, "list": root / "list.txt"}
@@ -259,7 +243,7 @@ def test_demo_models_read_the_consecutive_frames_they_were_trained_on(assets, tm
 
 # --- GradNorm ---------------------------------------------------------------------------------------
 def test_gradnorm_matches_autograd_on_hidden_states():
-    model = _tiny_vit(seed=3)
+    model = tiny_model("videomae", 3, **TINY_VIT)
     backbone = describe(model)
     x = torch.randn(2, FRAMES, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     heat = gradnorm(model, backbone, x)

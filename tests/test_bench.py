@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
+from conftest import tiny_model
 
 import staprune
 from staprune.api.flops import analytic_flops
@@ -13,14 +13,8 @@ from staprune.api.models import example_input, spec_of_model
 from staprune.api.settings import Setting
 from staprune.runs.timing import BenchRow, summarize, time_variants
 
-
-def _tiny_vit():
-    from transformers import VideoMAEConfig, VideoMAEForVideoClassification
-
-    torch.manual_seed(0)
-    cfg = VideoMAEConfig(image_size=64, patch_size=16, num_frames=8, tubelet_size=2, hidden_size=64,
-                         num_hidden_layers=6, num_attention_heads=4, intermediate_size=256, num_labels=10)
-    return VideoMAEForVideoClassification(cfg).eval()
+# VideoMAE's tiny model at 8 x 64² (4 tubelet-frames x 4x4 tokens), 6 blocks of width 64.
+TINY_VIT = dict(frames=8, size=64, hidden=64, num_classes=10)
 
 
 def _run_cli(*argv: str) -> int:
@@ -30,7 +24,7 @@ def _run_cli(*argv: str) -> int:
 
 
 def test_variants_alternate_round_robin():
-    model = _tiny_vit()
+    model = tiny_model("videomae", **TINY_VIT)
     seen: list[str] = []
     model.register_forward_pre_hook(lambda m, a: seen.append(Setting(**_cfg(m)).label))
     variants = [Setting(), Setting(2), Setting(4)]
@@ -47,7 +41,7 @@ def _cfg(model):
 
 
 def test_summarize_medians_and_ratios():
-    model = _tiny_vit()
+    model = tiny_model("videomae", **TINY_VIT)
     times = {
         Setting(): {"latency": [1.0, 3.0, 2.0], "selection": [0, 0, 0]},
         Setting(4): {"latency": [0.5, 1.5, 1.0, 9.0], "selection": [0.01, 0.01, 0.02, 0.01]},
@@ -80,7 +74,7 @@ def test_cli_json_has_every_field(capsys):
 
 @pytest.mark.slow
 def test_cli_table_and_cpu_memory(capsys, tmp_path):
-    _tiny_vit().save_pretrained(tmp_path)
+    tiny_model("videomae", **TINY_VIT).save_pretrained(tmp_path)
     assert _run_cli("--model", str(tmp_path), "--r", "4", "--warmup", "0", "--repeats", "1", "--cpu-memory") == 0
     out = capsys.readouterr().out
     for label in ("config", "speedup", "FLOPs ratio", "clips/s", "peak MiB", "dense", "sta r=4"):

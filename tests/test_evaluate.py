@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from staprune.api.evaluation import clip_frame_indices, resolve_protocol, video_views
 from staprune.cli import main
@@ -27,19 +28,6 @@ from staprune.storage.runfolder import repair_tail
 NUM_VIDEOS, NUM_FRAMES, HEIGHT, WIDTH, CLASSES = 10, 40, 64, 80, 5
 COMMON = ["--views", "2x2", "--frames", "8", "--stride", "2", "--batch-size", "3", "--quiet"]
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _tiny_model(path: Path) -> None:
-    from transformers import VideoMAEConfig, VideoMAEForVideoClassification
-
-    torch.manual_seed(0)
-    cfg = VideoMAEConfig(image_size=64, num_frames=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, num_labels=CLASSES)
-    model = VideoMAEForVideoClassification(cfg)
-    with torch.no_grad():  # random init gives near-uniform outputs; spread them so predictions differ
-        model.videomae.embeddings.patch_embeddings.projection.weight.mul_(4.0)
-        model.classifier.weight.mul_(20.0)
-    model.save_pretrained(path)
 
 
 def _videos(root: Path) -> list[str]:
@@ -56,7 +44,12 @@ def _videos(root: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("eval_assets")
-    _tiny_model(root / "model")
+    # VideoMAE's tiny model at 8 x 64², 2 blocks of width 32.
+    model = tiny_model("videomae", frames=8, size=64, layers=2, hidden=32, heads=2, intermediate_size=64,
+                       num_classes=CLASSES)
+    with torch.no_grad():  # random init gives near-uniform outputs; spread them so predictions differ
+        model.classifier.weight.mul_(20.0)
+    model.save_pretrained(root / "model")
     ASSET_MODEL[:] = [root / "model"]
     lines = _videos(root)
     (root / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a real video")

@@ -9,18 +9,18 @@ nothing with the adapters but the kept indices they are checking."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 import torch
-from conftest import tiny_swin, tiny_timesformer, tiny_videomae, tiny_vivit, tiny_vjepa2
+from conftest import classifier_families, classifier_family_names, tiny_model
 
 import staprune
 from staprune.adapters.filled_grid import nearest_kept_fill
 from staprune.api.flops import analytic_flops
 from staprune.core.config import STAConfig, resolve_plan
 from staprune.core.flops import measure_flops
-from staprune.families import family_of
+from staprune.families import family_named, family_of
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -131,9 +131,9 @@ def _reference_timesformer(model, x, steps):
 # --- the families ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Case:
-    """One family's tiny model and what the checks need to know about it."""
+    """What the checks need to know about one family's tiny model (the family builds it)."""
 
-    build: Callable[..., torch.nn.Module]
+    family: str
     frames: int
     r: int
     attns: tuple[str, ...]
@@ -142,35 +142,53 @@ class Case:
     layout: str = "BTCHW"
     schedule_units: tuple[int, ...] = (8, 4, 2)  # temporal units of the three default stages
     tokens_per_frame: int = 49
+    overrides: dict = field(default_factory=dict)  # what these checks change in the family's tiny model
 
     def model(self, attn: str | None = None, **kw):
-        return self.build(attn=attn, **kw) if attn else self.build(**kw)
+        kw = {**self.overrides, **kw}
+        return tiny_model(self.family, attn=attn, **kw) if attn else tiny_model(self.family, **kw)
 
     def input(self, batch: int, seed: int = 1) -> torch.Tensor:
         x = _clips(batch, self.frames, seed=seed)
         return x.transpose(1, 2).contiguous() if self.layout == "BCTHW" else x
 
 
-def _swin(attn=None, **kw):
-    return tiny_swin(window_size=[2, 4, 4], **kw)
-
-
 CASES = {
-    "videomae": Case(tiny_videomae, 16, 16, ("eager", "sdpa"), lambda m: list(m.videomae.encoder.layer),
+    "videomae": Case("videomae", 16, 16, ("eager", "sdpa"), lambda m: list(m.videomae.encoder.layer),
                      _reference_videomae),
-    "vivit": Case(tiny_vivit, 16, 16, ("eager", "sdpa"), lambda m: list(m.vivit.layers), _reference_vivit),
-    "vjepa2": Case(tiny_vjepa2, 16, 16, ("eager", "sdpa"), lambda m: list(m.vjepa2.encoder.layer),
+    "vivit": Case("vivit", 16, 16, ("eager", "sdpa"), lambda m: list(m.vivit.layers), _reference_vivit),
+    "vjepa2": Case("vjepa2", 16, 16, ("eager", "sdpa"), lambda m: list(m.vjepa2.encoder.layer),
                    _reference_vjepa2),
-    "timesformer": Case(tiny_timesformer, 8, 16, ("eager",), lambda m: list(m.timesformer.encoder.layer),
+    "timesformer": Case("timesformer", 8, 16, ("eager",), lambda m: list(m.timesformer.encoder.layer),
                         _reference_timesformer),
     # Video Swin's filled-grid equivalence is checked attention by attention in test_swin3d.py.
-    "swin3d": Case(_swin, 16, 8, ("eager",), lambda m: [b for s in m.features[::2] for b in s], None,
-                   layout="BCTHW", schedule_units=(8, 8, 8), tokens_per_frame=0),
+    "swin3d": Case("swin3d", 16, 8, ("eager",), lambda m: [b for s in m.features[::2] for b in s], None,
+                   layout="BCTHW", schedule_units=(8, 8, 8), tokens_per_frame=0,
+                   overrides={"window_size": [2, 4, 4]}),
 }
-FAMILIES = list(CASES)
+FAMILIES = classifier_family_names()  # every registered video classifier; each needs its Case above
 
 
-@pytest.mark.parametrize(("family", "attn"), [(f, a) for f, c in CASES.items() for a in c.attns])
+def test_every_video_classifier_family_is_checked():
+    """The checks below run on the registry's video classifiers: none is left out silently."""
+    assert {"videomae", "swin3d", "vivit", "vjepa2", "timesformer"} <= set(FAMILIES)
+    assert set(CASES) == set(FAMILIES)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_model_is_its_familys_and_reproducible(family):
+    """Each family's tiny test model builds, is recognised by its own family, in eval mode, and a
+    seed fixes its weights (another seed draws others)."""
+    owner = family_named(family)
+    model = owner.tiny_model(seed=0)
+    assert family_of(model) is owner and not model.training
+    again, other = owner.tiny_model(seed=0).state_dict(), owner.tiny_model(seed=1).state_dict()
+    state = model.state_dict()
+    assert state.keys() == again.keys() and all(torch.equal(v, again[k]) for k, v in state.items())
+    assert not all(torch.equal(v, other[k]) for k, v in state.items())
+
+
+@pytest.mark.parametrize(("family", "attn"), [(f, a) for f in FAMILIES for a in CASES[f].attns])
 def test_r0_reproduces_the_stock_model(family, attn):
     case = CASES[family]
     model = case.model(attn if family != "swin3d" and family != "timesformer" else None)
@@ -288,12 +306,12 @@ def test_compiled_patched_forward_matches_eager(family):
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
 
 
-# Per family: a model whose configured clip cannot be split into the stages' units (None: the
-# family fixes no clip length), and an input the patched model must refuse before its first block.
+# Per family: the frames of a model whose configured clip cannot be split into the stages' units (None:
+# the family fixes no clip length), and an input the patched model must refuse before its first block.
 BAD_GEOMETRY = {
-    "videomae": (lambda: tiny_videomae(num_frames=20), lambda: _clips(1, 20)),  # 10 tubelet-frames: not 4 | 10
-    "vivit": (lambda: tiny_vivit(frames=20), lambda: _clips(1, 20)),
-    "timesformer": (lambda: tiny_timesformer(frames=10), lambda: _clips(1, 10)),
+    "videomae": (20, lambda: _clips(1, 20)),  # 10 tubelet-frames: not 4 | 10
+    "vivit": (20, lambda: _clips(1, 20)),
+    "timesformer": (10, lambda: _clips(1, 10)),
     "vjepa2": (None, lambda: _clips(1, 20)),  # rotary positions take any clip length: checked per input
     "swin3d": (None, lambda: torch.randn(1, 3, 16, 32, 32)),  # a 1x1 stage-2 grid cannot drop 8 per frame
 }
@@ -304,10 +322,10 @@ def test_bad_geometry_is_a_value_error_before_any_forward(family):
     case = CASES[family]
     with pytest.raises(ValueError, match="too large"):
         staprune.patch(case.model(), r=10_000)
-    bad_model, bad_input = BAD_GEOMETRY[family]
-    if bad_model is not None:
+    bad_frames, bad_input = BAD_GEOMETRY[family]
+    if bad_frames is not None:
         with pytest.raises(ValueError, match="units|divisible"):
-            staprune.patch(bad_model(), r=4)
+            staprune.patch(case.model(frames=bad_frames), r=4)
     model = staprune.patch(case.model(), r=case.r)
     ran = []
     case.layers(model)[0].register_forward_hook(lambda *args: ran.append(1))
@@ -400,21 +418,22 @@ def test_unsupported_models_get_a_type_error_naming_the_families():
 
 
 def test_timesformer_other_attention_types_are_refused():
-    model = tiny_timesformer(attention_type="joint_space_time")
+    model = tiny_model("timesformer", attention_type="joint_space_time")
     with pytest.raises(ValueError, match="divided space-time"):
         staprune.patch(model, r=8)
 
 
 def test_tome_is_refused_outside_videomae():
-    for build in (tiny_vivit, tiny_vjepa2, tiny_timesformer):
-        with pytest.raises(ValueError, match="tome"):
-            staprune.patch(build(), r=8, method="tome")
+    for family in classifier_families():
+        if not family.supports_tome:
+            with pytest.raises(ValueError, match="tome"):
+                staprune.patch(family.tiny_model(), r=8, method="tome")
 
 
 def test_vjepa2_predictor_is_refused_when_pruning():
     from transformers import VJEPA2Model
 
-    model = tiny_vjepa2()
+    model = tiny_model("vjepa2")
     encoder = VJEPA2Model(model.config).eval()
     staprune.patch(encoder, r=8)
     x = _clips(1, 16)
@@ -428,7 +447,7 @@ def test_vjepa2_predictor_is_refused_when_pruning():
 def test_vjepa2_positions_follow_the_kept_tokens():
     """Without the original indices a pruned V-JEPA 2 would rotate kept tokens as if they sat at
     positions 0..K-1: check the hooks deliver them by breaking them."""
-    model = tiny_vjepa2()
+    model = tiny_model("vjepa2")
     with torch.no_grad():  # sharpen attention so that positions visibly matter in a random model
         for layer in model.vjepa2.encoder.layer:
             layer.attention.query.weight.mul_(8.0)

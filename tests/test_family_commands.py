@@ -14,14 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_timesformer, tiny_vivit, tiny_vjepa2
+from conftest import classifier_family_names
 
 from staprune.api.flops import analytic_flops
 from staprune.cli import main
 from staprune.data import write_video
+from staprune.families import family_named
 
 REPO = Path(__file__).resolve().parents[1]
-FAMILIES = {"vivit": (tiny_vivit, 16), "vjepa2": (tiny_vjepa2, 16), "timesformer": (tiny_timesformer, 8)}
+# Every registered video classifier but the paper's two (their commands have test files of their own).
+FAMILIES = [name for name in classifier_family_names() if name not in ("videomae", "swin3d")]
 NUM_VIDEOS, CLASSES = 6, 7
 R = 8  # tokens dropped per unit at the first stage of 8 x 7x7 tokens
 
@@ -49,11 +51,13 @@ def videos(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "list": root / "list.txt", "video": root / "v1.mp4"}
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
+@pytest.fixture(scope="module", params=FAMILIES)
 def saved(request, tmp_path_factory) -> tuple[str, Path, int]:
-    """A tiny model of the family saved as a Hugging Face folder (classifier spread so predictions differ)."""
-    build, frames = FAMILIES[request.param]
-    model = build()
+    """The family's tiny model saved as a Hugging Face folder (classifier spread so predictions differ),
+    and the clip length it is built for."""
+    family = family_named(request.param)
+    model = family.tiny_model()
+    frames = family.spec_of(model).frames
     with torch.no_grad():
         model.classifier.weight.mul_(20.0)
     folder = tmp_path_factory.mktemp(request.param)

@@ -6,9 +6,10 @@ import copy
 
 import pytest
 import torch
-from conftest import clips, tiny_swin, tiny_videomae
+from conftest import classifier_family_names, clips
 
 import staprune
+from staprune.families import family_named
 
 
 def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -17,15 +18,15 @@ def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return getattr(out, "logits", out)
 
 
-@pytest.mark.parametrize(
-    ("build", "x", "r"),
-    [
-        (tiny_videomae, clips(batch=2), 8),
-        (tiny_swin, clips(batch=2).transpose(1, 2), 64),
-    ],
-    ids=["videomae", "swin3d"],
-)
-def test_deepcopy_of_patched_model_uses_its_own_weights_and_state(build, x, r) -> None:
+# Per family: the clip length and r of the check (Swin reads any clip; its r1 counts stage-2 tokens).
+SETTINGS = {"videomae": (16, 8), "swin3d": (16, 64), "vivit": (16, 8), "vjepa2": (16, 8), "timesformer": (8, 8)}
+
+
+@pytest.mark.parametrize("family", classifier_family_names())
+def test_deepcopy_of_patched_model_uses_its_own_weights_and_state(family) -> None:
+    owner = family_named(family)
+    frames, r = SETTINGS[family]
+    build, x = owner.tiny_model, owner.to_input(clips(batch=2, frames=frames))
     base = build()
     halved = copy.deepcopy(base)
     with torch.no_grad():

@@ -16,20 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, snapshot, write_list_of_videos
+from conftest import run_cli, snapshot, tiny_model, write_list_of_videos
 
 from staprune.cli import main
 
 CLASSES, FRAMES, SIZE = 5, 8, 64
-
-
-def _tiny_vit(seed: int = 0):
-    from transformers import VideoMAEConfig, VideoMAEForVideoClassification
-
-    torch.manual_seed(seed)
-    cfg = VideoMAEConfig(image_size=SIZE, num_frames=FRAMES, hidden_size=32, num_hidden_layers=3,
-                         num_attention_heads=2, intermediate_size=64, num_labels=CLASSES)
-    return VideoMAEForVideoClassification(cfg).eval()
+# VideoMAE's tiny model at 8 x 64², 3 blocks of width 32.
+TINY_VIT = dict(frames=FRAMES, size=SIZE, layers=3, hidden=32, heads=2, intermediate_size=64, num_classes=CLASSES)
 
 
 _cli, _snapshot = run_cli, snapshot
@@ -38,7 +31,7 @@ _cli, _snapshot = run_cli, snapshot
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("trust")
-    _tiny_vit().save_pretrained(root / "model")
+    tiny_model("videomae", **TINY_VIT).save_pretrained(root / "model")
     write_list_of_videos(root, size=SIZE, classes=CLASSES)
     # A Hugging Face folder whose weights file is cut in half, and one whose config.json is not JSON.
     shutil.copytree(root / "model", root / "truncated")
@@ -103,9 +96,9 @@ def _eval(assets, out: Path, *extra: str) -> tuple[int, str, str]:
 def test_resume_refuses_other_weights_at_the_same_path(assets, tmp_path):
     """The same folder name with other weights is another model: its records are not reused."""
     model = tmp_path / "model"
-    _tiny_vit(seed=0).save_pretrained(model)
+    tiny_model("videomae", 0, **TINY_VIT).save_pretrained(model)
     assert _eval(assets, tmp_path / "out", str(model))[0] == 0
-    _tiny_vit(seed=1).save_pretrained(model)  # retrained in place
+    tiny_model("videomae", 1, **TINY_VIT).save_pretrained(model)  # retrained in place
     before = _snapshot(tmp_path / "out")
     rc, _, err = _eval(assets, tmp_path / "out", str(model), "--resume")
     assert rc == 2 and "settings changed" in err and "model_digest" in err and "Traceback" not in err

@@ -13,26 +13,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, snapshot, write_list_of_videos
+from conftest import run_cli, snapshot, tiny_model, write_list_of_videos
 
 import staprune
 from staprune.data import write_video
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES, FRAMES, SIZE = 5, 8, 64
+# VideoMAE's tiny model at 8 x 64² (4 tubelet-frames x 4x4 tokens), 3 blocks of width 32.
+TINY_VIT = dict(frames=FRAMES, size=SIZE, layers=3, hidden=32, heads=2, intermediate_size=64, num_classes=CLASSES)
 
 
 def _tiny_vit():
-    from transformers import VideoMAEConfig, VideoMAEForVideoClassification
-
-    torch.manual_seed(0)
-    cfg = VideoMAEConfig(image_size=SIZE, num_frames=FRAMES, hidden_size=32, num_hidden_layers=3,
-                         num_attention_heads=2, intermediate_size=64, num_labels=CLASSES)
-    model = VideoMAEForVideoClassification(cfg)
-    with torch.no_grad():
-        model.videomae.embeddings.patch_embeddings.projection.weight.mul_(4.0)
+    model = tiny_model("videomae", **TINY_VIT)
+    with torch.no_grad():  # random init gives near-uniform outputs; spread them so predictions differ
         model.classifier.weight.mul_(20.0)
-    return model.eval()
+    return model
 
 
 @pytest.fixture(scope="module")

@@ -33,17 +33,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import MethodType
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..adapters.filled_grid import fill_grid, nearest_kept_fill, packed_slice, qkv_part, slice_metric
+from ..adapters.filled_grid import fill_grid, nearest_kept_fill, qkv_part
 from ..adapters.state import Patch, current_stage, final_kept
 from ..core.config import STAConfig
 from ..core.errors import ConfigError
 from ..core.flops import FlopCount, add_parts, metric_dim, sta_selection_flops, tokens_per_block
-from ..core.score import gather_tokens
+from ..core.score import gather_tokens, packed_slice, slice_metric
 from ..data.sampling import ViewProtocol
 from .base import (
     FamilyModels,
@@ -294,6 +295,24 @@ class TimesformerFamily(HuggingFaceFamily):
             num_labels=spec.num_classes,
         )
         return TimesformerForVideoClassification(cfg).eval()
+
+    def tiny_model(self, seed: int = 0, *, frames: int = 8, size: int = 112, layers: int = 6, hidden: int = 48,
+                   heads: int = 4, num_classes: int = 7, **config: Any) -> nn.Module:
+        """A TimeSformer (divided space-time attention, patch 16) at tiny size: 8 frames of 112² are 8 x
+        7x7 tokens + CLS, 6 blocks of width 48 (4 heads, MLP 4x), 7 classes. Its attention is the
+        eager one (no ``attn`` choice).
+
+        ``torch.manual_seed(seed)`` is set first; the patch embedding is scaled 4x (random init gives
+        near-identical tokens). ``config``: further ``TimesformerConfig`` fields (``attention_type``, ...)."""
+        from transformers import TimesformerConfig, TimesformerForVideoClassification
+
+        torch.manual_seed(seed)
+        fields = dict(image_size=size, patch_size=16, num_frames=frames, hidden_size=hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, intermediate_size=4 * hidden, num_labels=num_classes)
+        model = TimesformerForVideoClassification(TimesformerConfig(**{**fields, **config}))
+        with torch.no_grad():  # distinct tokens
+            model.timesformer.embeddings.patch_embeddings.projection.weight.mul_(4.0)
+        return model.eval()
 
     # analysis
     def patch_tokens(self, output: Tensor, grid: StageGrid) -> Tensor:

@@ -482,6 +482,27 @@ class VideoMAEFamily(HuggingFaceFamily):
         )
         return VideoMAEForVideoClassification(cfg).eval()
 
+    def tiny_model(self, seed: int = 0, *, frames: int = 16, size: int = 112, layers: int = 6, hidden: int = 48,
+                   heads: int = 4, attn: str = "sdpa", num_classes: int = 7, head: bool = True,
+                   **config: Any) -> nn.Module:
+        """A VideoMAE with the paper's geometry (patch 16, tubelet 2) but tiny width and depth: 16 frames
+        of 112² are 8 tubelet-frames x 7x7 tokens, 6 blocks of width 48 (4 heads, MLP 4x), 7 classes.
+
+        ``torch.manual_seed(seed)`` is set first (as a test would), so the weights and what follows
+        are reproducible; the patch embedding is scaled 4x, since random init gives near-identical
+        tokens. ``head=False``: the bare ``VideoMAEModel``. ``config``: further ``VideoMAEConfig``
+        fields (``intermediate_size``, ``use_mean_pooling``, ``hidden_dropout_prob``, ...)."""
+        from transformers import VideoMAEConfig, VideoMAEForVideoClassification, VideoMAEModel
+
+        torch.manual_seed(seed)
+        fields = dict(image_size=size, num_frames=frames, hidden_size=hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, intermediate_size=4 * hidden, num_labels=num_classes,
+                      attn_implementation=attn)
+        model = (VideoMAEForVideoClassification if head else VideoMAEModel)(VideoMAEConfig(**{**fields, **config}))
+        with torch.no_grad():  # distinct tokens
+            model.base_model.embeddings.patch_embeddings.projection.weight.mul_(4.0)
+        return model.eval()
+
     # loading
     def load_folder(self, folder: Path, name: str) -> LoadedModel:
         """A HF ``VideoMAEForVideoClassification``; ``q_bias``/``v_bias`` names of older

@@ -19,7 +19,9 @@ at stride 2 (the ViViT paper's Kinetics views).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..adapters import columnar
@@ -161,6 +163,24 @@ class VivitFamily(HuggingFaceFamily):
             attn_implementation=attn_implementation,
         )
         return VivitForVideoClassification(cfg).eval()
+
+    def tiny_model(self, seed: int = 0, *, frames: int = 16, size: int = 112, layers: int = 6, hidden: int = 48,
+                   heads: int = 4, attn: str = "sdpa", num_classes: int = 7, **config: Any) -> nn.Module:
+        """A ViViT with the released tubelet (2x16x16) but tiny width and depth: 16 frames of 112² are
+        8 x 7x7 tokens + CLS, 6 blocks of width 48 (4 heads, MLP 4x), 7 classes.
+
+        ``torch.manual_seed(seed)`` is set first; the tubelet embedding is scaled 4x (random init
+        gives near-identical tokens). ``config``: further ``VivitConfig`` fields."""
+        from transformers import VivitConfig, VivitForVideoClassification
+
+        torch.manual_seed(seed)
+        fields = dict(image_size=size, num_frames=frames, tubelet_size=[2, 16, 16], hidden_size=hidden,
+                      num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=4 * hidden,
+                      num_labels=num_classes, attn_implementation=attn)
+        model = VivitForVideoClassification(VivitConfig(**{**fields, **config}))
+        with torch.no_grad():  # distinct tokens
+            model.vivit.embeddings.patch_embeddings.projection.weight.mul_(4.0)
+        return model.eval()
 
     def preprocessing(self, size: int) -> Preprocessing:
         """The released ViViT's processor: pixels to [-1, 1] (x / 127.5 - 1), then mean/std 0.5."""

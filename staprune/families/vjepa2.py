@@ -36,7 +36,9 @@ Registry: ``VJEPA2-L``, ``VJEPA2-H``, ``VJEPA2-g`` at 16 and 64 frames of 256² 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..adapters import columnar
@@ -226,6 +228,26 @@ class VJEPA2Family(HuggingFaceFamily):
             attn_implementation=attn_implementation,
         )
         return VJEPA2ForVideoClassification(cfg).eval()
+
+    def tiny_model(self, seed: int = 0, *, frames: int = 16, size: int = 112, layers: int = 6, hidden: int = 48,
+                   heads: int = 4, attn: str = "sdpa", num_classes: int = 7, **config: Any) -> nn.Module:
+        """A V-JEPA 2 classifier (tubelet 2, patch 16, rotary positions, one attentive-pooler layer) at
+        tiny size: 16 frames of 112² are 8 x 7x7 tokens, 6 blocks of width 48 (4 heads), 7 classes; a
+        one-layer predictor of width 32.
+
+        ``torch.manual_seed(seed)`` is set first; the patch embedding is scaled 4x (random init gives
+        near-identical tokens). ``config``: further ``VJEPA2Config`` fields."""
+        from transformers import VJEPA2Config, VJEPA2ForVideoClassification
+
+        torch.manual_seed(seed)
+        fields = dict(patch_size=16, crop_size=size, frames_per_clip=frames, tubelet_size=2, hidden_size=hidden,
+                      num_attention_heads=heads, num_hidden_layers=layers, num_pooler_layers=1,
+                      num_labels=num_classes, pred_num_hidden_layers=1, pred_hidden_size=32,
+                      pred_num_attention_heads=2, attn_implementation=attn)
+        model = VJEPA2ForVideoClassification(VJEPA2Config(**{**fields, **config}))
+        with torch.no_grad():  # distinct tokens
+            model.vjepa2.encoder.embeddings.patch_embeddings.proj.weight.mul_(4.0)
+        return model.eval()
 
     # analysis
     def final_features(self, model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
