@@ -2,7 +2,8 @@
 video tokens, side by side in one run (random weights, published configs).
 
 Models: a Qwen2.5-VL (its published vision tower) with a 0.5B-class language model (Qwen2.5-0.5B's
-shape), and LLaVA-OneVision-0.5B (SigLIP so400m + Qwen2-0.5B, the registry's). Per setting (dense =
+shape), LLaVA-OneVision-0.5B (SigLIP so400m + Qwen2-0.5B) and InternVL3-1B (InternViT-300M +
+Qwen2.5-0.5B), the registry's; ``--smoke``: each family's tiny test model. Per setting (dense =
 the stock model, then STA at each keep ratio), rounds alternating (staprune.runs.video_llm_timing):
 
 * prefill s: the forward after the vision encoder (its features precomputed, as ``generate`` does),
@@ -26,39 +27,29 @@ import torch
 import transformers
 
 from staprune.core.config import STAConfig
-from staprune.families import family_named
-from staprune.families.llava_onevision import LlavaOnevisionSpec, llava_onevision_config
-from staprune.families.qwen2_5_vl import QwenVLSpec, qwen25_config
+from staprune.families import family_named, model_entry
+from staprune.families.video_llms.qwen2_5_vl import Qwen25VLSpec, qwen25_config
 from staprune.runs.video_llm_timing import format_video_llm_table, summarize_video_llm, time_video_llm
 
 SMOKE_NOTE = "SMOKE RUN (--smoke): tiny configs that check the script runs; its numbers are not a result"
 
 
-def qwen25_vl_05b(tiny: bool) -> QwenVLSpec:
+def qwen25_vl_05b() -> Qwen25VLSpec:
     """Qwen2.5-VL's vision tower before Qwen2.5-0.5B (896 wide, 24 layers, 14 heads of 64, 2 KV heads)."""
-    if tiny:
-        config = qwen25_config(64, 128, 2, 4, 2, 151936, True)
-        config["vision_config"].update(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
-                                       fullatt_block_indexes=[1])
-    else:
-        config = qwen25_config(896, 4864, 24, 14, 2, 151936, True)
+    config = qwen25_config(896, 4864, 24, 14, 2, 151936, True)
     head = config["text_config"]["hidden_size"] // config["text_config"]["num_attention_heads"]
     # M-RoPE splits half of each head (time, row, column) 2:3:3, as 16/24/24 of 128.
     config["text_config"]["rope_parameters"] = dict(config["text_config"]["rope_parameters"],
                                                     mrope_section=[head // 8, 3 * head // 16, 3 * head // 16])
-    return QwenVLSpec(config=config)
+    return Qwen25VLSpec(config=config)
 
 
-def llava_onevision_05b(tiny: bool) -> LlavaOnevisionSpec:
-    config = llava_onevision_config(896, 4864, 24, 14, 2, 152000, True)
-    if tiny:
-        config = llava_onevision_config(64, 128, 2, 4, 2, 152000, True)
-        config["vision_config"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=2, image_size=112)
-    return LlavaOnevisionSpec(config=config)
-
-
-MODELS = {"Qwen2.5-VL (0.5B LM)": qwen25_vl_05b, "LLaVA-OneVision-0.5B": llava_onevision_05b}
+# name -> (family, the full-size spec); --smoke builds each family's tiny test model instead.
+MODELS = {
+    "Qwen2.5-VL (0.5B LM)": ("qwen2_5_vl", qwen25_vl_05b),
+    "LLaVA-OneVision-0.5B": ("llava_onevision", lambda: model_entry("LLaVA-OneVision-0.5B").spec),
+    "InternVL3-1B": ("internvl", lambda: model_entry("InternVL3-1B").spec),
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -80,11 +71,14 @@ def main(argv: list[str] | None = None) -> None:
           f"fp32, batch 1, {args.frames} frames, {args.repeats} rounds (medians), random weights")
     rows = []
     for name in args.models:
-        spec = MODELS[name](args.smoke)
-        spec = spec.with_input(args.frames, 112 if args.smoke else None)
-        family = family_named(spec.family)
+        family = family_named(MODELS[name][0])
         torch.manual_seed(0)
-        model = family.build(spec)
+        if args.smoke:
+            model = family.tiny_model()
+            spec = family.spec_of(model, args.frames, None if family.fixed_size else 112)
+        else:
+            spec = MODELS[name][1]().with_input(args.frames)
+            model = family.build(spec)
         frames = torch.rand(spec.frames, 3, spec.size, spec.size, generator=torch.Generator().manual_seed(0))
         inputs = family.video_inputs(model, frames, spec)
         settings = [None] + [STAConfig(keep_ratio=k) for k in args.keep]

@@ -68,30 +68,15 @@ def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def smoke_models(root: Path) -> tuple[list[Path], list[Path]]:
-    """Tiny random Qwen2.5-VL and LLaVA-OneVision checkpoints and three synthetic videos."""
-    import transformers
-
+    """Every video-LLM family's tiny test model as a checkpoint, and three synthetic videos."""
     from staprune.data import write_video
+    from staprune.families import VIDEO_LLM, families
 
-    torch.manual_seed(0)
-    qwen = transformers.Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2,
-                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4}),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                           fullatt_block_indexes=[1], window_size=56),
-        image_token_id=10, video_token_id=11, vision_start_token_id=12, vision_end_token_id=13)
-    llava = transformers.LlavaOnevisionConfig(
-        text_config=dict(model_type="qwen2", vocab_size=200, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=2, num_attention_heads=2, image_size=112, patch_size=14),
-        image_token_index=10, video_token_index=11)
     folders = []
-    for name, model in (("qwen2_5_vl", transformers.Qwen2_5_VLForConditionalGeneration(qwen)),
-                        ("llava_onevision", transformers.LlavaOnevisionForConditionalGeneration(llava))):
-        model.save_pretrained(root / name)
-        folders.append(root / name)
+    for family in families():
+        if family.kind == VIDEO_LLM:
+            family.tiny_model().save_pretrained(root / family.name)
+            folders.append(root / family.name)
     rng = np.random.default_rng(0)
     videos = []
     for k in range(3):
@@ -154,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.smoke:
             print(SMOKE_NOTE)
             folders, videos = smoke_models(Path(scratch))
-            models, args.frames, args.size = [str(f) for f in folders], 4, 112
+            models, args.frames, args.size = [str(f) for f in folders], 4, None
         else:
             if not args.model or not args.videos:
                 parser.error("give --model and --videos (or --smoke)")

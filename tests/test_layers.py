@@ -108,3 +108,23 @@ def test_package_imports_without_side_effects():
     proc = subprocess.run([sys.executable, "-c", "import staprune, staprune.cli; print(len(staprune.__all__))"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and int(proc.stdout) > 5, proc.stderr
+
+
+def _contract(name: str) -> dict:
+    import tomllib
+
+    document = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8"))
+    (contract,) = [c for c in document["tool"]["importlinter"]["contracts"] if c["name"] == name]
+    return contract
+
+
+def test_every_family_and_every_video_method_is_under_its_contract():
+    """The independence contracts name their modules: a family or method added without its line
+    there would go unchecked (docs/families/add-a-video-llm.md says to add it)."""
+    from staprune.core.video_methods import METHOD_MODULES
+    from staprune.families import FAMILY_MODULES
+
+    siblings = set(_contract("sibling families never import each other")["modules"])
+    assert set(FAMILY_MODULES) == siblings
+    assert set(_contract("the family kinds and their shared code import no family")["forbidden_modules"]) == siblings
+    assert set(METHOD_MODULES) == set(_contract("video-token methods never import each other")["modules"])

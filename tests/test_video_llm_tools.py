@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_cli
-from test_video_llms import llava, qwen3, qwen25
+from test_video_llms import internvl, llava, qwen3, qwen25
 
 import staprune
 from staprune.core.config import STAConfig
 from staprune.core.errors import ConfigError
 from staprune.core.flops import measure_flops
-from staprune.families import family_of, family_of_entry, model_entry
+from staprune.families import VIDEO_LLM, family_of, family_of_entry, model_entry
 
 transformers = pytest.importorskip("transformers")
 
@@ -28,8 +28,12 @@ PUBLISHED_PARAMETERS = {
     "Qwen3-VL-8B": 8_767_123_696,
     "LLaVA-OneVision-0.5B": 893_675_552,
     "LLaVA-OneVision-7B": 8_030_807_584,
+    "InternVL3-1B": 938_193_024,  # the hub lists 938M, 2.09B and 7.94B
+    "InternVL3-2B": 2_088_957_440,
+    "InternVL3-8B": 7_944_373_760,
 }
-TINY = {"qwen2_5_vl": (qwen25, 4, 112), "qwen3_vl": (qwen3, 4, 128), "llava_onevision": (llava, 3, 112)}
+TINY = {"qwen2_5_vl": (qwen25, 4, 112), "qwen3_vl": (qwen3, 4, 128), "llava_onevision": (llava, 3, 112),
+        "internvl": (internvl, 3, 112)}
 
 
 @pytest.mark.parametrize("name", list(PUBLISHED_PARAMETERS))
@@ -38,7 +42,7 @@ def test_registry_models_have_the_published_shapes(name):
     family = family_of_entry(entry)
     with torch.device("meta"):
         model = family.build(entry.spec_for())
-    assert family.video_llm and family.recognizes(model)
+    assert family.kind == VIDEO_LLM and family.recognizes(model)
     assert sum(p.numel() for p in model.parameters()) == PUBLISHED_PARAMETERS[name]
 
 
@@ -118,7 +122,7 @@ def test_flops_gives_prefill_and_first_token_gflops_per_budget():
     (("flops", "--model", "ViT-B", "--keep", "0.3"), "--keep is a video-LLM budget"),
     (("flops", "--model", "Qwen3-VL-4B", "--measured"), "--measured is for the video classifiers"),
     (("flops", "--model", "Qwen3-VL-4B", "--keep", "0.001"), "keeps no token of a temporal unit"),
-    (("flops", "--model", "ViT-S", "--method", "static"), "video-LLM baseline"),
+    (("flops", "--model", "ViT-S", "--method", "static"), "is a video-LLM method"),
 ])
 def test_video_llm_options_where_they_do_not_apply_are_one_line(argv, message):
     rc, out, err = run_cli(*argv)
@@ -141,7 +145,7 @@ def saved(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("name", ["qwen2_5_vl", "llava_onevision"])
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "llava_onevision", "internvl"])  # InternVL's tiny head is tied
 def test_a_saved_checkpoint_loads_as_its_family_with_its_weights(saved, name):
     build = TINY[name][0]
     loaded = staprune.load(str(saved / name))
@@ -195,3 +199,19 @@ def test_visualize_draws_each_budget_s_dropped_tokens_white(saved, tmp_path):
 def test_keep_on_a_video_classifier_command_is_refused(saved):
     rc, _, err = run_cli("bench", "--model", "ViT-S", "--keep", "0.5", "--frames", "16", "--size", "112")
     assert rc == 2 and "--keep is a video-LLM budget" in err
+
+
+def test_internvl_example_prompt_carries_the_pixels_its_video_processor_makes():
+    """InternVL's frames are ``pixel_values`` rows, normalised with ImageNet's statistics as the
+    checkpoints' processors do; each frame one image of 4x4 context tokens between its label text."""
+    model = internvl()
+    family = family_of(model)
+    frames = torch.rand(3, 3, 112, 112, generator=torch.Generator().manual_seed(0))
+    ours = family.video_inputs(model, frames, family.spec_of(model, 3))
+    prep = family.preprocessing(112)
+    theirs = transformers.InternVLVideoProcessor(do_resize=False, do_rescale=False, image_mean=list(prep.mean),
+                                                 image_std=list(prep.std))(videos=[frames], return_tensors="pt")
+    torch.testing.assert_close(ours["pixel_values"], theirs["pixel_values_videos"][0])
+    context = (ours["input_ids"][0] == model.config.image_token_id).int()
+    runs = torch.diff(torch.cat([torch.tensor([0]), context, torch.tensor([0])])).nonzero().flatten().view(-1, 2)
+    assert (runs[:, 1] - runs[:, 0]).tolist() == [16, 16, 16]  # one run of a frame's tokens per frame

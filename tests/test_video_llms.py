@@ -8,8 +8,10 @@ import pytest
 import torch
 
 import staprune
-from staprune.adapters.video_tokens import VideoLayout, videos_of_rows
+from staprune.adapters.video_tokens import videos_of_rows
 from staprune.core.errors import ConfigError, UsageError
+from staprune.core.video_methods import VideoLayout
+from staprune.families import family_named
 
 transformers = pytest.importorskip("transformers")
 
@@ -19,39 +21,19 @@ TEXT_BEFORE, TEXT_AFTER = [20, 21, 22], [30, 31]
 
 # --- tiny models and prompts ------------------------------------------------------------------------
 def qwen25():
-    cfg = transformers.Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2,
-                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4}),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                           fullatt_block_indexes=[1], window_size=56),
-        image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS, vision_end_token_id=VE)
-    torch.manual_seed(0)
-    return transformers.Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    return family_named("qwen2_5_vl").tiny_model()
 
 
 def qwen3():
-    cfg = transformers.Qwen3VLConfig(
-        text_config=dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=16,
-                         num_attention_heads=4, num_key_value_heads=2,
-                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4,
-                                          "mrope_interleaved": True}),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                           deepstack_visual_indexes=[0], num_position_embeddings=64, patch_size=16),
-        image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS, vision_end_token_id=VE)
-    torch.manual_seed(0)
-    return transformers.Qwen3VLForConditionalGeneration(cfg).eval()
+    return family_named("qwen3_vl").tiny_model()
 
 
 def llava():
-    cfg = transformers.LlavaOnevisionConfig(
-        text_config=dict(model_type="qwen2", vocab_size=100, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=2, num_attention_heads=2, image_size=112, patch_size=14),
-        image_token_index=IMG, video_token_index=VID)
-    torch.manual_seed(0)
-    return transformers.LlavaOnevisionForConditionalGeneration(cfg).eval()
+    return family_named("llava_onevision").tiny_model()
+
+
+def internvl():
+    return family_named("internvl").tiny_model()
 
 
 def qwen_video(model, units: int, side: int = 8, seed: int = 1, width: int | None = None):
@@ -105,7 +87,33 @@ def llava_inputs(model, frames: int = 4, videos: int = 1, seed: int = 1):
             "pixel_values_videos": torch.randn(videos, frames, 3, size, size, generator=g)}
 
 
-FAMILIES = {"qwen2_5_vl": (qwen25, qwen_inputs), "qwen3_vl": (qwen3, qwen_inputs), "llava_onevision": (llava, llava_inputs)}
+IMG_START, IMG_END, NEWLINE, COLON = 14, 15, 16, 45  # InternVL's <img>, </img>, "\n" and the frame labels' ":"
+
+
+def internvl_frames(model, frames: int, label: int = 50) -> list[int]:
+    """One video as InternVL's processor lays it out: per frame "FrameK: <img>", its image-context
+    tokens (VID in the tiny model), "</img>" and a newline."""
+    per_frame = (model.config.vision_config.image_size[0] // model.config.vision_config.patch_size[0] // 2) ** 2
+    ids = []
+    for k in range(frames):
+        ids += [label + k, COLON, IMG_START] + [VID] * per_frame + [IMG_END, NEWLINE]
+    return ids
+
+
+def internvl_inputs(model, frames: int = 4, videos: int = 1, seed: int = 1):
+    """A prompt with ``videos`` videos of ``frames`` frames, each frame one ``pixel_values`` row."""
+    g = torch.Generator().manual_seed(seed)
+    size = model.config.vision_config.image_size[0]
+    ids = list(TEXT_BEFORE)
+    for _ in range(videos):
+        ids += internvl_frames(model, frames) + [25]
+    ids += TEXT_AFTER
+    return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+            "pixel_values": torch.randn(videos * frames, 3, size, size, generator=g)}
+
+
+FAMILIES = {"qwen2_5_vl": (qwen25, qwen_inputs), "qwen3_vl": (qwen3, qwen_inputs), "llava_onevision": (llava, llava_inputs),
+            "internvl": (internvl, internvl_inputs)}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -358,7 +366,7 @@ def prompts(model, rows: list[list[int]], **vision) -> dict:
     input_ids = torch.tensor([[PAD] * (length - len(r)) + r for r in rows])
     padding = torch.tensor([length - len(r) for r in rows])
     inputs = {"input_ids": input_ids, "attention_mask": (torch.arange(length) >= padding[:, None]).long(), **vision}
-    if not isinstance(model, transformers.LlavaOnevisionForConditionalGeneration):
+    if isinstance(model, (transformers.Qwen2_5_VLForConditionalGeneration, transformers.Qwen3VLForConditionalGeneration)):
         inputs["mm_token_type_ids"] = (input_ids == VID).long() * 2 + (input_ids == IMG).long()
     return inputs
 
@@ -370,6 +378,10 @@ def text_prompt(model) -> dict:
 def image_prompt(model) -> dict:
     """A prompt around one image, laid out as each processor does."""
     g = torch.Generator().manual_seed(9)
+    if isinstance(model, transformers.InternVLForConditionalGeneration):  # two tiles: one block of their tokens
+        size = model.config.vision_config.image_size[0]
+        return prompts(model, [TEXT_BEFORE + [IMG_START] + [VID] * 32 + [IMG_END] + TEXT_AFTER],
+                       pixel_values=torch.randn(2, 3, size, size, generator=g))
     if isinstance(model, transformers.LlavaOnevisionForConditionalGeneration):
         # One 112 px tile plus the base image: 8x8 base tokens, then 8 rows of 8 tokens and a newline.
         model.config.image_grid_pinpoints = [[112, 112]]
@@ -381,7 +393,7 @@ def image_prompt(model) -> dict:
 
 
 def video_tensors(inputs: dict) -> dict:
-    return {k: v for k, v in inputs.items() if k in ("pixel_values_videos", "video_grid_thw")}
+    return {k: v for k, v in inputs.items() if k in ("pixel_values_videos", "video_grid_thw", "pixel_values")}
 
 
 @pytest.mark.parametrize("kind", [text_prompt, image_prompt])
@@ -696,6 +708,16 @@ def test_options_that_do_not_apply_are_refused():
         staprune.patch(qwen25(), keep_ratio=0.5, method="tome")
 
 
+@pytest.mark.parametrize("option", [{"schedule": "constant"}, {"schedule": [(2, 4)]}, {"locations": [0]},
+                                    {"tome_mode": "every_block"}, {"similarity": "query"}, {"similarity": "value"}])
+def test_classifier_options_are_refused_not_ignored(option):
+    """A video's tokens are chosen once before the language model: stages and block locations mean
+    nothing, and its tokens are compared by keys or by what the language model receives."""
+    name = next(iter(option))
+    with pytest.raises(ConfigError, match=f"^{name}\\b.*does not apply to Qwen2.5-VL"):
+        staprune.patch(qwen25(), keep_ratio=0.5, **option)
+
+
 def test_video_llm_options_are_refused_by_video_classifiers():
     from conftest import tiny_videomae
 
@@ -704,3 +726,102 @@ def test_video_llm_options_are_refused_by_video_classifiers():
     for method in ("uniform", "static"):
         with pytest.raises(ConfigError, match=method):
             staprune.patch(tiny_videomae(), r=4, method=method)
+
+
+# --- InternVL: frames sent as images ----------------------------------------------------------------
+def test_internvl_batch_of_two_frame_counts_left_padded_equals_each_alone():
+    model = internvl()
+    staprune.patch(model, keep_ratio=0.3)
+    long_prompt, short_prompt = internvl_inputs(model, frames=4, seed=1), internvl_inputs(model, frames=2, seed=5)
+    rows = [long_prompt["input_ids"][0].tolist(), short_prompt["input_ids"][0].tolist()]
+    batch = prompts(model, rows, pixel_values=torch.cat([long_prompt["pixel_values"], short_prompt["pixel_values"]]))
+    with torch.no_grad():
+        together = model(**batch).logits[:, -1]
+        kept_together = staprune.kept_tokens(model)
+        alone = []
+        for p in (long_prompt, short_prompt):
+            alone.append(model(**p).logits[0, -1])
+            assert torch.equal(staprune.kept_tokens(model)[0], kept_together[len(alone) - 1])
+    assert [k.numel() for k in kept_together] == [4 * 5, 2 * 5]  # 16 tokens a frame, 5 kept
+    for row, single in zip(together, alone, strict=True):
+        torch.testing.assert_close(row, single, atol=1e-5, rtol=1e-5)
+    together_tokens = greedy(model, batch, steps=3)
+    for row, p in zip(together_tokens, (long_prompt, short_prompt), strict=True):
+        assert row.tolist() == greedy(model, p, steps=3)[0].tolist()
+
+
+@pytest.mark.parametrize("image", ["tiled", "one tile, then the question"])
+def test_internvl_an_image_in_the_prompt_stays_whole(image):
+    """An image of two tiles (one block of their tokens) before the video, or of one tile followed by
+    more text than separates two frames: its tokens reach the language model as in the stock model."""
+    model = internvl()
+    video = internvl_inputs(model, frames=3)
+    size = model.config.vision_config.image_size[0]
+    tiles = 2 if image == "tiled" else 1
+    question = [60 + i for i in range(14)] if tiles == 1 else []
+    image_ids = [IMG_START] + [VID] * (16 * tiles) + [IMG_END, NEWLINE] + question
+    ids = video["input_ids"][0].tolist()
+    pixels = torch.randn(tiles, 3, size, size, generator=torch.Generator().manual_seed(9))
+    inputs = prompts(model, [ids[:2] + image_ids + ids[2:]], pixel_values=torch.cat([pixels, video["pixel_values"]]))
+    stock = language_model_inputs(model, inputs)
+    staprune.patch(model, keep_ratio=0.25)
+    pruned = language_model_inputs(model, inputs)
+    (kept,) = staprune.kept_tokens(model)
+    staprune.unpatch(model)
+    stock_ids = inputs["input_ids"][0]
+    image_columns = torch.arange(2 + 1, 2 + 1 + 16 * tiles)  # after two text tokens and <img>
+    assert torch.equal(stock_ids[image_columns], torch.full((16 * tiles,), VID))
+    frames = (stock_ids == VID).nonzero().flatten()[16 * tiles:]  # the video's context tokens
+    assert kept.numel() == 3 * 4 and int(kept.max()) < frames.numel()
+    keep = torch.ones(stock_ids.shape[0], dtype=torch.bool)
+    keep[frames] = False
+    keep[frames[kept]] = True
+    assert torch.equal(pruned["inputs_embeds"][0], stock["inputs_embeds"][0][keep])
+    assert torch.equal(pruned["inputs_embeds"][0][image_columns], stock["inputs_embeds"][0][image_columns])
+
+
+def test_internvl_frame_runs_group_one_tile_blocks_close_together():
+    from staprune.families.video_llms.internvl import frame_runs
+
+    def spans(*starts: int, length: int = 4) -> list[torch.Tensor]:
+        return [torch.arange(s, s + length) for s in starts]
+
+    group = frame_runs(max_gap=5)
+    ids = torch.zeros(100, dtype=torch.long)  # only the spans' columns are read
+    # Items 0-1: one image of two tiles (contiguous); 2-4: frames 5 tokens apart; 5: an image 20 tokens later.
+    assert group(ids, spans(0, 4, 13, 22, 31, 55)) == [[2, 3, 4]]
+    assert group(ids, spans(0, 9)) == [[0, 1]]  # a video of two frames
+    assert group(ids, spans(0)) == []  # one one-tile block: an image (a video of one frame is not told apart)
+    assert group(ids, spans(0, 10)) == []  # 6 tokens apart: two images
+
+
+def test_internvl_keys_are_the_pixel_shuffle_s_groups_of_the_read_layer():
+    """similarity="key": the keys of the vision layer the projector reads, grouped 2x2 as InternVL's
+    pixel shuffle groups its features: one row per language-model token."""
+    from staprune.adapters.video_tokens import VideoPatch
+    from staprune.core.config import STAConfig
+    from staprune.families.video_llms.internvl import install_internvit_keys
+
+    model = internvl()
+    inner = model.model
+    p = VideoPatch(STAConfig(keep_ratio=0.5))
+    read = install_internvit_keys(p, inner)
+    captured = {}
+    layer = inner.vision_tower.encoder.layer[-1].attention
+    handle = layer.k_proj.register_forward_hook(lambda m, a, o: captured.update(k=o))
+    pixels = torch.randn(3, 3, 112, 112, generator=torch.Generator().manual_seed(2))
+    try:
+        p.encoding_video = True
+        with torch.no_grad():
+            inner.get_image_features(pixel_values=pixels)
+        keys = read({"pixel_values": pixels})
+    finally:
+        p.encoding_video = False
+        handle.remove()
+        p.undo()
+    k = captured["k"][:, 1:].reshape(3, 8, 8, -1)  # 8x8 patches of 14 px, CLS dropped
+    grouped = inner.pixel_shuffle(k, 0.5).reshape(3, 16, 4, -1)  # each token's 2x2 patches, as the features
+    heads = layer.num_heads
+    reference = torch.nn.functional.normalize(grouped.reshape(3, 16, 4, heads, -1).mean(3), dim=-1).mean(2)
+    assert keys.shape == (3 * 16, 32 // heads)
+    torch.testing.assert_close(keys, reference.reshape(48, -1), atol=1e-6, rtol=1e-5)

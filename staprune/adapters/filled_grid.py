@@ -9,10 +9,10 @@ TimeSformer's divided attention), so the families only find their tensors and ap
   :func:`fill_rows` gives the row index of chosen positions (padding included) for an attention
   that gathers rows itself;
 * the similarity metric read off one slice (query, key or value) of a packed qkv projection:
-  :func:`qkv_part` picks the slice from the config, :func:`packed_slice` cuts it out of a computed
-  ``(…, 3C)`` projection, :func:`project_slice` computes it alone, :func:`kept_qkv` packs the
-  kept tokens' qkv around an already computed slice, and :func:`slice_metric` splits the heads and
-  averages them.
+  :func:`qkv_part` picks the slice from the config, :func:`project_slice` computes it alone,
+  :func:`kept_qkv` packs the kept tokens' qkv around an already computed slice (cutting a slice out
+  of a computed projection and averaging its heads are tensor functions every family uses:
+  :func:`staprune.core.score.packed_slice`, :func:`staprune.core.score.slice_metric`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..core.config import STAConfig
 from ..core.errors import ConfigError
-from ..core.score import gather_tokens, head_mean
+from ..core.score import gather_tokens, packed_slice
 from ..core.tracing import tracing
 
 # Where each similarity source sits in a packed ``[q | k | v]`` projection.
@@ -126,12 +126,6 @@ def qkv_part(config: STAConfig) -> int | None:
     return QKV_PARTS.get(config.similarity) if config.method == "sta" else None
 
 
-def packed_slice(qkv: Tensor, part: int) -> Tensor:
-    """Slice ``part`` of a computed packed projection: ``(..., 3C) -> (..., C)``."""
-    c = qkv.shape[-1] // 3
-    return qkv[..., part * c : (part + 1) * c]
-
-
 def project_slice(qkv: nn.Linear, x: Tensor, part: int) -> Tensor:
     """Slice ``part`` of the packed projection ``qkv`` (``C -> 3C``), computed alone:
     ``(B, L, C) -> (B, L, C)``."""
@@ -147,9 +141,3 @@ def kept_qkv(qkv: nn.Linear, x_kept: Tensor, part: int, sliced_kept: Tensor) -> 
     ``part`` (``sliced_kept`` ``(B, K, C)``, computed for the metric) and computing the other two."""
     pieces = [sliced_kept if i == part else project_slice(qkv, x_kept, i) for i in range(3)]
     return torch.cat(pieces, dim=-1)
-
-
-def slice_metric(sliced: Tensor, heads: int) -> Tensor:
-    """STA's metric from one qkv slice: split ``(B, L, C)`` into ``heads`` and average them,
-    normalised: ``(B, L, C / heads)``."""
-    return head_mean(sliced.view(*sliced.shape[:2], heads, -1).transpose(1, 2))

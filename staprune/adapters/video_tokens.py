@@ -26,92 +26,20 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..core.baselines import random_keep_indices, static_keep_indices, uniform_unit_indices
+from ..core.baselines import unit_change
 from ..core.config import STAConfig
 from ..core.errors import ConfigError, UsageError
-from ..core.score import PerSampleRandom, gather_tokens, normalize_metric, sample_seeds, sta_keep_indices
-from .state import Patch, needs_noise
-
-
-@dataclass(frozen=True)
-class VideoLayout:
-    """One video's placeholder tokens: ``units`` temporal units of ``rows x cols`` tokens (units in
-    temporal order, each unit row-major), then ``tail`` tokens that are never dropped (LLaVA's newline)."""
-
-    units: int
-    rows: int
-    cols: int
-    tail: int = 0
-
-    @property
-    def per_unit(self) -> int:
-        return self.rows * self.cols
-
-    @property
-    def tokens(self) -> int:
-        return self.units * self.per_unit + self.tail
-
-
-def kept_per_unit(config: STAConfig, per_unit: int) -> int:
-    """Tokens a temporal unit of ``per_unit`` tokens keeps under ``r`` or ``keep_ratio``.
-
-    Raises:
-        ConfigError: the budget empties a unit.
-    """
-    if config.keep_ratio is not None:
-        keep = math.floor(per_unit * config.keep_ratio + 0.5)
-        if keep < 1:
-            raise ConfigError(
-                f"keep_ratio={config.keep_ratio} keeps no token of a temporal unit of {per_unit} tokens; "
-                f"the smallest keep_ratio for this video is {1 / per_unit:.4g}"
-            )
-        return keep
-    if config.r >= per_unit:
-        raise ConfigError(
-            f"r={config.r} drops every token of a temporal unit of {per_unit} tokens; use r <= {per_unit - 1} "
-            "or keep_ratio"
-        )
-    return per_unit - config.r
-
-
-def select_video_tokens(tokens: Tensor, metric: Tensor, layout: VideoLayout, config: STAConfig,
-                        rng: PerSampleRandom | None, change: Tensor | None = None) -> Tensor:
-    """The kept tokens of one video, as indices into its placeholder sequence (ascending).
-
-    Args:
-        tokens: ``(L_v, C)`` the video's projected tokens (the semantic score), ``L_v = layout.tokens``.
-        metric: ``(L_v, c)`` the similarity features (the projected tokens or the vision keys).
-        change: ``(units, per_unit)`` each token's pixel change (``method="static"`` only).
-    Returns:
-        ``(K,)`` long, ascending; the ``tail`` tokens always included.
-    """
-    units, n = layout.units, layout.per_unit
-    keep = kept_per_unit(config, n)
-    body = units * n
-    if keep == n or config.method == "none":
-        picked = torch.arange(body, device=tokens.device)
-    elif config.method == "random":
-        picked = random_keep_indices(rng, 1, units, n, n - keep)[0]
-    elif config.method == "uniform":
-        picked = uniform_unit_indices(units, n, keep, tokens.device)
-    elif config.method == "static":
-        picked = static_keep_indices(change, keep)
-    else:
-        forward = (config.order or "F")[0] == "F"
-        picked = sta_keep_indices(
-            tokens[None, :body], metric[None, :body], units, n - keep, forward=forward,
-            first_unit=config.first_unit, score=config.score, first_transition=config.first_transition,
-            rng=rng, positions=torch.arange(body, device=tokens.device)[None], grid_hw=(layout.rows, layout.cols),
-        )[0]
-    tail = torch.arange(body, layout.tokens, device=tokens.device)
-    return torch.cat([picked.sort().values, tail])
+from ..core.score import PerSampleRandom, gather_tokens, sample_seeds
+from ..core.video_methods import Selection, VideoLayout, VideoTokens, needs_of, select_video_tokens
+from .state import Patch
 
 
 # --- one sequence, shorter ------------------------------------------------------------------------
@@ -173,24 +101,40 @@ class PrunedPrompt:
         return self.mask.shape[1]
 
 
+VideoInputs = Mapping[str, Any]  # the encoder method's arguments by name (``pixel_values_videos``, ...)
+
+
 @dataclass
 class VideoLLMModel:
-    """Where a family's video LLM keeps what the hooks need.
+    """Where a family's video LLM keeps what the hooks need; what differs between models is declared
+    here, so the mechanism below never names a model.
 
     Attributes:
         inner: the ``*Model`` (vision tower, projector, language model): its forward receives
-            ``input_ids``, its ``get_video_features(pixel_values_videos, grid)`` encodes the videos
-            (``generate`` calls it before the first forward).
+            ``input_ids``, its :attr:`encoder` method encodes the videos (``generate`` calls it
+            before the first forward).
         outer: the ``*ForConditionalGeneration`` around ``inner`` (its loss reads ``labels``), or None.
         language_model: the decoder the pruned sequence goes to.
         video_token_id: the placeholder token of video features.
-        layouts: ``(pixel_values_videos, grid or None)`` -> one :class:`VideoLayout` per video, in
-            the order the model scatters them (row-major over the batch).
+        layouts: the encoder's arguments -> one :class:`VideoLayout` per video, in the order the
+            model scatters them (row-major over the batch); an empty list when the call encodes no
+            video (a model that sends frames as images encodes images with the same method).
+        encoder: the ``inner`` method that encodes videos (``get_video_features``).
+        modality: the key of that method's output in ``generate``'s ``mm_encoder_outputs``.
         install_keys: registers hooks that record the vision tower's keys while
-            ``p.encoding_video`` is set and returns a reader ``(pixel_values_videos, grid) -> (P, d)``,
-            one row per video token (``similarity="key"``); None if unavailable.
-        pixel_change: ``(pixel_values_videos, grid or None)`` -> per video ``(units, per_unit)``,
-            how much each token's pixels changed since the previous unit (``method="static"``).
+            ``p.encoding_video`` is set and returns a reader ``(encoder arguments) -> (P, d)``,
+            one row per video token; None if unavailable (methods that need keys are refused).
+        unit_pixels: the encoder's arguments -> per encoded item ``(units, per_unit, P)``, the
+            (normalised) pixels each token covers, from which a method reads how much they changed
+            since the previous unit (:func:`staprune.core.baselines.unit_change` over a whole video);
+            None if unavailable.
+        side_inputs: ``(kwargs, keep, index, valid)``: make the language model's other inputs
+            follow the kept tokens (Qwen3-VL's DeepStack features), given ``keep`` ``(B, L)`` bool
+            and :func:`pack_kept`'s ``index`` and ``valid``; None when there are none.
+        group_videos: for a model that encodes a video's frames as images: ``(input_ids (L,), spans)``
+            of one row, ``spans`` the placeholder columns of each encoded item the row holds, in
+            order -> the videos, each a list of indices into ``spans`` (its frames, in order); items
+            in no video are images and stay whole. None: every encoded item is one video.
         one_d_positions: the language model takes 1D positions (``positions="renumbered"`` allowed).
     """
 
@@ -198,9 +142,13 @@ class VideoLLMModel:
     outer: nn.Module | None
     language_model: nn.Module
     video_token_id: int
-    layouts: Callable[[Tensor, Tensor | None], list[VideoLayout]]
-    install_keys: Callable[[Patch, nn.Module], Callable[[Tensor, Tensor | None], Tensor]] | None = None
-    pixel_change: Callable[[Tensor, Tensor | None], list[Tensor]] | None = None
+    layouts: Callable[[VideoInputs], list[VideoLayout]]
+    encoder: str = "get_video_features"
+    modality: str = "video"
+    install_keys: Callable[[Patch, nn.Module], Callable[[VideoInputs], Tensor]] | None = None
+    unit_pixels: Callable[[VideoInputs], list[Tensor]] | None = None
+    side_inputs: Callable[[dict, Tensor, Tensor, Tensor], None] | None = None
+    group_videos: Callable[[Tensor, list[Tensor]], list[list[int]]] | None = None
     one_d_positions: bool = False
 
 
@@ -208,14 +156,14 @@ class VideoPatch(Patch):
     """A patched video LLM's undo log and the state of the forward in flight.
 
     Attributes:
-        encoding_video: set while ``get_video_features`` runs (the key hooks record only then).
-        videos: the videos of the forward in flight, as ``get_video_features`` encoded them
+        encoding_video: set while the encoder method runs (the key hooks record only then).
+        videos: the videos of the forward in flight, as the encoder method encoded them
             (``layouts``, ``keys``, ``change``): in the forward, or before it by ``generate`` (then
             read off the ``mm_encoder_outputs`` it passes); empty outside a forward.
         input_ids: the input_ids of the forward in flight; None outside it.
         in_forward: the model's (``inner``'s) forward is running; a language-model call outside it
             is somebody else's and passes unchanged.
-        foreign_videos: this forward received video features that staprune's ``get_video_features`` did not make.
+        foreign_videos: this forward received video features that staprune's encoder method did not make.
         state: the last prefill's :class:`PrunedPrompt` (:func:`staprune.kept_tokens`).
         applied: the :class:`PrunedPrompt` the language model's last call in a forward used (None:
             it ran unchanged), for the loss.
@@ -236,34 +184,41 @@ class VideoPatch(Patch):
 
 
 CACHE_ATTR = "_staprune_pruned"  # the PrunedPrompt a KV cache was filled with (absent: a stock cache)
-VIDEOS_ATTR = "_staprune_videos"  # on get_video_features' output: its VideoPatch.videos
+VIDEOS_ATTR = "_staprune_videos"  # on the encoder's output: its VideoPatch.videos
 
 
 def install(p: VideoPatch, model: VideoLLMModel) -> None:
     """Hook ``model`` so its language model sees each prompt with the videos pruned."""
+    needs = needs_of(p.config)
     read_keys = None
-    if p.config.similarity != "hidden" and p.config.method == "sta":
+    if "keys" in needs:
         if model.install_keys is None:
             raise ConfigError("this model has no vision keys staprune can read; use similarity='hidden'")
         read_keys = model.install_keys(p, model.inner)
-    if p.config.method == "static" and model.pixel_change is None:
-        raise ConfigError("this model does not say which pixels each video token covers; method='static' is "
-                          "unavailable: use sta, random or uniform")
+    if "pixel_change" in needs and model.unit_pixels is None:
+        raise ConfigError(f"method={p.config.method!r} reads each token's pixel change, which this model does not "
+                          "give: use sta, random or uniform")
     inner = model.inner
+    stock = getattr(type(inner), model.encoder)
+    signature = inspect.signature(stock)
 
-    # generate() passes get_video_features the model kwargs its signature names: keep the stock one.
-    @functools.wraps(inner.get_video_features)
-    def get_video_features(*args, **kwargs):
-        pixels = args[0] if args else kwargs["pixel_values_videos"]
-        grid = args[1] if len(args) > 1 else kwargs.get("video_grid_thw")
+    # generate() passes the encoder the model kwargs its signature names: keep the stock one.
+    @functools.wraps(getattr(inner, model.encoder))
+    def encode(*args, **kwargs):
+        bound = signature.bind(inner, *args, **kwargs)
+        bound.apply_defaults()
+        inputs = bound.arguments
         p.encoding_video = True
         try:
-            out = type(inner).get_video_features(inner, *args, **kwargs)
+            out = stock(inner, *args, **kwargs)
         finally:
             p.encoding_video = False
-        videos = {"layouts": model.layouts(pixels, grid),
-                  "keys": None if read_keys is None else read_keys(pixels, grid),
-                  "change": model.pixel_change(pixels, grid) if p.config.method == "static" else None}
+        layouts = model.layouts(inputs)
+        if not layouts:  # images only (a model that encodes frames and images with one method)
+            return out
+        videos = {"layouts": layouts,
+                  "keys": None if read_keys is None else read_keys(inputs),
+                  "pixels": model.unit_pixels(inputs) if "pixel_change" in needs else None}
         if p.in_forward:  # the forward encodes its own videos
             p.videos = videos
         # generate encodes before its first forward and hands the output over as mm_encoder_outputs
@@ -275,14 +230,14 @@ def install(p: VideoPatch, model: VideoLLMModel) -> None:
     def start_forward(module, args, kwargs):
         p.input_ids = args[0] if args else kwargs.get("input_ids")
         p.in_forward, p.applied, p._prefilled = True, None, None
-        given = (kwargs.get("mm_encoder_outputs") or {}).get("video")
+        given = (kwargs.get("mm_encoder_outputs") or {}).get(model.modality)
         p.videos = {} if given is None else getattr(given, VIDEOS_ATTR, {})
         p.foreign_videos = given is not None and not p.videos
 
     def end_forward(module, args, kwargs, output):
         p.input_ids, p.videos, p.in_forward, p.foreign_videos, p._prefilled = None, {}, False, False, None
 
-    p.override_method(inner, "get_video_features", get_video_features)
+    p.override_method(inner, model.encoder, encode)
     p.hook(inner, start_forward, pre=True, with_kwargs=True)
     # always_call: a forward that raised must not leave its input_ids or videos to the next call.
     p.hook(inner, end_forward, with_kwargs=True, always_call=True)
@@ -427,29 +382,40 @@ def _prefill(p: VideoPatch, model: VideoLLMModel, kwargs: dict) -> PrunedPrompt:
         raise UsageError("a pruned video LLM finds a video's tokens by their placeholder id: pass input_ids with "
                          "pixel_values_videos, not inputs_embeds")
     cfg = p.config
+    needs = needs_of(cfg)
+    merged_rows: list[tuple[int, Tensor, Tensor]] = []
     placeholders = ids == model.video_token_id
     keys = p.videos.get("keys")
     starts = [0]  # each encoded video's first row in keys
     for layout in layouts:
         starts.append(starts[-1] + layout.tokens)
-    chosen: dict[int, Tensor] = {}
+    chosen: dict[tuple[int, ...], Selection] = {}
     keep = torch.ones(bsz, length, dtype=torch.bool, device=ids.device)
     for row, held in enumerate(videos_of_rows(ids, model.video_token_id, layouts)):
-        if not held:
+        cols, start, spans = placeholders[row].nonzero().flatten(), 0, []
+        for item in held:
+            spans.append(cols[start : start + layouts[item].tokens])
+            start += layouts[item].tokens
+        groups = model.group_videos(ids[row], spans) if model.group_videos else [[k] for k in range(len(held))]
+        if not groups:
             state.kept.append(no_video)
             continue
-        cols, start = placeholders[row].nonzero().flatten(), 0
-        for video in held:
-            layout = layouts[video]
-            span = cols[start : start + layout.tokens]
-            start += layout.tokens
+        for group in groups:
+            video = tuple(held[k] for k in group)  # the encoded items (a video, or a model's frames) it joins
+            layout = joined_layout([layouts[item] for item in video])
+            span = torch.cat([spans[k] for k in group])
             if video not in chosen:  # a copy of a prompt (beams, returned sequences) reuses its selection
                 tokens = embeds[row, span]
-                metric = keys[starts[video] : starts[video + 1]] if keys is not None else normalize_metric(tokens)
-                rng = PerSampleRandom(sample_seeds(tokens[None], cfg.seed), tokens.device) if needs_noise(cfg) else None
-                change = p.videos["change"][video] if cfg.method == "static" else None
-                chosen[video] = select_video_tokens(tokens, metric, layout, cfg, rng, change)
-            kept = chosen[video]
+                rng = PerSampleRandom(sample_seeds(tokens[None], cfg.seed), tokens.device) if "noise" in needs else None
+                chosen[video] = select_video_tokens(VideoTokens(
+                    tokens, layout, keys=None if keys is None else torch.cat([keys[starts[i] : starts[i + 1]] for i in video]),
+                    change=unit_change(torch.cat([p.videos["pixels"][i] for i in video])) if "pixel_change" in needs
+                    else None,
+                    rng=rng), cfg)
+            selection = chosen[video]
+            kept = selection.kept
+            if selection.merged is not None:  # a merging method: kept tokens carry what merged into them
+                merged_rows.append((row, span[kept], selection.merged))
             state.kept.append(kept)
             dropped = torch.ones(layout.tokens, dtype=torch.bool, device=ids.device)
             dropped[kept] = False
@@ -468,14 +434,26 @@ def _prefill(p: VideoPatch, model: VideoLLMModel, kwargs: dict) -> PrunedPrompt:
     if model.one_d_positions and cfg.positions == "renumbered":
         positions = positions - torch.cumsum(~keep, dim=1)
     kwargs["position_ids"] = take_columns(positions, index)
+    if merged_rows:
+        embeds = embeds.clone()
+        for row, columns, values in merged_rows:
+            embeds[row, columns] = values.to(embeds.dtype)
     kwargs["inputs_embeds"] = gather_tokens(embeds, index)
     kwargs["attention_mask"] = state.mask
-    if kwargs.get("visual_pos_masks") is not None:  # Qwen3-VL's deepstack features follow the visual tokens
-        visual = kwargs["visual_pos_masks"]
-        kept_visual = keep[visual]
-        kwargs["visual_pos_masks"] = take_columns(visual, index) & valid
-        kwargs["deepstack_visual_embeds"] = [e[kept_visual] for e in kwargs["deepstack_visual_embeds"]]
+    if model.side_inputs is not None:
+        model.side_inputs(kwargs, keep, index, valid)
     return state
+
+
+def joined_layout(items: list[VideoLayout]) -> VideoLayout:
+    """One video of encoded items laid out alike (a model that sends frames as images: one unit
+    each), in order; a single item is its own layout."""
+    if len(items) == 1:
+        return items[0]
+    first = items[0]
+    if any((i.rows, i.cols, i.tail) != (first.rows, first.cols, 0) for i in items) or first.tail:
+        raise UsageError(f"the frames of one video differ in layout ({items}); pass each video's frames at one size")
+    return VideoLayout(sum(i.units for i in items), first.rows, first.cols)
 
 
 def _decode(state: PrunedPrompt, kwargs: dict, past: int, renumbered: bool) -> dict:

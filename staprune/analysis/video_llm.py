@@ -21,7 +21,7 @@ from ..core.config import STAConfig
 from ..data.sampling import segment_clip_indices
 from ..data.transforms import Preprocessing
 from ..data.video import probe, read_frames
-from ..families.video_llm import VideoLLMFamily, VideoLLMSpec
+from ..families.video_llms.base import VideoLLMFamily, VideoLLMSpec
 from .visualize import kept_mask, mask_dropped
 
 
@@ -89,8 +89,7 @@ def kept_views(model: nn.Module, family: VideoLLMFamily, spec: VideoLLMSpec, vid
             kept = kept_tokens(model)[0]
             mask = kept_mask(kept[kept < body], layout.units, layout.rows, layout.cols)
             count = int(mask.sum())
-            budget = f"keep_ratio={config.keep_ratio:g}" if config.keep_ratio is not None else f"r={config.r}"
-            title = f"{config.method} {budget}: kept {count}/{body} video tokens"
+            title = f"{config.method} {config.budget}: kept {count}/{body} video tokens"
             views.append(KeptView(title, mask_dropped(images, mask, pixels), count, body))
     finally:
         unpatch(model)

@@ -41,10 +41,12 @@ from ..core.errors import (
 from ..families import (
     Family,
     families,
+    family_named,
     family_of_entry,
     find_model,
     model_entry,
     model_names,
+    require_kind,
     suggest,
 )
 from ..families.base import LoadedModel
@@ -91,6 +93,27 @@ def _family_of_folder(folder: Path, name: str) -> Family:
     raise CheckpointError(
         f"{name}: config.json model_type {model_type!r} is not one staprune prunes (supported: {', '.join(known)})"
     )
+
+
+def family_before_loading(spec: str) -> Family | None:
+    """The family of what ``spec`` names, known without building a model or reading a weight: a
+    registry name's, or a local Hugging Face folder's (its ``config.json`` ``model_type``). None
+    where only loading tells (checkpoint files, run folders, hub ids, architecture names)."""
+    entry = find_model(str(spec))
+    if entry is not None:
+        return family_named(entry.family)
+    folder = Path(str(spec)).expanduser()
+    if str(spec).strip() and (folder / "config.json").is_file():
+        return _family_of_folder(folder, str(spec))
+    return None
+
+
+def require_model_kind(spec: str, kind: str, what: str, instead: str = "") -> None:
+    """Refuse, in one line and before any work, to run ``what`` on a model of another kind (as far
+    as :func:`family_before_loading` tells; the command checks the loaded model's family again)."""
+    family = family_before_loading(spec)
+    if family is not None:
+        require_kind(family, kind, what, instead)
 
 
 def folder_skeleton(path: str | Path) -> nn.Module | None:
@@ -319,8 +342,7 @@ def _restore_pruning(loaded: LoadedModel) -> LoadedModel:
     loaded.pruning = config
     if config.r > 0:
         loaded.levels = (config.r,)
-    budget = f"keep_ratio={config.keep_ratio:g}" if config.keep_ratio is not None else f"r={config.r}"
-    loaded.source += f" (restored: {config.method} {budget})"
+    loaded.source += f" (restored: {config.method} {config.budget})"
     return loaded
 
 

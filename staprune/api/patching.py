@@ -11,7 +11,7 @@ from torch import nn
 from ..adapters.state import PATCH_ATTR, get_config
 from ..core.config import STAConfig, as_config, config_from_record, config_record
 from ..core.errors import CheckpointError, ConfigError, UsageError
-from ..families import family_of, supported_classes
+from ..families import VIDEO_LLM, family_of, supported_classes
 
 
 def supported() -> list[str]:
@@ -35,12 +35,13 @@ def patch(model: nn.Module, r: int | None = None, *, config: STAConfig | None = 
             configured input.
     """
     family = family_of(model)  # TypeError naming the supported families
-    if family.video_llm and r is None and config is None and "r" not in options and "keep_ratio" not in options:
+    no_budget = r is None and config is None and "r" not in options and "keep_ratio" not in options
+    if no_budget and family.kind == VIDEO_LLM:
         raise UsageError(
             f"staprune.patch({type(model).__name__}) needs a budget: keep_ratio (the share of each video's tokens "
             "kept, e.g. keep_ratio=0.3) or r (tokens dropped per temporal unit)"
         )
-    if not family.video_llm and r is None and config is None and "r" not in options and "keep_ratio" not in options:
+    if no_budget:
         try:
             levels = ", ".join(map(str, family.levels(family.spec_of(model))))
         except (ValueError, TypeError):  # a geometry the levels do not fit: the message still helps

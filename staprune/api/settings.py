@@ -30,20 +30,23 @@ class Setting:
 
     Attributes:
         r: tokens dropped per temporal unit at the first stage (Video Swin: r1).
-        method: ``sta``, ``random``, ``tome`` or ``none`` (dense).
+        method: ``sta``, ``random``, ``tome`` or ``none`` (dense); a video LLM's video-token methods.
         options: the other STAConfig fields set, as sorted ``(name, value)`` pairs.
+        keep_ratio: a video LLM's budget instead of ``r``: the share of each video's tokens kept.
     """
 
     r: int = 0
     method: str = "sta"
     options: tuple[tuple[str, Any], ...] = ()
+    keep_ratio: float | None = None
 
     @classmethod
     def of(cls, method: str = "sta", r: int = 0,
-           options: Mapping[str, Any] | Iterable[tuple[str, Any]] | None = None) -> Setting:
-        """A setting from a method, r and the other options (a mapping or ``(name, value)`` pairs,
-        sorted into :attr:`options`)."""
-        return cls(r, method, tuple(sorted(dict(options or {}).items())))
+           options: Mapping[str, Any] | Iterable[tuple[str, Any]] | None = None,
+           keep_ratio: float | None = None) -> Setting:
+        """A setting from a method, r (or ``keep_ratio``) and the other options (a mapping or
+        ``(name, value)`` pairs, sorted into :attr:`options`)."""
+        return cls(r, method, tuple(sorted(dict(options or {}).items())), keep_ratio)
 
     @property
     def is_dense(self) -> bool:
@@ -52,14 +55,15 @@ class Setting:
         if self.method == "none":
             return True
         schedule = dict(self.options).get("schedule", "decreasing")
-        drops = self.r > 0 or (not isinstance(schedule, str) and any(r for _, r in schedule))
+        drops = self.r > 0 or (self.keep_ratio is not None and self.keep_ratio < 1) or (
+            not isinstance(schedule, str) and any(r for _, r in schedule))
         return not drops and self.method != "tome"
 
     def config(self) -> STAConfig:
         """The STAConfig this setting patches with (dense: ``method="none"``, no options)."""
         if self.is_dense:
             return STAConfig(r=0, method="none")
-        return STAConfig(r=self.r, method=self.method, **dict(self.options))
+        return STAConfig(r=self.r, method=self.method, keep_ratio=self.keep_ratio, **dict(self.options))
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Re-patch ``model`` in place for this setting (dense included: see the module docstring)."""
@@ -68,8 +72,8 @@ class Setting:
 
     @property
     def label(self) -> str:
-        """``dense`` or ``<method> r=<r>``: how tables name the setting."""
-        return "dense" if self.is_dense else f"{self.method} r={self.r}"
+        """``dense`` or ``<method> <budget>`` (``sta r=8``, ``sta keep 0.3``): how tables name the setting."""
+        return "dense" if self.is_dense else f"{self.method} {self.config().budget}"
 
     @property
     def recorded_options(self) -> dict[str, Any]:
@@ -79,7 +83,7 @@ class Setting:
     @property
     def dirname(self) -> str:
         """``<method>_r<r>``, then each option set, so that settings never share a run folder."""
-        parts = [f"{self.method}_r{self.r}"]
+        parts = [f"{self.method}_r{self.r}" if self.keep_ratio is None else f"{self.method}_keep{self.keep_ratio:g}"]
         for key, value in sorted(self.options):
             if key == "schedule" and not isinstance(value, str):
                 text = "-".join(f"{u}x{r}" for u, r in value)

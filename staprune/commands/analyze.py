@@ -34,11 +34,12 @@ from ..analysis.visualize import (
     resize_tile,
     save_png,
 )
-from ..api.loading import load
+from ..api.loading import load, require_model_kind
 from ..api.settings import Setting, recorded
 from ..core.errors import DataError, UsageError
 from ..data import VideoReadError, load_items
 from ..demo.data import generate
+from ..families import VIDEO_CLASSIFIER, require_kind
 from ..runs.arguments import (
     add_model_arguments,
     add_pruning_arguments,
@@ -146,7 +147,7 @@ def run_redundancy(args: argparse.Namespace) -> int:
     for name in ("max_clips", "batch_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    loaded = at_input(load(args.model, args.weights), args.frames, args.size)
+    loaded = _loaded(args)
     args.r = default_r(args, loaded.default_r())
     failed: list[tuple[str, str]] = []
     if args.demo:
@@ -249,7 +250,7 @@ def run_gradnorm(args: argparse.Namespace) -> int:
     check_pruning_options(args)
     if args.draws < 1:
         raise UsageError(f"--draws must be >= 1, got {args.draws}")
-    loaded = at_input(load(args.model, args.weights), args.frames, args.size)
+    loaded = _loaded(args)
     args.r = default_r(args, loaded.default_r())
     clip = read_clip(args.video, loaded, args.dataset)
     options = pruning_options(args)
@@ -317,8 +318,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     grad.set_defaults(_analysis=run_gradnorm)
 
 
+INSTEAD = "staprune visualize --keep shows which of a video LLM's tokens are kept"
+
+
 def run(args: argparse.Namespace) -> int:
+    require_model_kind(args.model, VIDEO_CLASSIFIER, "staprune analyze", INSTEAD)
     return int(args._analysis(args) or 0)
+
+
+def _loaded(args: argparse.Namespace):
+    """The model, at the input asked for; a video LLM refused (a hub id or file: known once loaded)."""
+    loaded = load(args.model, args.weights)
+    require_kind(loaded.family, VIDEO_CLASSIFIER, "staprune analyze", INSTEAD)
+    return at_input(loaded, args.frames, args.size)
 
 
 __all__ = ["add_arguments", "gradnorm_report", "measure_redundancy", "run", "sta_kept", "trajectory_sums"]

@@ -12,10 +12,11 @@ from ..api.loading import load
 from ..api.settings import recorded
 from ..core.config import STAConfig
 from ..core.errors import UsageError
-from ..families import family_named, family_of_spec, find_model, levels_of
-from ..families.video_llm import prefill_flops
+from ..families import VIDEO_LLM, family_named, family_of_spec, find_model, levels_of
+from ..families.video_llms.base import prefill_flops
 from ..runs.arguments import (
     add_keep_argument,
+    add_method_argument,
     add_pruning_arguments,
     check_pruning_options,
     explicit_schedule,
@@ -32,8 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="registry name (ViT-B, VideoSwin-T, ViViT-B, demo-vit, ...) or a local "
                         "model path; default: every model of the paper's tables")
     parser.add_argument("--r", type=int, nargs="+", help="r (ViT) or r1 (Video Swin); default the model's levels")
-    parser.add_argument("--method", default="sta", choices=("sta", "random", "tome", "uniform", "static"),
-                        help="pruning method (uniform, static: video-LLM baselines)")
+    add_method_argument(parser)
     add_keep_argument(parser)
     parser.add_argument("--frames", type=int, help="input frames (default: the model's)")
     parser.add_argument("--size", type=int, help="input side in pixels (default: the model's)")
@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--model is empty; give a registry name or a path, or leave --model out for the paper's tables")
     names = [args.model] if args.model else list(paper_tables())
     specs = {name: resolve_spec(name, args.frames, args.size) for name in names}
-    video_llms = {name: spec for name, spec in specs.items() if family_of_spec(spec).video_llm}
+    video_llms = {name: spec for name, spec in specs.items() if family_of_spec(spec).kind == VIDEO_LLM}
     if video_llms:
         return _run_video_llms(args, video_llms)
     refuse_keep(args, "this model")

@@ -33,8 +33,10 @@ from ..analysis.visualize import (
     save_png,
 )
 from ..api.loading import load
+from ..families import VIDEO_LLM
 from ..runs.arguments import (
     add_keep_argument,
+    add_method_argument,
     add_model_arguments,
     add_pruning_arguments,
     check_pruning_options,
@@ -125,8 +127,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--r", type=int, help="tokens dropped per unit at the first stage (r1 for Swin); default: the middle of "
         "the model's three levels"
     )
-    parser.add_argument("--method", choices=("sta", "random", "tome", "uniform", "static"), default="sta",
-                        help="pruning method (uniform, static: video-LLM baselines)")
+    add_method_argument(parser)
     add_keep_argument(parser)
     parser.add_argument("-o", "--output", required=True, help="picture to write (.png, .jpg or .webp)")
     parser.add_argument("--gif", help="also write an animated GIF, one frame per temporal position")
@@ -143,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     gif = writable_file(args.gif, "--gif", (".gif",), replace=args.force) if args.gif else None
     check_pruning_options(args)
     plain = load(args.model, args.weights)
-    if plain.family.video_llm:
+    if plain.family.kind == VIDEO_LLM:
         return _run_video_llm(args, plain, output, gif)
     refuse_keep(args, plain.family.title)
     loaded = at_input(plain, args.frames, args.size)

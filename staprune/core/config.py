@@ -17,7 +17,10 @@ from dataclasses import dataclass, field, replace
 
 from .errors import ConfigError, UnknownOptionError
 
-METHODS = ("sta", "random", "tome", "none", "uniform", "static")
+# The methods of video classifiers; video LLMs take "none" and the video-token methods, each of
+# which registers its name here when its module is imported (staprune.core.video_methods).
+CLASSIFIER_METHODS = ("sta", "random", "tome", "none")
+_method_names: list[str] = list(CLASSIFIER_METHODS)
 SCHEDULES = ("decreasing", "constant", "increasing", "per_frame")
 FIRST_UNIT = ("bipartite", "random", "grid")
 SIMILARITY = ("key", "query", "value", "hidden")
@@ -26,6 +29,17 @@ POSITIONS = ("original", "renumbered")
 SCORES = ("sta", "temporal", "semantic")
 FIRST_TRANSITION = ("all", "kept")
 TOME_MODES = ("locations", "every_block")
+
+
+def register_method_name(name: str) -> None:
+    """Let ``STAConfig(method=name)`` through (a video-token method registering itself)."""
+    if name not in _method_names:
+        _method_names.append(name)
+
+
+def method_names() -> tuple[str, ...]:
+    """Every method a :class:`STAConfig` accepts (which family takes which: the family checks)."""
+    return tuple(_method_names)
 
 
 def _check_choice(name: str, value: object, valid: Sequence[str]) -> None:
@@ -40,9 +54,11 @@ class STAConfig:
     Attributes:
         r: tokens dropped per temporal unit at the first stage (the paper's ``r_1``).
         method: ``sta`` (the paper), ``random`` (drop r random tokens per unit), ``tome``
-            (ToMe bipartite soft-matching merge) or ``none`` (patched but never prunes); for video
-            LLMs also ``uniform`` (whole temporal units evenly spaced) and ``static`` (drop the
-            tokens whose pixels changed least since the previous unit).
+            (ToMe bipartite soft-matching merge) or ``none`` (patched but never prunes); video
+            LLMs take ``none`` and the video-token methods registered in
+            :mod:`staprune.core.video_methods` (``sta``, ``random``, ``uniform``: whole temporal
+            units evenly spaced, ``static``: drop the tokens whose pixels changed least since the
+            previous unit, ...).
         schedule: a preset name or an explicit list of ``(units, r_per_unit)``, one per stage.
             Presets, stage ``k`` with ``units = T / 2**k``:
             ``decreasing``: r per unit (per frame r, r/2, r/4: the paper's {8x64, 8x32, 8x16});
@@ -89,7 +105,7 @@ class STAConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 0:
             raise ConfigError(f"r={self.r!r} must be a non-negative integer (tokens dropped per unit)")
-        _check_choice("method", self.method, METHODS)
+        _check_choice("method", self.method, method_names())
         _check_choice("first_unit", self.first_unit, FIRST_UNIT)
         _check_choice("similarity", self.similarity, SIMILARITY)
         _check_choice("score", self.score, SCORES)
@@ -128,6 +144,11 @@ class STAConfig:
                     f"locations={self.locations!r} must be strictly increasing block indices >= 0"
                 )
             object.__setattr__(self, "locations", locs)
+
+    @property
+    def budget(self) -> str:
+        """The budget as tables, titles and logs write it: ``keep 0.3`` (a keep ratio) or ``r=8``."""
+        return f"keep {self.keep_ratio:g}" if self.keep_ratio is not None else f"r={self.r}"
 
     def with_options(self, **options: object) -> STAConfig:
         """Copy with some fields replaced (unknown names raise TypeError listing valid ones)."""

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import largest_square_grid
+from .selection_hook import selection_function
 
 
 # --- randomness -------------------------------------------------------------------------------
@@ -217,6 +218,7 @@ def grid_first_unit(noise: Tensor, positions: Tensor, grid_hw: tuple[int, int], 
 
 
 # --- STA selection ----------------------------------------------------------------------------
+@selection_function
 def sta_keep_indices(
     hidden: Tensor,
     metric: Tensor,
@@ -308,3 +310,16 @@ def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     # row copy instead of one index per element (about 5x faster on CPU for 768-wide rows).
     rows = (index + torch.arange(bsz, device=index.device).view(-1, 1) * length).reshape(-1)
     return x.flatten(0, 1).index_select(0, rows).view(bsz, index.shape[1], *x.shape[2:])
+
+
+# --- key metrics from attention projections ---------------------------------------------------
+def packed_slice(qkv: Tensor, part: int) -> Tensor:
+    """Slice ``part`` (0 query, 1 key, 2 value) of a computed packed projection: ``(..., 3C) -> (..., C)``."""
+    c = qkv.shape[-1] // 3
+    return qkv[..., part * c : (part + 1) * c]
+
+
+def slice_metric(sliced: Tensor, heads: int) -> Tensor:
+    """STA's metric from one qkv slice: split ``(B, L, C)`` into ``heads`` and average them,
+    normalised: ``(B, L, C / heads)``."""
+    return head_mean(sliced.view(*sliced.shape[:2], heads, -1).transpose(1, 2))

@@ -1,8 +1,9 @@
 """The registry of model families and named models.
 
-Adding a family is one new module in this package (a :class:`~staprune.families.base.Family`
-subclass and its named models, exported as ``REGISTRATION``) plus one line in
-:data:`FAMILY_MODULES`. Models that live outside the library (the bundled demo models, a
+Families are of two kinds on one core (:mod:`.base`): video classifiers (:mod:`.classifier`; one
+module or package each: videomae, swin3d, vivit, vjepa2, timesformer) and video LLMs
+(:mod:`.video_llms`; one module each). Adding a family is one new module (a family class of its
+kind and its named models, exported as ``REGISTRATION``) plus one line in :data:`FAMILY_MODULES`. Models that live outside the library (the bundled demo models, a
 third-party package) register through the ``staprune.models`` entry-point group: each entry
 point names a callable that receives this module and calls :func:`register_model` (or
 :func:`register_family`). They are loaded the first time a name is looked up, so nothing here
@@ -18,7 +19,18 @@ from collections.abc import Iterable
 from torch import nn
 
 from ..core.errors import UnknownModelError, UnsupportedModelError, UsageError
-from .base import Family, FamilyModels, LoadedModel, ModelEntry, Spec, StageGrid, TokenGeometry
+from .base import (
+    VIDEO_CLASSIFIER,
+    VIDEO_LLM,
+    Family,
+    FamilyModels,
+    LoadedModel,
+    ModelEntry,
+    Spec,
+    StageGrid,
+    TokenGeometry,
+    require_kind,
+)
 
 # One line per family, in the order the registry lists them.
 FAMILY_MODULES: tuple[str, ...] = (
@@ -27,9 +39,10 @@ FAMILY_MODULES: tuple[str, ...] = (
     "staprune.families.vivit",
     "staprune.families.vjepa2",
     "staprune.families.timesformer",
-    "staprune.families.qwen2_5_vl",
-    "staprune.families.qwen3_vl",
-    "staprune.families.llava_onevision",
+    "staprune.families.video_llms.qwen2_5_vl",
+    "staprune.families.video_llms.qwen3_vl",
+    "staprune.families.video_llms.llava_onevision",
+    "staprune.families.video_llms.internvl",
 )
 ENTRY_POINT_GROUP = "staprune.models"
 
@@ -166,6 +179,8 @@ def levels_of(name: str, spec: Spec) -> tuple[int, ...]:
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "VIDEO_CLASSIFIER",
+    "VIDEO_LLM",
     "FAMILY_MODULES",
     "Family",
     "FamilyModels",
@@ -185,5 +200,6 @@ __all__ = [
     "model_names",
     "register_family",
     "register_model",
+    "require_kind",
     "suggest",
 ]

@@ -1,38 +1,35 @@
-"""The family interface: everything staprune knows about one kind of model, behind one class.
+"""The family core: what staprune knows about one kind of model, behind one class, whatever its kind.
 
-A *family* is a kind of backbone (Hugging Face VideoMAE, torchvision Video Swin, ViViT, ...).
-Its module (``staprune/families/<name>.py``) defines one :class:`Family` subclass and the named
-models of its registry (:class:`ModelEntry`). Everything else in staprune (flops, bench, eval,
-visualize, analyze, finetune, the demo) asks the family and never branches on family names.
+A *family* is a kind of model (Hugging Face VideoMAE, torchvision Video Swin, Qwen2.5-VL, ...).
+Its module defines one family class and the named models of its registry (:class:`ModelEntry`).
+Everything else in staprune asks the family and never branches on family names.
 
-What a family answers:
+Every family answers the same core (:class:`Family`): recognising and patching a model, checking
+options (refused, never ignored), its geometry as plain data (:class:`Spec`), analytic FLOPs,
+building from a registry name, its tiny test model, and loading a folder. Families come in two
+kinds, each a subclass with what only that kind has:
 
-* **recognition and patching**: :meth:`Family.recognizes`, :meth:`Family.patch` (the adapter:
-  it finds the tensors the algorithm needs and applies the indices it returns);
-* **geometry**: :meth:`Family.spec_of` reads a :class:`Spec` (width, depth, input) off a built
-  model; :meth:`Family.geometry` gives the token grids of an input; :meth:`Family.plan` resolves
-  a pruning config for it (``ValueError`` for r too large, frames that do not divide);
-* **input layout and outputs**: :meth:`Family.to_input` turns views ``(B, T, 3, H, W)`` into what
-  the model's forward takes, :meth:`Family.logits` unwraps its output;
-* **FLOPs**: :meth:`Family.flops`, analytic, one multiply-add = one FLOP;
-* **building and loading**: :meth:`Family.build` (random weights from a spec), and the loaders
-  :meth:`Family.load_folder` (HF folders and hub ids by ``config.json`` ``model_type``) and
-  :meth:`Family.load_file` (state-dict files the family recognises), each verified key by key;
-* **preprocessing and evaluation protocol**: :meth:`Family.preprocessing`, :meth:`Family.protocol`;
-* **analysis hooks**: :meth:`Family.blocks`, :meth:`Family.patch_tokens`, :meth:`Family.final_features`.
+* video classifiers (:class:`staprune.families.classifier.VideoClassifierFamily`): token grids,
+  pruning plans and levels, input layout and logits, state-dict files, evaluation protocols,
+  analysis hooks;
+* video LLMs (:class:`staprune.families.video_llms.base.VideoLLMFamily`): prompts, each video's
+  placeholder layout, the video-token methods, prefill FLOPs.
+
+A command supports one kind or both; on a family of a kind it does not run it says so in one line
+(:func:`require_kind`) before any work.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor, nn
 
-from ..core.config import PruningPlan, STAConfig, Stage
+from ..core.config import STAConfig
 from ..core.errors import ConfigError, UsageError
 from ..data.sampling import ViewProtocol
 from ..data.transforms import Preprocessing
@@ -224,6 +221,15 @@ class LoadedModel:
             self._digest = state_digest(self.model)
         return self._digest
 
+    def transform(self, tag: str, change: Callable[[nn.Module], Any]) -> LoadedModel:
+        """Apply ``change`` to the model in place (int8 quantization, ...): its digest becomes the
+        weights' digest and ``tag``, so results of the changed model never resume or mix with the
+        original's, and the same change of the same weights resumes its own."""
+        original = self.digest()
+        change(self.model)
+        self._digest = hashlib.sha1(f"{original}+{tag}".encode()).hexdigest()
+        return self
+
     def default_r(self, frames: int | None = None, size: int | None = None) -> int:
         """The middle of :meth:`default_levels`: the r commands use when none is given (as the paper
         trains STA48-ViT-B, levels 32/48/64)."""
@@ -278,113 +284,69 @@ class ModelEntry:
 
 
 # --- the family interface -----------------------------------------------------------------------
+VIDEO_CLASSIFIER = "video classifier"  # a video backbone and its head: clips in, class logits out
+VIDEO_LLM = "video LLM"  # a vision tower and a language model: prompts with videos in, text out
+
+
 class Family:
-    """Base class of a model family. Subclasses set the class attributes and override the methods.
+    """What every family answers, whichever kind of model it covers (:attr:`kind`).
+
+    The two kinds build on this: :class:`~staprune.families.classifier.VideoClassifierFamily`
+    (token grids, pruning plans, evaluation protocols, analysis hooks) and
+    :class:`~staprune.families.video_llms.base.VideoLLMFamily` (prompts, video layouts, video-token
+    methods). A command that supports one kind dispatches on :attr:`kind` and refuses the other
+    in one line (:func:`require_kind`).
 
     Attributes:
         name: short name (``videomae``), the key of the registry and of :attr:`Spec.family`.
         title: what the family covers, for listings and errors.
+        kind: :data:`VIDEO_CLASSIFIER` or :data:`VIDEO_LLM`.
         classes: the model classes it patches, for the "unsupported model" TypeError.
         hf_model_types: ``config.json`` ``model_type`` values of HF folders it loads.
-        input_layout: ``BTCHW`` (views as they come) or ``BCTHW`` (channels before time).
-        protocols: evaluation protocol per dataset (``k400``, ``ssv2``).
-        r_name: what the family's r is called in tables (``r``; Video Swin: ``r1``).
         builder_names: architecture names that take a weights file (``--model swin3d_t --weights F``).
-        supports_tome: the ToMe baseline (``method="tome"``) works on this family (it merges
-            tokens, which needs an attention that can weigh a token by its size).
-        tome_refusal: why ToMe does not apply, for the error of a family that refuses it.
-        block_locations: pruning locations are block indices of one columnar stack (the paper's
-            ViT placement ``0, L/3, 2L/3``), so the ablations over locations apply.
-        stock_kernels_at_r0: a patched model that drops nothing runs the stock model's kernels
-            (False for Video Swin, whose patch fuses window attention even at r=0).
-        supports_gradient_checkpointing: pruning layers may sit inside transformers' per-layer
-            activation checkpointing (their forward replaces the instance's, so they run once).
-        no_weight_decay: parameter-name fragments fine-tuning exempts from weight decay (besides
-            biases and norms), e.g. Swin's relative-position tables.
-        video_llm: a video LLM (pruned before its language model): takes ``keep_ratio``,
-            ``positions`` and ``method="uniform"``/``"static"``, which the video classifiers refuse.
     """
 
     name: ClassVar[str] = ""
     title: ClassVar[str] = ""
+    kind: ClassVar[str] = ""
     classes: ClassVar[tuple[str, ...]] = ()
     hf_model_types: ClassVar[tuple[str, ...]] = ()
-    input_layout: ClassVar[str] = "BTCHW"
-    protocols: ClassVar[Mapping[str, ViewProtocol]] = {}
-    r_name: ClassVar[str] = "r"
     builder_names: ClassVar[tuple[str, ...]] = ()
-    supports_tome: ClassVar[bool] = False
-    tome_refusal: ClassVar[str] = "ToMe is implemented for VideoMAE only"
-    block_locations: ClassVar[bool] = True
-    stock_kernels_at_r0: ClassVar[bool] = True
-    supports_gradient_checkpointing: ClassVar[bool] = False
-    no_weight_decay: ClassVar[tuple[str, ...]] = ()
-    video_llm: ClassVar[bool] = False
 
     # recognition and patching ------------------------------------------------------------------
     def recognizes(self, model: nn.Module) -> bool:
         """Whether ``model`` is one this family patches."""
         raise NotImplementedError
 
+    def methods(self) -> tuple[str, ...]:
+        """The ``method`` values this family takes."""
+        raise NotImplementedError
+
     def check_method(self, config: STAConfig) -> None:
-        """Refuse a method this family cannot run (ToMe where :attr:`supports_tome` is False)."""
-        if config.method == "tome" and not self.supports_tome:
-            others = ("sta", "random", "uniform", "static", "none") if self.video_llm else ("sta", "random", "none")
-            raise ConfigError(
-                f"method='tome' is not supported for {self.title}: {self.tome_refusal}; use "
-                f"{', '.join(others[:-1])} or {others[-1]}"
-            )
-        if not self.video_llm:
-            if config.method in ("uniform", "static"):
-                raise ConfigError(f"method={config.method!r} is a video-LLM baseline; {self.title} "
-                                  "takes sta, random, tome or none")
-            if config.keep_ratio is not None or config.positions != "original":
-                raise ConfigError(f"keep_ratio and positions apply to video LLMs; {self.title} prunes r tokens "
-                                  "per temporal unit: staprune.patch(model, r=...)")
+        """Refuse, in one line, a method or an option this family cannot honour (nothing is ignored)."""
+        if config.method not in self.methods():
+            raise ConfigError(f"method={config.method!r} does not apply to {self.title} ({self.kind}); use "
+                              f"{self.method_choices()}")
+
+    def method_choices(self) -> str:
+        """The methods for a message: ``sta, random, uniform, static or none``."""
+        methods = [m for m in self.methods() if m != "none"]
+        return f"{', '.join(methods)} or none" if "none" in self.methods() else ", ".join(methods)
 
     def patch(self, model: nn.Module, config: STAConfig) -> nn.Module:
         """Patch ``model`` in place (see :func:`staprune.patch`); validates ``config`` first."""
         raise NotImplementedError
 
-    # geometry ----------------------------------------------------------------------------------
+    # geometry and FLOPs ------------------------------------------------------------------------
     def spec_of(self, model: nn.Module, frames: int | None = None, size: int | None = None) -> Spec:
         """The geometry of a built model, optionally on another input clip."""
         raise NotImplementedError
 
-    def geometry(self, spec: Spec) -> TokenGeometry:
-        """Token grids of ``spec``'s input."""
-        raise NotImplementedError
-
-    def plan(self, spec: Spec, config: STAConfig) -> PruningPlan:
-        """``config`` resolved for ``spec``'s geometry (``ValueError`` when it does not fit)."""
-        raise NotImplementedError
-
-    def levels(self, spec: Spec) -> tuple[int, ...]:
-        """Three pruning levels (non-zero r) for ``spec``: the paper's where they fit, else
-        scaled to the token count."""
-        raise NotImplementedError
-
-    # input and output --------------------------------------------------------------------------
-    def to_input(self, views: Tensor) -> Tensor:
-        """Views ``(B, T, 3, H, W)`` -> the model's input layout."""
-        if self.input_layout == "BCTHW":
-            return views.transpose(1, 2).contiguous()
-        return views
-
-    def example_input(self, spec: Spec, batch_size: int = 1, **tensor_kwargs: Any) -> Tensor:
-        """A random input for a model of ``spec`` in the model's layout."""
-        views = torch.randn(batch_size, spec.frames, spec.in_chans, spec.size, spec.size, **tensor_kwargs)
-        return self.to_input(views)
-
-    def logits(self, output: Any) -> Tensor:
-        """Logits ``(B, classes)`` from the model's output (HF output object or a tensor)."""
-        return output.logits if hasattr(output, "logits") else output
-
-    # FLOPs, building, loading ------------------------------------------------------------------
     def flops(self, spec: Spec, config: STAConfig):
-        """Analytic :class:`staprune.core.flops.FlopCount` of one view of ``spec`` under ``config``."""
+        """Analytic :class:`staprune.core.flops.FlopCount` of one input of ``spec`` under ``config``."""
         raise NotImplementedError
 
+    # building and loading ----------------------------------------------------------------------
     def build(self, spec: Spec, attn_implementation: str = "sdpa") -> nn.Module:
         """A model of ``spec`` with random weights, in eval mode."""
         raise NotImplementedError
@@ -407,48 +369,25 @@ class Family:
         raise NotImplementedError(f"{self.title} cannot be loaded from a Hugging Face folder")
 
     def claims_file(self, state: Mapping[str, Tensor]) -> bool:
-        """Whether a state dict read from a file is in a layout :meth:`load_file` reads."""
+        """Whether a state dict read from a file is in a layout this family loads (video classifiers)."""
         return False
-
-    def load_file(self, path: Path, state: Mapping[str, Tensor], **geometry: Any) -> LoadedModel:
-        """A model from a state-dict file this family claims (``geometry``: frames, image_size,
-        num_heads for layouts that do not store them)."""
-        raise NotImplementedError
-
-    def load_builder(self, name: str, weights: str | Path) -> LoadedModel:
-        """One of :attr:`builder_names` with weights from a local file."""
-        raise NotImplementedError
 
     def preprocessing(self, size: int) -> Preprocessing:
         """Normalisation of the family's released checkpoints at input side ``size``."""
         return Preprocessing.imagenet_default(size)
 
-    def protocol(self, dataset: str) -> ViewProtocol:
-        """Test view protocol for ``dataset``."""
-        key = dataset.strip().lower()
-        if key not in self.protocols:
-            raise UsageError(f"unknown dataset {dataset!r}; valid: {', '.join(self.protocols)}")
-        return self.protocols[key]
 
-    # analysis ----------------------------------------------------------------------------------
-    def blocks(self, model: nn.Module) -> list[tuple[nn.Module, int]]:
-        """Every transformer block in depth order, with the index (into :attr:`TokenGeometry.grids`)
-        of the grid its output lives on."""
-        raise NotImplementedError
+def require_kind(family: Family, kind: str, what: str, instead: str = "") -> None:
+    """Refuse, in one line, to run ``what`` (a command, an option) on a family of another kind.
 
-    def patch_tokens(self, output: Tensor, grid: StageGrid) -> Tensor:
-        """A dense block output (or its gradient) -> ``(B, grid.tokens, C)`` patch tokens in
-        ``t * N + s`` order (extra tokens removed)."""
-        return output.reshape(output.shape[0], grid.tokens, output.shape[-1])
-
-    def kept_grid_index(self, stage: Stage) -> int:
-        """Which grid the indices a pruning stage reports (``staprune.kept_tokens``) refer to."""
-        return 0
-
-    def final_features(self, model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Final-block patch tokens ``(B, L, C)`` and their original flat indices ``(B, L)`` on the
-        final grid (``None``: dense, token ``k`` is index ``k``). ``x`` is model input."""
-        raise NotImplementedError
+    Args:
+        instead: what to use on this family instead, e.g. ``staprune bench --keep 0.3``.
+    Raises:
+        UsageError: ``family.kind`` is not ``kind``.
+    """
+    if family.kind != kind:
+        hint = f"; {instead}" if instead else ""
+        raise UsageError(f"{what} runs on {kind}s; {family.title} is a {family.kind}{hint}")
 
 
 @dataclass
@@ -460,6 +399,8 @@ class FamilyModels:
 
 
 __all__ = [
+    "VIDEO_CLASSIFIER",
+    "VIDEO_LLM",
     "Family",
     "FamilyModels",
     "LoadedModel",
@@ -470,6 +411,7 @@ __all__ = [
     "capture_output",
     "check_fixed_clip",
     "check_frames",
+    "require_kind",
     "scaled_levels",
     "side",
 ]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -33,6 +33,7 @@ from .base import (
     check_frames,
     scaled_levels,
 )
+from .classifier import VideoClassifierFamily
 
 
 # --- Hugging Face folders ----------------------------------------------------------------------
@@ -76,6 +77,13 @@ def saved_layout(model: nn.Module) -> dict[str, Tensor]:
     return dict(revert_weight_conversion(model, state))
 
 
+def stored_once(expected: dict[str, Tensor], state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``expected`` without the names of tied tensors ``state`` holds under another name:
+    ``save_pretrained`` writes a tied weight once (a language-model head sharing the embeddings)."""
+    stored = {t.data_ptr() for k, t in expected.items() if k in state and t.numel()}
+    return {k: t for k, t in expected.items() if k in state or not t.numel() or t.data_ptr() not in stored}
+
+
 def load_hf_pretrained(cls, folder: Path, name: str, *, fix_state=None) -> nn.Module:
     """``cls.from_pretrained(folder)``, then every stored tensor compared, name by name and value by
     value, with what the model holds (in the folder's own naming, :func:`saved_layout`), so nothing is
@@ -98,10 +106,11 @@ def load_hf_pretrained(cls, folder: Path, name: str, *, fix_state=None) -> nn.Mo
     if fix_state is not None:
         state = fix_state(state)
     current = model.state_dict()
-    expected = current if set(state) <= set(current) else saved_layout(model)
+    renamed = not set(state) <= set(current)  # transformers >= 5 renamed some weights on load
+    expected = stored_once(saved_layout(model) if renamed else current, state)
     verify_state_dict(model, state, f"checkpoint {name}", expected)
     ignored = [k for k in state if not torch.equal(expected[k], state[k].to(expected[k].dtype))]
-    if ignored and expected is not current:
+    if ignored and renamed:
         raise CheckpointError(f"{name}: {len(ignored)} stored tensors did not load into the model: {listing(ignored)}")
     if ignored:
         # This transformers release did not load these (typically q_bias/v_bias); we do.
@@ -138,7 +147,7 @@ class TransformersFamily(Family):
         return bool(found) and isinstance(model, tuple(found))
 
 
-class HuggingFaceFamily(TransformersFamily):
+class HuggingFaceFamily(TransformersFamily, VideoClassifierFamily):
     """Base of the families of transformers models (VideoMAE, ViViT, V-JEPA 2, TimeSformer).
 
     Subclasses set :attr:`transformers_classes` (the video classifier first, then its encoder),

@@ -24,8 +24,18 @@ from typing import Any
 
 import torch
 
-from ..core.config import FIRST_TRANSITION, FIRST_UNIT, SCHEDULES, SCORES, SIMILARITY, TOME_MODES, STAConfig
+from ..core.config import (
+    CLASSIFIER_METHODS,
+    FIRST_TRANSITION,
+    FIRST_UNIT,
+    SCHEDULES,
+    SCORES,
+    SIMILARITY,
+    TOME_MODES,
+    STAConfig,
+)
 from ..core.errors import UsageError
+from ..core.video_methods import video_method, video_method_names
 from .devices import DTYPES
 
 MODEL_FORMS = (
@@ -191,17 +201,48 @@ def default_r(args: argparse.Namespace, model_r: int) -> int:
     return 0 if explicit_schedule(pruning_options(args)) else model_r
 
 
+class RetiredFlag(argparse.Action):
+    """A flag that no longer exists under this name: giving it (with or without a value) is one line that
+    names the flag to use instead, exit 2, before any work. Hidden from ``--help``; sets nothing."""
+
+    def __init__(self, option_strings, dest, *, message: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        self.message = message
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.error(self.message)
+
+
+def add_retired_flag(parser: argparse.ArgumentParser, flag: str, message: str) -> None:
+    """``flag`` answers ``message`` (:class:`RetiredFlag`)."""
+    parser.add_argument(flag, action=RetiredFlag, message=message)
+
+
 def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
-    """``--quantize int8``: PyTorch's dynamic int8 on the linear layers, the pruning kept (CPU)."""
-    parser.add_argument("--quantize", choices=("int8",),
-                        help="dynamic int8 on every linear layer, after patching (CPU, fp32 activations in and out)")
+    """``--int8``: PyTorch's dynamic int8 on the linear layers, the pruning kept (CPU); sets
+    ``args.quantize`` to ``"int8"`` (else None), the quantization :func:`staprune.api.deploy.quantize_loaded`
+    applies. The former ``--quantize int8`` names it (``staprune export`` writes ONNX Runtime's int8
+    with ``--onnx-int8``)."""
+    parser.add_argument("--int8", dest="quantize", action="store_const", const="int8",
+                        help="PyTorch's dynamic int8 on every linear layer, after patching (CPU, fp32 activations "
+                        "in and out)")
+    add_retired_flag(parser, "--quantize", "--quantize is now --int8 (PyTorch's dynamic int8 of the linear layers)")
 
 
 def check_quantize(args: argparse.Namespace, device: torch.device) -> None:
-    """``--quantize`` runs on CPU in fp32: anything else is one clear line before any work."""
+    """``--int8`` runs on CPU in fp32: anything else is one clear line before any work."""
     if getattr(args, "quantize", None) and (device.type != "cpu" or getattr(args, "dtype", "fp32") != "fp32"):
-        raise UsageError(f"--quantize {args.quantize} is PyTorch's dynamic int8 on CPU with fp32 activations: "
-                         "use --device cpu --dtype fp32")
+        raise UsageError("--int8 is PyTorch's dynamic int8 on CPU with fp32 activations: use --device cpu --dtype fp32")
+
+
+def add_method_argument(parser: argparse.ArgumentParser) -> None:
+    """``--method`` of the commands that run on both kinds: the classifiers' methods and every
+    registered video-token method (:mod:`staprune.core.video_methods`); the family refuses what it
+    does not take, in one line."""
+    video = [m for m in video_method_names() if m not in CLASSIFIER_METHODS]
+    parser.add_argument("--method", default="sta", choices=tuple(dict.fromkeys(("sta", "random", "tome", *video))),
+                        help=f"pruning method (video LLMs only: {', '.join(video)}; "
+                        f"{'; '.join(f'{m}: {video_method(m).description}' for m in video)})")
 
 
 def add_keep_argument(parser: argparse.ArgumentParser) -> None:
@@ -236,8 +277,10 @@ def _method(args: argparse.Namespace) -> str:
 
 __all__ = [
     "MODEL_FORMS",
+    "RetiredFlag",
     "add_keep_argument",
     "add_quantize_argument",
+    "add_retired_flag",
     "check_quantize",
     "refuse_keep",
     "video_llm_settings",

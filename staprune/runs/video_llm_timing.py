@@ -4,8 +4,9 @@ KV-cache bytes (``staprune bench`` on a video LLM, ``benchmarks/bench_video_llm.
 Every setting runs on the same model object, round-robin (one of each per round), as
 :mod:`staprune.runs.timing` does for the classifiers. Per setting and round:
 
-* **encode**: the vision encoder and projector on the video (``get_video_features``, which
-  ``generate`` calls before its first forward; pruning does not change it). It runs once per round
+* **encode**: the vision encoder and projector on the video (the method the family declares,
+  ``get_video_features`` or InternVL's ``get_image_features``, which ``generate`` calls before its
+  first forward; pruning does not change it). It runs once per round
   for the stock model and once for each different vision-side need of the pruned settings (the
   similarity read off the tower): budgets that differ only in how many tokens they keep share it;
 * **prefill**: the forward after it, on the encoded features, STA's selection included: what
@@ -19,6 +20,7 @@ and once: the KV cache the prompt leaves (bytes) and its length.
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from collections.abc import Sequence
@@ -27,15 +29,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..adapters.state import PATCH_ATTR
 from ..api.patching import patch, unpatch
 from ..core.config import STAConfig
-from ..core.flops import wrapping_selection
+from ..core.selection_hook import wrapping_selection
+from ..families import family_of
 from ..families.base import Family
-from ..families.video_llm import VideoLLMSpec, prefill_flops
+from ..families.video_llms.base import VideoLLMSpec, prefill_flops
 from .timing import sync_device, timed_selection
-
-VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw")
 
 
 @dataclass
@@ -66,8 +66,7 @@ def setting_label(config: STAConfig | None) -> str:
     """``dense`` for the stock model, else the budget and method (``keep 0.3``, ``r=8 random``)."""
     if config is None:
         return "dense"
-    budget = f"keep {config.keep_ratio:g}" if config.keep_ratio is not None else f"r={config.r}"
-    return budget if config.method == "sta" else f"{budget} {config.method}"
+    return config.budget if config.method == "sta" else f"{config.budget} {config.method}"
 
 
 def cache_bytes(cache) -> int:
@@ -84,32 +83,35 @@ def time_video_llm(model: nn.Module, inputs: dict[str, Tensor], settings: Sequen
         "kv_bytes": B}``.
     """
     device = inputs["input_ids"].device
-    inner = model.model if hasattr(model, "lm_head") else model
-    text_only = {k: v for k, v in inputs.items() if k not in VIDEO_KEYS}
-    video = {k: inputs[k] for k in VIDEO_KEYS if k in inputs}
+    described = family_of(model).describe(model)
+    # The encoder's own arguments, as generate() picks them: the rest is the prompt.
+    accepted = set(inspect.signature(getattr(described.inner, described.encoder)).parameters) - {"kwargs"}
+    video = {k: v for k, v in inputs.items() if k in accepted}
+    text_only = {k: v for k, v in inputs.items() if k not in accepted}
     results = [{"encode": [], "prefill": [], "ttft": [], "selection": []} for _ in settings]
     spent = [0.0]
     try:
         with torch.inference_mode(), wrapping_selection(timed_selection(device, spent)):
             for round_index in range(warmup + repeats):
-                shared: dict = {}  # vision-side need -> (features, what the patch recorded, seconds)
+                # vision-side need -> (features, seconds); the features carry what the patched
+                # get_video_features recorded of each video (its layout, keys), as generate() hands them over
+                shared: dict = {}
                 for config, result in zip(settings, results, strict=True):
                     unpatch(model)
                     if config is not None:
                         patch(model, config=config)
                     need = None if config is None else (config.similarity, config.method)
                     if need in shared:
-                        encoded, videos, encode = shared[need]
-                        model.__dict__[PATCH_ATTR].videos = videos
+                        encoded, encode = shared[need]
                     else:
                         sync_device(device)
                         start = time.perf_counter()
                         # through the patched entry point, as generate() calls it: it records each video's layout
-                        encoded = {"video": inner.get_video_features(**video, return_dict=True)}
+                        encoder = getattr(described.inner, described.encoder)  # the patched one: it records each video
+                        encoded = {described.modality: encoder(**video, return_dict=True)}
                         sync_device(device)
                         encode = time.perf_counter() - start
-                        videos = None if config is None else model.__dict__[PATCH_ATTR].videos
-                        shared[need] = (encoded, videos, encode)
+                        shared[need] = (encoded, encode)
                     spent[0] = 0.0
                     start = time.perf_counter()
                     out = model(**text_only, use_cache=True, logits_to_keep=1, mm_encoder_outputs=encoded)

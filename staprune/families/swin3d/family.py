@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ...adapters.state import final_kept, kept_stages
@@ -27,7 +28,6 @@ from ...data.sampling import ViewProtocol
 from ...data.transforms import Preprocessing
 from ...storage.state_dicts import listing, load_verified, read_state_dict
 from ..base import (
-    Family,
     FamilyModels,
     LoadedModel,
     ModelEntry,
@@ -37,6 +37,7 @@ from ..base import (
     capture_output,
     scaled_levels,
 )
+from ..classifier import VideoClassifierFamily
 from .pruned_stage import patch_swin3d
 from .windows import ceil_div, stage_modules
 
@@ -184,7 +185,7 @@ def load_torchvision_swin(name: str | None, weights: str | Path, state: Mapping[
 
 
 # --- the family ---------------------------------------------------------------------------------
-class Swin3dFamily(Family):
+class Swin3dFamily(VideoClassifierFamily):
     name = "swin3d"
     title = "Video Swin (torchvision SwinTransformer3d)"
     classes = ("torchvision SwinTransformer3d (swin3d_t/s/b)",)
@@ -259,6 +260,19 @@ class Swin3dFamily(Family):
             stochastic_depth_prob=0.0,
             num_classes=spec.num_classes,
         ).eval()
+
+    def tiny_model(self, seed: int = 0, *, num_classes: int = 10, **kwargs: Any) -> nn.Module:
+        """A torchvision ``SwinTransformer3d`` with the paper's patch (2,4,4) but tiny width and depth:
+        embedding 24, depths (1, 1, 2, 1), heads (1, 2, 3, 6), windows (2, 7, 7), 10 classes; it
+        reads any clip. ``torch.manual_seed(seed)`` is set first.
+        ``kwargs``: further ``SwinTransformer3d`` arguments (``depths``, ``num_heads``, ``window_size``,
+        ``stochastic_depth_prob`` (torchvision's default 0.1), ...)."""
+        from torchvision.models.video.swin_transformer import SwinTransformer3d
+
+        torch.manual_seed(seed)
+        fields = dict(patch_size=[2, 4, 4], embed_dim=24, depths=[1, 1, 2, 1], num_heads=[1, 2, 3, 6],
+                      window_size=[2, 7, 7], num_classes=num_classes)
+        return SwinTransformer3d(**{**fields, **kwargs}).eval()
 
     def preprocessing(self, size: int) -> Preprocessing:
         return Preprocessing.kinetics_swin(size)

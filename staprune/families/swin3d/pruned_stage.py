@@ -44,13 +44,12 @@ from ...adapters.filled_grid import (
     nearest_kept_fill,
     project_slice,
     qkv_part,
-    slice_metric,
 )
 from ...adapters.state import Patch, current_stage
 from ...core.config import PruningPlan, STAConfig, Stage, resolve_swin_plan
 from ...core.errors import ConfigError, UnsupportedModelError
-from ...core.score import gather_tokens
-from ..base import Family
+from ...core.score import gather_tokens, slice_metric
+from ..classifier import VideoClassifierFamily
 from .attention import FusedWindowAttention, QuerySubset, fused_attention_forward, query_subsets
 from .windows import WindowLayout, stage_grids, stage_modules
 
@@ -166,7 +165,7 @@ def _check_structure(model: nn.Module) -> None:
         )
 
 
-def patch_swin3d(model: nn.Module, config: STAConfig, family: Family) -> nn.Module:
+def patch_swin3d(model: nn.Module, config: STAConfig, family: VideoClassifierFamily) -> nn.Module:
     """Patch a torchvision ``SwinTransformer3d`` in place (see :func:`staprune.patch`).
 
     The config is validated now against the model's nominal input (the paper's 32x224², or the

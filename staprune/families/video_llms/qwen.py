@@ -1,11 +1,12 @@
-"""Qwen2.5-VL (transformers ``Qwen2_5_VLForConditionalGeneration`` / ``Qwen2_5_VLModel``): STA on
-each video's merged tokens before the language model (docs/families/video-llms.md).
+"""What the Qwen video LLMs (Qwen2.5-VL, Qwen3-VL) share: the base of both families, written once
+(sibling families never import each other). docs/families/video-llms.md.
 
-A temporal unit is one temporal patch (two frames) of ``(h/2)·(w/2)`` merged tokens
-(``video_grid_thw`` gives ``t, h, w`` per video). Kept tokens keep their stock 3D M-RoPE positions
-(time, row, column), and the text after the video keeps its stock positions too.
-``similarity="key"`` reads the vision tower's last-block keys (before rotary), averaged over the
-2x2 patches each token merges and put back in token order (the tower runs in window order).
+A video is ``pixel_values_videos`` rows with its ``video_grid_thw`` ``(t, h, w)``, encoded by
+``get_video_features``. A temporal unit is one temporal patch (two frames) of ``(h/2)·(w/2)``
+merged tokens. Kept tokens keep their stock 3D M-RoPE positions (time, row, column), and the text
+after the video keeps its stock positions too. ``similarity="key"`` reads the vision tower's
+last-block keys (before rotary), averaged over the 2x2 patches each token merges, in token order
+(Qwen2.5-VL's tower runs in window order: its keys are put back).
 """
 
 from __future__ import annotations
@@ -16,12 +17,16 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..adapters.video_tokens import VideoLayout, VideoLLMModel, VideoPatch
-from ..core.baselines import unit_change
-from ..core.errors import ConfigError
-from ..data.transforms import Preprocessing
-from .base import FamilyModels, ModelEntry
-from .video_llm import VideoLLMFamily, VideoLLMSpec, merged_keys, normalised, prompt_ids, text_ids
+from ...adapters.video_tokens import VideoInputs, VideoLLMModel, VideoPatch
+from ...core.errors import ConfigError
+from ...core.video_methods import VideoLayout
+from ...data.transforms import Preprocessing
+from .base import VideoLLMFamily, VideoLLMSpec, merged_keys, normalised, prompt_ids, text_ids
+
+# Placeholder ids of the tiny test models (image, video, vision start, vision end).
+TINY_IDS = dict(image_token_id=10, video_token_id=11, vision_start_token_id=12, vision_end_token_id=13)
+# Published ids (every Qwen2.5-VL and Qwen3-VL checkpoint).
+QWEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
 
 # Qwen2.5-VL's processor normalises with OpenAI CLIP's statistics (Qwen3-VL's with 0.5).
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -29,9 +34,8 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 
 @dataclass(frozen=True)
 class QwenVLSpec(VideoLLMSpec):
-    """A Qwen2.5-VL: frames come in temporal patches, the side in merged patches (28 px at 14 px patches)."""
-
-    family: ClassVar[str] = "qwen2_5_vl"
+    """A Qwen video LLM: frames come in temporal patches, the side in merged patches (Qwen2.5-VL:
+    28 px at 14 px patches; Qwen3-VL: 32 px at 16 px)."""
 
     def with_input(self, frames: int | None = None, size: int | None = None) -> QwenVLSpec:
         spec = super().with_input(frames, size)
@@ -55,28 +59,27 @@ class QwenVLSpec(VideoLLMSpec):
 def qwen_layouts(merge: int):
     """``video_grid_thw`` ``(V, 3)`` -> one layout per video: ``t`` units of ``(h/merge) x (w/merge)`` tokens."""
 
-    def layouts(pixels: torch.Tensor, grid: torch.Tensor | None) -> list[VideoLayout]:
-        return [VideoLayout(int(t), int(h) // merge, int(w) // merge) for t, h, w in grid.tolist()]
+    def layouts(inputs: VideoInputs) -> list[VideoLayout]:
+        return [VideoLayout(int(t), int(h) // merge, int(w) // merge) for t, h, w in inputs["video_grid_thw"].tolist()]
 
     return layouts
 
 
-def qwen_pixel_change(merge: int):
-    """Per video ``(t, h·w / merge²)``: each merged token's pixel change between temporal patches.
+def qwen_unit_pixels(merge: int):
+    """Per video ``(t, h·w / merge², P)``: each merged token's pixels, per temporal patch.
 
     Qwen's processor flattens a video's patches as ``(t, h/merge, w/merge, merge, merge)`` rows of
     ``channels x temporal_patch x patch²`` values, so each token's pixels are ``merge²`` consecutive rows.
     """
 
-    def pixel_change(pixels: torch.Tensor, grid: torch.Tensor | None) -> list[torch.Tensor]:
-        changes, start = [], 0
-        for t, h, w in grid.tolist():
-            rows = pixels[start : start + t * h * w].float()
-            changes.append(unit_change(rows.reshape(t, h * w // merge**2, -1)))
+    def unit_pixels(inputs: VideoInputs) -> list[torch.Tensor]:
+        pixels, videos, start = inputs["pixel_values_videos"], [], 0
+        for t, h, w in inputs["video_grid_thw"].tolist():
+            videos.append(pixels[start : start + t * h * w].float().reshape(t, h * w // merge**2, -1))
             start += t * h * w
-        return changes
+        return videos
 
-    return pixel_change
+    return unit_pixels
 
 
 def install_qwen_keys(p: VideoPatch, inner: nn.Module, windowed: bool):
@@ -90,10 +93,10 @@ def install_qwen_keys(p: VideoPatch, inner: nn.Module, windowed: bool):
         if p.encoding_video:
             captured["qkv"] = output
 
-    def read(pixels: torch.Tensor, grid: torch.Tensor | None) -> torch.Tensor:
+    def read(inputs: VideoInputs) -> torch.Tensor:
         keys = merged_keys(captured.pop("qkv"), attention.num_heads, visual.spatial_merge_size**2)
         if windowed:  # rows are in window order; the tokens the language model sees are not
-            keys = keys[torch.argsort(_window_index(visual, grid))]
+            keys = keys[torch.argsort(_window_index(visual, inputs["video_grid_thw"]))]
         return keys
 
     p.hook(attention.qkv, keep_qkv)
@@ -153,6 +156,15 @@ def qwen_vision_tower_flops(spec: QwenVLSpec, windowed: bool) -> dict[str, float
     }
 
 
+def tiny_qwen_config(vision: dict, text: dict) -> dict:
+    """The tests' tiny Qwen config around a family's vision and text fields (ids below a vocabulary of 100)."""
+    return dict(text_config=dict(dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2), **text),
+                vision_config=dict(dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                                        out_hidden_size=64), **vision),
+                **TINY_IDS)
+
+
 def qwen_video_inputs(model: nn.Module, frames: Tensor, spec: QwenVLSpec, prep: Preprocessing,
                       unit_prefix: int = 0) -> dict[str, Tensor]:
     """One prompt around one video laid out as Qwen's processors do; with ``unit_prefix`` timestamp
@@ -175,25 +187,23 @@ def qwen_video_inputs(model: nn.Module, frames: Tensor, spec: QwenVLSpec, prep: 
             "video_grid_thw": torch.tensor([[t, h, w]])}
 
 
-class Qwen25VLFamily(VideoLLMFamily):
-    """Qwen2.5-VL; Qwen3-VL differs only in its classes and a vision tower without window order.
+class QwenVLFamily(VideoLLMFamily):
+    """Base of the Qwen families; Qwen2.5-VL and Qwen3-VL differ in their classes, the vision tower's
+    window order, the timestamps between temporal patches and Qwen3-VL's DeepStack side inputs.
 
     Attributes:
         windowed_vision: the vision tower runs merged tokens in window order (keys are put back
             in token order).
+        unit_prefix: timestamp tokens before each temporal patch (Qwen3-VL: "<t seconds>").
     """
 
-    name = "qwen2_5_vl"
-    title = "Qwen2.5-VL (transformers)"
-    transformers_classes = ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel")
-    hf_model_types = ("qwen2_5_vl",)
-    config_class = "Qwen2_5_VLConfig"
     spec_class = QwenVLSpec
     windowed_vision: ClassVar[bool] = True
-    unit_prefix: ClassVar[int] = 0  # timestamp tokens before each temporal patch (Qwen3-VL: "<t seconds>")
+    unit_prefix: ClassVar[int] = 0
 
-    def preprocessing(self, size: int) -> Preprocessing:
-        return Preprocessing(size, CLIP_MEAN, CLIP_STD)
+    def side_inputs(self):
+        """What follows the kept tokens besides the embeddings (Qwen3-VL: DeepStack), or None."""
+        return None
 
     def layout(self, spec: QwenVLSpec) -> VideoLayout:
         t, h, w = spec.grid
@@ -219,34 +229,11 @@ class Qwen25VLFamily(VideoLLMFamily):
             language_model=inner.language_model,
             video_token_id=inner.config.video_token_id,
             layouts=qwen_layouts(inner.config.vision_config.spatial_merge_size),
-            pixel_change=qwen_pixel_change(inner.config.vision_config.spatial_merge_size),
+            unit_pixels=qwen_unit_pixels(inner.config.vision_config.spatial_merge_size),
             install_keys=lambda p, m: install_qwen_keys(p, m, windowed=self.windowed_vision),
+            side_inputs=self.side_inputs(),
         )
 
 
-# Published configs (config.json architecture fields, in transformers 5's names); random weights.
-QWEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
-QWEN25_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
-                     spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
-                     tokens_per_second=2, in_channels=3, hidden_act="silu")
-QWEN25_ROPE = dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24])
-
-
-def qwen25_config(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int, tied: bool) -> dict:
-    """A Qwen2.5-VL config: the shared vision tower, the language model's shape."""
-    text = dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
-                num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=128000, rms_norm_eps=1e-6,
-                rope_parameters=QWEN25_ROPE)
-    return dict(text_config=text, vision_config=dict(QWEN25_VISION, out_hidden_size=hidden), tie_word_embeddings=tied,
-                **QWEN_IDS)
-
-
-FAMILY = Qwen25VLFamily()
-REGISTRATION = FamilyModels(FAMILY, (
-    ModelEntry("Qwen2.5-VL-3B", FAMILY.name, QwenVLSpec(config=qwen25_config(2048, 11008, 36, 16, 2, 151936, True)),
-               description="Qwen2.5-VL-3B-Instruct, 16 frames at 448² (random weights)"),
-    ModelEntry("Qwen2.5-VL-7B", FAMILY.name, QwenVLSpec(config=qwen25_config(3584, 18944, 28, 28, 4, 152064, False)),
-               description="Qwen2.5-VL-7B-Instruct, 16 frames at 448² (random weights)"),
-))
-
-__all__ = ["FAMILY", "QWEN_IDS", "REGISTRATION", "Qwen25VLFamily", "QwenVLSpec", "patchify", "qwen25_config", "install_qwen_keys", "qwen_layouts", "qwen_pixel_change"]
+__all__ = ["CLIP_MEAN", "CLIP_STD", "QWEN_IDS", "TINY_IDS", "QwenVLFamily", "QwenVLSpec", "install_qwen_keys", "patchify",
+           "qwen_layouts", "qwen_unit_pixels", "qwen_video_inputs", "qwen_vision_tower_flops", "tiny_qwen_config"]

@@ -1,11 +1,14 @@
-"""What the video-LLM families (Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision) share on the family interface:
-recognising the transformers classes, patching through :mod:`staprune.adapters.video_tokens`, and
-the named models' geometry (:class:`VideoLLMSpec`), random-weight building, prompts and prefill FLOPs.
+"""The video-LLM family kind: what every video-LLM family shares, written once. Recognising the
+transformers classes, checking options (the video-token methods; classifier options refused),
+patching through :mod:`staprune.adapters.video_tokens`, the named models' geometry
+(:class:`VideoLLMSpec`), random-weight building, prompts and prefill FLOPs.
 
-A subclass describes its model (:meth:`VideoLLMFamily.describe`: where the language model is, the
-video placeholder id, each video's temporal units, how to read the vision keys), lays a video out
-as its processor does (:meth:`VideoLLMFamily.video_inputs`) and counts its vision tower
-(:meth:`VideoLLMFamily.vision_flops`).
+A family module subclasses :class:`VideoLLMFamily` and declares what differs between models
+(:meth:`VideoLLMFamily.describe`: where the language model is, which method encodes a video and
+with which inputs, the placeholder id, each video's temporal units, how to read the vision keys,
+which side inputs follow the kept tokens), lays a video out as its processor does
+(:meth:`VideoLLMFamily.video_inputs`) and counts its vision tower (:meth:`VideoLLMFamily.vision_flops`).
+docs/families/add-a-video-llm.md walks through one.
 """
 
 from __future__ import annotations
@@ -20,15 +23,15 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..adapters.filled_grid import packed_slice, slice_metric
-from ..adapters.video_tokens import VideoLayout, VideoLLMModel, VideoPatch, install, kept_per_unit
-from ..core.baselines import uniform_unit_count
-from ..core.config import STAConfig
-from ..core.errors import CheckpointError, ConfigError
-from ..core.flops import FlopCount
-from ..data.transforms import Preprocessing
-from .base import LoadedModel, Spec
-from .hf import TransformersFamily, load_hf_pretrained
+from ...adapters.video_tokens import VideoLLMModel, VideoPatch, install
+from ...core.config import STAConfig
+from ...core.errors import CheckpointError, ConfigError
+from ...core.flops import FlopCount
+from ...core.score import packed_slice, slice_metric
+from ...core.video_methods import VideoLayout, kept_tokens_of, video_method_names
+from ...data.transforms import Preprocessing
+from ..base import VIDEO_LLM, LoadedModel, Spec, side
+from ..hf import TransformersFamily, load_hf_pretrained
 
 TEXT_BEFORE = 16  # prompt tokens before the video (system prompt, the turn's start) in example prompts
 
@@ -59,6 +62,21 @@ class VideoLLMSpec(Spec):
     @property
     def vision(self) -> Mapping[str, Any]:
         return self.config["vision_config"]
+
+
+@dataclass(frozen=True)
+class FixedSideSpec(VideoLLMSpec):
+    """A video LLM whose vision tower takes one side (LLaVA-OneVision, InternVL): every frame is
+    resized to it, so a spec's ``size`` is always the tower's ``image_size``."""
+
+    model_name: ClassVar[str] = ""  # how the refusal names the model
+
+    def with_input(self, frames: int | None = None, size: int | None = None) -> FixedSideSpec:
+        fixed = side(self.vision["image_size"])
+        if size is not None and size != fixed:
+            raise ConfigError(f"{self.model_name} resizes every frame to its vision tower's {fixed} px; leave out the "
+                              f"image size or give {fixed}")
+        return super().with_input(frames, fixed)
 
 
 def language_model_flops(text: Mapping[str, Any], length: int) -> dict[str, float]:
@@ -104,9 +122,7 @@ class VideoLLMFamily(TransformersFamily):
     """Base of the video-LLM families. Subclasses set :attr:`transformers_classes` (the
     ``*ForConditionalGeneration`` class first, then its ``*Model``) and implement :meth:`describe`."""
 
-    video_llm = True
-    block_locations = False
-    tome_refusal = "video-LLM tokens are dropped before the language model, not merged"
+    kind = VIDEO_LLM
     config_class: ClassVar[str] = ""  # the transformers config class of :attr:`transformers_classes`
     spec_class: ClassVar[type[VideoLLMSpec]] = VideoLLMSpec
     default_keep: ClassVar[tuple[float, ...]] = (0.5, 0.3, 0.15)  # levels as keep ratios (video-LLM papers')
@@ -119,6 +135,27 @@ class VideoLLMFamily(TransformersFamily):
     def outer(self, model: nn.Module) -> nn.Module | None:
         """The ``*ForConditionalGeneration`` (the one with the language-model head), or None for a ``*Model``."""
         return model if hasattr(model, "lm_head") else None
+
+    def methods(self) -> tuple[str, ...]:
+        """Every registered video-token method (:mod:`staprune.core.video_methods`), and ``none``."""
+        return (*video_method_names(), "none")
+
+    def check_method(self, config: STAConfig) -> None:
+        """Refuse a method that is not a video-token method, and the video classifiers' options
+        (a video LLM's tokens are chosen once, before the language model: there are no stages)."""
+        if config.method == "tome":
+            raise ConfigError(f"method='tome' is not supported for {self.title}: video-LLM tokens are dropped before "
+                              f"the language model, not merged; use {self.method_choices()}")
+        super().check_method(config)
+        default = STAConfig()
+        for option in ("schedule", "locations", "tome_mode"):
+            if getattr(config, option) != getattr(default, option):
+                raise ConfigError(f"{option} does not apply to {self.title}: a video's tokens are chosen once, before "
+                                  "the language model (no stages or block locations); leave it out")
+        if config.similarity in ("query", "value"):
+            raise ConfigError(f"similarity={config.similarity!r} does not apply to {self.title}: a video's tokens are "
+                              "compared by the vision tower's keys (similarity='key') or by the tokens the language "
+                              "model receives (similarity='hidden')")
 
     def describe(self, model: nn.Module) -> VideoLLMModel:
         """Where this model keeps what the pruning hooks need."""
@@ -178,15 +215,9 @@ class VideoLLMFamily(TransformersFamily):
         return 0
 
     def kept_video_tokens(self, spec: VideoLLMSpec, config: STAConfig) -> int:
-        """Placeholder tokens one video keeps under ``config`` (``uniform``: whole units)."""
-        layout = self.layout(spec)
+        """Placeholder tokens one video keeps under ``config`` (as its method counts: ``uniform`` whole units)."""
         self.check_method(config)
-        if config.method == "none" or (config.r == 0 and config.keep_ratio is None):
-            return layout.tokens
-        keep = kept_per_unit(config, layout.per_unit)
-        if config.method == "uniform":
-            return uniform_unit_count(layout.units, layout.per_unit, keep) * layout.per_unit + layout.tail
-        return layout.units * keep + layout.tail
+        return kept_tokens_of(self.layout(spec), config)
 
     def flops(self, spec: VideoLLMSpec, config: STAConfig) -> FlopCount:
         """Multiply-adds to the first token: the vision tower on the video (pruning does not change
@@ -246,6 +277,15 @@ def normalised(frames: Tensor, prep: Preprocessing) -> Tensor:
     """Frames ``(T, 3, H, W)`` in ``[0, 1]`` normalised with ``prep``'s mean and std."""
     mean = torch.tensor(prep.mean, dtype=frames.dtype).view(1, 3, 1, 1)
     return (frames - mean) / torch.tensor(prep.std, dtype=frames.dtype).view(1, 3, 1, 1)
+
+
+def token_pixels(frames: Tensor, side: int) -> Tensor:
+    """Frames ``(F, C, H, W)`` -> each of a ``side x side`` token grid's pixels ``(F, side², C·16)``,
+    average-pooled to 4x4 pixels per token (the grid need not tile the frame exactly)."""
+    count, channels = frames.shape[:2]
+    small = nn.functional.adaptive_avg_pool2d(frames.float(), 4 * side)
+    per_token = small.view(count, channels, side, 4, side, 4).permute(0, 2, 4, 1, 3, 5)
+    return per_token.reshape(count, side * side, -1)
 
 
 def merged_keys(qkv: Tensor, heads: int, group: int) -> Tensor:

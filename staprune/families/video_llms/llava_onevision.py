@@ -15,18 +15,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ..adapters.filled_grid import slice_metric
-from ..adapters.video_tokens import VideoLayout, VideoLLMModel, VideoPatch
-from ..core.baselines import unit_change
-from ..core.errors import ConfigError
-from ..data.transforms import Preprocessing
-from .base import FamilyModels, ModelEntry
-from .video_llm import VideoLLMFamily, VideoLLMSpec, normalised, prompt_ids
+from ...adapters.video_tokens import VideoInputs, VideoLLMModel, VideoPatch
+from ...core.score import slice_metric
+from ...core.video_methods import VideoLayout
+from ...data.transforms import Preprocessing
+from ..base import FamilyModels, ModelEntry
+from .base import FixedSideSpec, VideoLLMFamily, VideoLLMSpec, normalised, prompt_ids, token_pixels
 
 
 def _pooled_side(inner: nn.Module) -> int:
@@ -35,18 +34,15 @@ def _pooled_side(inner: nn.Module) -> int:
     return math.ceil(side / 2)
 
 
-def frame_pixel_change(side: int):
-    """Per video ``(frames, side²)``: each pooled token's pixel change since the previous frame, on
-    frames average-pooled to 4x4 pixels per token (the pooled grid does not tile the frame exactly:
-    384 px make 27 patches, pooled to 14)."""
+def frame_pixels(side: int):
+    """Per video ``(frames, side², P)``: each pooled token's pixels, on frames average-pooled to 4x4
+    pixels per token (the pooled grid does not tile the frame exactly: 384 px make 27 patches, pooled to 14)."""
 
-    def pixel_change(pixels: torch.Tensor, grid: torch.Tensor | None) -> list[torch.Tensor]:
-        videos, frames, channels = pixels.shape[:3]
-        small = nn.functional.adaptive_avg_pool2d(pixels.flatten(0, 1).float(), 4 * side)
-        per_token = small.view(videos, frames, channels, side, 4, side, 4).permute(0, 1, 3, 5, 2, 4, 6)
-        return [unit_change(video) for video in per_token.reshape(videos, frames, side * side, -1)]
+    def unit_pixels(inputs: VideoInputs) -> list[torch.Tensor]:
+        pixels = inputs["pixel_values_videos"]
+        return list(token_pixels(pixels.flatten(0, 1), side).unflatten(0, pixels.shape[:2]))
 
-    return pixel_change
+    return unit_pixels
 
 
 def install_siglip_keys(p: VideoPatch, inner: nn.Module):
@@ -64,7 +60,8 @@ def install_siglip_keys(p: VideoPatch, inner: nn.Module):
         if p.encoding_video:
             captured["keys"] = output
 
-    def read(pixels: torch.Tensor, grid: torch.Tensor | None) -> torch.Tensor:
+    def read(inputs: VideoInputs) -> torch.Tensor:
+        pixels = inputs["pixel_values_videos"]
         keys = captured.pop("keys")  # (videos * frames, patches, C)
         if inner.config.vision_feature_select_strategy == "default":
             keys = keys[:, 1:]
@@ -78,17 +75,11 @@ def install_siglip_keys(p: VideoPatch, inner: nn.Module):
 
 
 @dataclass(frozen=True)
-class LlavaOnevisionSpec(VideoLLMSpec):
-    """A LLaVA-OneVision: every frame is resized to the vision tower's fixed side."""
+class LlavaOnevisionSpec(FixedSideSpec):
+    """A LLaVA-OneVision: every frame is resized to the vision tower's side (384 px)."""
 
     family: ClassVar[str] = "llava_onevision"
-
-    def with_input(self, frames: int | None = None, size: int | None = None) -> LlavaOnevisionSpec:
-        side = self.vision["image_size"]
-        if size is not None and size != side:
-            raise ConfigError(f"LLaVA-OneVision resizes every frame to its vision tower's {side} px; leave out the "
-                              f"image size or give {side}")
-        return super().with_input(frames, side)
+    model_name: ClassVar[str] = "LLaVA-OneVision"
 
 
 def siglip_flops(spec: VideoLLMSpec) -> dict[str, float]:
@@ -131,11 +122,25 @@ class LlavaOnevisionFamily(VideoLLMFamily):
     def vision_flops(self, spec: VideoLLMSpec) -> dict[str, float]:
         return siglip_flops(spec)
 
+    def tiny_model(self, seed: int = 0, **overrides: Any) -> nn.Module:
+        """Two text and two vision layers (64 and 32 wide), SigLIP at 112 px in 14 px patches (4x4 pooled tokens)."""
+        import transformers
+
+        config = dict(text_config=dict(model_type="qwen2", vocab_size=100, hidden_size=64, intermediate_size=128,
+                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+                      vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2, image_size=112, patch_size=14),
+                      image_token_index=10, video_token_index=11)
+        config.update(overrides)
+        torch.manual_seed(seed)
+        return transformers.LlavaOnevisionForConditionalGeneration(transformers.LlavaOnevisionConfig(**config)).eval()
+
     def describe(self, model: nn.Module) -> VideoLLMModel:
         inner = self.inner(model)
         side = _pooled_side(inner)
 
-        def layouts(pixels: torch.Tensor, grid: torch.Tensor | None) -> list[VideoLayout]:
+        def layouts(inputs: VideoInputs) -> list[VideoLayout]:
+            pixels = inputs["pixel_values_videos"]
             return [VideoLayout(pixels.shape[1], side, side, tail=1)] * pixels.shape[0]
 
         return VideoLLMModel(
@@ -145,7 +150,7 @@ class LlavaOnevisionFamily(VideoLLMFamily):
             video_token_id=inner.config.video_token_id,
             layouts=layouts,
             install_keys=install_siglip_keys,
-            pixel_change=frame_pixel_change(side),
+            unit_pixels=frame_pixels(side),
             one_d_positions=True,
         )
 
@@ -178,4 +183,4 @@ REGISTRATION = FamilyModels(FAMILY, (
                description="llava-onevision-qwen2-7b-ov, 16 frames at 384² (random weights)"),
 ))
 
-__all__ = ["FAMILY", "REGISTRATION", "LlavaOnevisionFamily", "LlavaOnevisionSpec", "llava_onevision_config", "frame_pixel_change", "install_siglip_keys"]
+__all__ = ["FAMILY", "REGISTRATION", "LlavaOnevisionFamily", "LlavaOnevisionSpec", "llava_onevision_config", "frame_pixels", "install_siglip_keys"]

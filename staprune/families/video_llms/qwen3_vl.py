@@ -1,18 +1,23 @@
 """Qwen3-VL (transformers ``Qwen3VLForConditionalGeneration`` / ``Qwen3VLModel``): as Qwen2.5-VL
-(:mod:`staprune.families.qwen2_5_vl`), plus DeepStack: the vision features Qwen3-VL adds to the
-first decoder layers at the visual positions are pruned with their tokens. The processor puts a
-timestamp between temporal patches, so a video's placeholders are not one run; they are found in
-order all the same. The vision tower has no window order.
+(what they share: :mod:`staprune.families.video_llms.qwen`), plus DeepStack: the vision features
+Qwen3-VL adds to the first decoder layers at the visual positions follow their tokens (a side input
+the family declares). The processor puts a timestamp between temporal patches, so a video's
+placeholders are not one run; they are found in order all the same. The vision tower has no window
+order.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from ..data.transforms import Preprocessing
-from .base import FamilyModels, ModelEntry
-from .qwen2_5_vl import QWEN_IDS, Qwen25VLFamily, QwenVLSpec
+import torch
+from torch import Tensor, nn
+
+from ...adapters.video_tokens import take_columns
+from ...data.transforms import Preprocessing
+from ..base import FamilyModels, ModelEntry
+from .qwen import QWEN_IDS, QwenVLFamily, QwenVLSpec, tiny_qwen_config
 
 
 @dataclass(frozen=True)
@@ -22,7 +27,17 @@ class Qwen3VLSpec(QwenVLSpec):
     family: ClassVar[str] = "qwen3_vl"
 
 
-class Qwen3VLFamily(Qwen25VLFamily):
+def deepstack_follows_kept(kwargs: dict, keep: Tensor, index: Tensor, valid: Tensor) -> None:
+    """DeepStack's features ``(visual tokens, C)`` and their mask ``(B, L)`` follow the kept tokens."""
+    visual = kwargs.get("visual_pos_masks")
+    if visual is None:
+        return
+    kept_visual = keep[visual]
+    kwargs["visual_pos_masks"] = take_columns(visual, index) & valid
+    kwargs["deepstack_visual_embeds"] = [e[kept_visual] for e in kwargs["deepstack_visual_embeds"]]
+
+
+class Qwen3VLFamily(QwenVLFamily):
     name = "qwen3_vl"
     title = "Qwen3-VL (transformers)"
     transformers_classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLModel")
@@ -34,6 +49,20 @@ class Qwen3VLFamily(Qwen25VLFamily):
 
     def preprocessing(self, size: int) -> Preprocessing:
         return Preprocessing(size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+    def side_inputs(self):
+        return deepstack_follows_kept
+
+    def tiny_model(self, seed: int = 0, **overrides: Any) -> nn.Module:
+        """Two text and two vision layers (64 and 32 wide), 16 px patches, DeepStack after vision layer 0."""
+        import transformers
+
+        config = tiny_qwen_config(dict(deepstack_visual_indexes=[0], num_position_embeddings=64, patch_size=16),
+                                  dict(head_dim=16, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                                                     "rope_theta": 1e4, "mrope_interleaved": True}))
+        config.update(overrides)
+        torch.manual_seed(seed)
+        return transformers.Qwen3VLForConditionalGeneration(transformers.Qwen3VLConfig(**config)).eval()
 
 
 def qwen3_config(hidden: int, intermediate: int, vision: dict, tied: bool) -> dict:
@@ -59,4 +88,4 @@ REGISTRATION = FamilyModels(FAMILY, (
                description="Qwen3-VL-8B-Instruct, 16 frames at 448² (random weights)"),
 ))
 
-__all__ = ["FAMILY", "REGISTRATION", "Qwen3VLFamily", "Qwen3VLSpec", "qwen3_config"]
+__all__ = ["FAMILY", "REGISTRATION", "Qwen3VLFamily", "Qwen3VLSpec", "deepstack_follows_kept", "qwen3_config"]

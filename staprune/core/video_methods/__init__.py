@@ -1,0 +1,39 @@
+"""Video-token methods of video LLMs: which of a video's tokens reach the language model.
+
+Each method is one module here that registers a :class:`~.registry.VideoMethod` when imported;
+adding one is a new module plus its line below. Every method gets the same budget (``keep`` tokens
+per temporal unit from ``keep_ratio`` or ``r``) through :func:`~.registry.select_video_tokens`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .layout import VideoLayout, kept_per_unit
+from .registry import (
+    NEEDS,
+    Selection,
+    VideoMethod,
+    VideoTokens,
+    kept_tokens_of,
+    needs_of,
+    register_video_method,
+    select_video_tokens,
+    video_method,
+    video_method_names,
+)
+
+# One line per method, in the order listings show them: importing a module registers its method
+# (as staprune.families.FAMILY_MODULES registers the families).
+METHOD_MODULES: tuple[str, ...] = (
+    "staprune.core.video_methods.sta",
+    "staprune.core.video_methods.random_tokens",
+    "staprune.core.video_methods.uniform",
+    "staprune.core.video_methods.static",
+)
+for _module in METHOD_MODULES:
+    importlib.import_module(_module)
+
+__all__ = [
+    "METHOD_MODULES","NEEDS", "Selection", "VideoLayout", "VideoMethod", "VideoTokens", "kept_per_unit", "kept_tokens_of",
+           "needs_of", "register_video_method", "select_video_tokens", "video_method", "video_method_names"]
