@@ -57,7 +57,7 @@ def tiny(request):
 
 
 @pytest.mark.parametrize("options", [{"method": "none"}, {"keep_ratio": 0.5}, {"r": 3},
-                                     {"keep_ratio": 0.5, "method": "uniform"}])
+                                     {"keep_ratio": 0.5, "method": "uniform"}, {"keep_ratio": 0.1, "method": "evs"}])
 def test_analytic_first_token_flops_are_what_flop_counter_counts(tiny, options):
     model, family, spec, inputs = tiny
     config = STAConfig(**options)

@@ -171,7 +171,8 @@ def test_full_budget_is_the_stock_model(family, budget):
 # --- the pruned forward is the stock language model on the kept tokens ---------------------------------
 @pytest.mark.parametrize("options", [{"keep_ratio": 0.5}, {"keep_ratio": 0.3, "similarity": "hidden"},
                                      {"r": 3, "method": "random"}, {"keep_ratio": 0.5, "method": "uniform"},
-                                     {"keep_ratio": 0.5, "method": "static"}])
+                                     {"keep_ratio": 0.5, "method": "static"}, {"keep_ratio": 0.3, "method": "evs"},
+                                     {"keep_ratio": 0.3, "method": "divprune"}, {"keep_ratio": 0.3, "method": "vidcom2"}])
 def test_pruned_forward_is_stock_language_model_on_kept_tokens(family, options):
     model, inputs = family
     staprune.unpatch(model)

@@ -21,6 +21,7 @@ from staprune.core.video_methods import (
     kept_tokens_of,
     register_video_method,
     select_video_tokens,
+    unregister_video_method,
     video_method_names,
 )
 from staprune.families import VIDEO_LLM, families
@@ -35,7 +36,7 @@ def _video(seed: int = 0, **extra) -> VideoTokens:
 
 
 def test_the_built_in_methods_are_registered_in_order():
-    assert video_method_names()[:4] == ["sta", "random", "uniform", "static"]
+    assert video_method_names()[:7] == ["sta", "random", "uniform", "static", "evs", "divprune", "vidcom2"]
 
 
 @pytest.mark.parametrize("similarity", ["key", "hidden"])
@@ -82,7 +83,8 @@ def _first_tokens(video: VideoTokens, keep: int, config: STAConfig) -> Selection
 @pytest.fixture(scope="module")
 def first_tokens():
     register_video_method(VideoMethod("first-tokens-test", _first_tokens, description="test only"))
-    return "first-tokens-test"
+    yield "first-tokens-test"
+    unregister_video_method("first-tokens-test")  # the registry lists the built-in methods again
 
 
 def _language_model_embeds(model, inputs) -> torch.Tensor:
@@ -134,3 +136,150 @@ def test_a_method_that_needs_what_no_model_gives_is_refused():
     with pytest.raises(UsageError, match="a method may need keys, pixel_change, noise"):
         register_video_method(VideoMethod("needs-attention-test", _first_tokens,
                                           needs=lambda config: frozenset({"attention"})))
+
+
+# --- EVS, against vLLM's rule -----------------------------------------------------------------------
+def vllm_evs_mask(tokens: torch.Tensor, units: int, per_unit: int, pruning_rate: float) -> torch.Tensor:
+    """vLLM's EVS retention mask (vllm/multimodal/evs.py, written out from its rule): 1 - cosine
+    similarity with the same token of the previous frame, the first frame at 255, a stable descending
+    sort, ``max(tokens_per_frame, int(total * (1 - q)))`` kept."""
+    x = tokens.view(units, per_unit, -1)
+    dissimilarity = torch.cat([torch.full((1, per_unit), 255.0),
+                               1 - torch.nn.functional.cosine_similarity(x[1:], x[:-1], dim=-1)])
+    order = torch.argsort(dissimilarity.flatten(), descending=True, stable=True)
+    count = max(per_unit, int(units * per_unit * (1 - pruning_rate)))
+    mask = torch.zeros(units * per_unit, dtype=torch.bool)
+    mask[order[:count]] = True
+    return mask
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_evs_keeps_what_vllm_s_rule_keeps_at_the_same_count(seed):
+    layout = VideoLayout(5, 2, 4)  # 5 units of 8 tokens; keep 0.5: 4 a unit, 20 in all, as vLLM's int(40 * 0.5)
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(40, 16, generator=g)
+    tokens[8:16] = tokens[:8] + 0.01 * torch.randn(8, 16, generator=g)  # unit 1 barely changes: dropped
+    kept = select_video_tokens(VideoTokens(tokens, layout), STAConfig(keep_ratio=0.5, method="evs")).kept
+    expected = vllm_evs_mask(tokens, 5, 8, pruning_rate=0.5).nonzero().flatten()
+    assert torch.equal(kept, expected)
+    assert set(range(8)) <= set(kept.tolist()) and not set(range(8, 16)) & set(kept.tolist())
+
+
+def test_evs_lands_on_the_same_count_as_every_method():
+    """The first unit ranks first; a budget below one unit keeps its first tokens (vLLM: all of it)."""
+    layout = VideoLayout(4, 3, 4)
+    tokens = torch.randn(48, 8, generator=torch.Generator().manual_seed(4))
+    for ratio, count in ((0.5, 24), (0.25, 12), (0.1, 4)):
+        config = STAConfig(keep_ratio=ratio, method="evs")
+        kept = select_video_tokens(VideoTokens(tokens, layout), config).kept
+        assert kept.numel() == count == kept_tokens_of(layout, config) == kept_tokens_of(layout, STAConfig(keep_ratio=ratio))
+        assert kept[: min(count, 12)].tolist() == list(range(min(count, 12)))  # the first unit first
+
+
+# --- DivPrune, against its released rule ----------------------------------------------------------------
+def released_divprune(features: torch.Tensor, count: int) -> torch.Tensor:
+    """DivPrune's selection as its release computes it (written out from the rule): cosine distances
+    of the normalised features; the first pick maximises the second-smallest distance of its column,
+    every next one the smallest distance to the picks so far; ``torch.argmax`` takes the first maximum."""
+    normed = features / features.norm(dim=1, keepdim=True)
+    distance = 1.0 - normed @ normed.T
+    picks = torch.empty(count, dtype=torch.long)
+    for i in range(count):
+        if i == 0:
+            scores = torch.topk(distance, 2, dim=0, largest=False).values[1, :]
+        else:
+            scores = distance.index_select(0, picks[:i]).min(dim=0).values
+        picks[i] = torch.argmax(scores)
+    return picks
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_divprune_keeps_its_released_rule_s_set_at_the_same_count(seed):
+    layout = VideoLayout(4, 2, 3)  # 24 tokens; keep 0.5: 3 a unit, 12 in all
+    tokens = torch.randn(24, 8, generator=torch.Generator().manual_seed(seed))
+    tokens[6:12] = tokens[0:6]  # unit 1 repeats unit 0: a diverse set keeps at most one of each pair
+    config = STAConfig(keep_ratio=0.5, method="divprune")
+    kept = select_video_tokens(VideoTokens(tokens, layout), config).kept
+    assert torch.equal(kept, released_divprune(tokens, 12).sort().values)
+    assert kept.numel() == kept_tokens_of(layout, config) == kept_tokens_of(layout, STAConfig(keep_ratio=0.5))
+    assert not any(int(k) + 6 in kept.tolist() for k in kept if k < 6)  # never both copies
+
+
+# --- VidCom2, against its rule as vLLM ports it -----------------------------------------------------------
+def vidcom2_rule(embeds: torch.Tensor, units: int, per_unit: int, keep_ratio: float) -> torch.Tensor:
+    """VidCom2's retention mask written out from its rule (the reference release, as vLLM ports it in
+    vllm/multimodal/video_prune/vidcom2.py): lowest-variance half of the channels, Gaussian
+    similarities to the video and frame centres, softmax frame budgets, per-frame lowest, and the
+    count reconciled to ``max(T, int(total · keep_ratio))``."""
+    F = torch.nn.functional
+    total = units * per_unit
+    target = max(units, min(int(total * keep_ratio), total))
+    channels = max(1, int(embeds.shape[-1] * 0.5))
+    chosen = torch.topk(embeds.var(dim=0, unbiased=False), k=channels, largest=False).indices
+    frames = F.normalize(embeds[:, chosen].view(units, per_unit, channels), dim=-1)
+
+    def gaussian(x, centre):
+        d = ((x - centre) ** 2).sum(-1)
+        return sum(torch.exp(-d / (2.0 * a)) for a in (0.125, 0.25, 0.5, 1.0, 2.0))
+
+    v = gaussian(frames, frames.mean(dim=(0, 1), keepdim=True))
+    similarity = v + gaussian(frames, frames.mean(dim=1, keepdim=True))
+    scores = -v.mean(-1)
+    probs = F.softmax((scores - scores.max()) / 0.01, dim=0)
+    ks = (keep_ratio * (1 + probs - probs.mean())).clamp(max=1.0).mul(per_unit).round().long().clamp(1, per_unit)
+    mask = torch.zeros(units, per_unit, dtype=torch.bool)
+    for i in range(units):
+        mask[i, torch.topk(similarity[i], k=int(ks[i]), largest=False).indices] = True
+    mask, flat = mask.view(-1), similarity.view(-1)
+    current = int(mask.sum())
+    if current > target:
+        held = mask.nonzero().flatten()
+        mask[held[torch.topk(flat[held], k=current - target).indices]] = False
+    elif current < target:
+        free = (~mask).nonzero().flatten()
+        mask[free[torch.topk(flat[free], k=target - current, largest=False).indices]] = True
+    return mask
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_vidcom2_keeps_its_rule_s_set_at_the_same_count(seed):
+    layout = VideoLayout(4, 3, 4)  # keep 0.25 of 12: 3 a unit, 12 in all, as int(48 * 0.25)
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(12, 16, generator=g)
+    tokens = torch.cat([base + 0.1 * torch.randn(12, 16, generator=g) for _ in range(3)]
+                       + [torch.randn(12, 16, generator=g) * 3])  # frames 0-2 alike, frame 3 distinct
+    config = STAConfig(keep_ratio=0.25, method="vidcom2")
+    kept = select_video_tokens(VideoTokens(tokens, layout), config).kept
+    assert torch.equal(kept, vidcom2_rule(tokens, 4, 12, 0.25).nonzero().flatten())
+    assert kept.numel() == 12 == kept_tokens_of(layout, config)
+    assert len(set(torch.bincount(kept // 12, minlength=4).tolist())) > 1  # frames get budgets of their own
+
+
+# --- the same budget is the same count ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_video_llms():
+    import test_video_llms as vl
+
+    built = {}
+    for family in families():
+        if family.kind == VIDEO_LLM:
+            model = family.tiny_model()
+            built[family.name] = (model, vl.FAMILIES[family.name][1](model))
+    return built
+
+
+@pytest.mark.parametrize("budget", [{"keep_ratio": 0.5}, {"keep_ratio": 0.25}, {"r": 5}], ids=str)
+def test_every_method_hands_every_model_the_same_count_at_one_budget(tiny_video_llms, budget):
+    for name, (model, inputs) in tiny_video_llms.items():
+        counts = {}
+        for method in video_method_names():
+            staprune.patch(model, method=method, **budget)
+            try:
+                with torch.no_grad():
+                    model(**inputs)
+                counts[method] = [k.numel() for k in staprune.kept_tokens(model)]
+            finally:
+                staprune.unpatch(model)
+        expected = counts["sta"]
+        # uniform keeps whole units (about as many tokens: its own count, said in its docs)
+        assert all(c == expected for m, c in counts.items() if m != "uniform"), (name, counts)

@@ -19,6 +19,7 @@ from .registry import (
     needs_of,
     register_video_method,
     select_video_tokens,
+    unregister_video_method,
     video_method,
     video_method_names,
 )
@@ -30,10 +31,26 @@ METHOD_MODULES: tuple[str, ...] = (
     "staprune.core.video_methods.random_tokens",
     "staprune.core.video_methods.uniform",
     "staprune.core.video_methods.static",
+    "staprune.core.video_methods.evs",
+    "staprune.core.video_methods.divprune",
+    "staprune.core.video_methods.vidcom2",
 )
 for _module in METHOD_MODULES:
     importlib.import_module(_module)
 
 __all__ = [
-    "METHOD_MODULES","NEEDS", "Selection", "VideoLayout", "VideoMethod", "VideoTokens", "kept_per_unit", "kept_tokens_of",
-           "needs_of", "register_video_method", "select_video_tokens", "video_method", "video_method_names"]
+    "METHOD_MODULES",
+    "NEEDS",
+    "Selection",
+    "VideoLayout",
+    "VideoMethod",
+    "VideoTokens",
+    "kept_per_unit",
+    "kept_tokens_of",
+    "needs_of",
+    "register_video_method",
+    "select_video_tokens",
+    "unregister_video_method",
+    "video_method",
+    "video_method_names",
+]

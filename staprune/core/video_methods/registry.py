@@ -90,6 +90,12 @@ def register_video_method(method: VideoMethod) -> VideoMethod:
     return method
 
 
+def unregister_video_method(name: str) -> None:
+    """Remove a registered method (a test's, a plugin's being unloaded); ``STAConfig`` still parses
+    its name, and a family refuses it as unknown."""
+    _methods.pop(name, None)
+
+
 def video_method(name: str) -> VideoMethod:
     """The method called ``name``."""
     if name not in _methods:
@@ -138,4 +144,4 @@ def select_video_tokens(video: VideoTokens, config: STAConfig) -> Selection:
 
 
 __all__ = ["NEEDS", "Selection", "VideoMethod", "VideoTokens", "kept_tokens_of", "needs_of", "register_video_method",
-           "select_video_tokens", "video_method", "video_method_names"]
+           "select_video_tokens", "unregister_video_method", "video_method", "video_method_names"]
