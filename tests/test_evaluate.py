@@ -277,20 +277,47 @@ def test_kill_and_resume_matches_uninterrupted(assets, reference, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     jsonl = _run(tmp_path, "sta_r4") / "rank0.jsonl"
     deadline = time.monotonic() + 60
+    helpers: list[int] = []
     try:
         while not (jsonl.is_file() and len(jsonl.read_text().splitlines()) >= 3):
             assert proc.poll() is None, proc.stderr.read().decode()
             assert time.monotonic() < deadline, "no records written in time"
             time.sleep(0.05)
+        helpers = _descendants(proc.pid)  # the forkserver and the decoding worker
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     written = len(jsonl.read_text().splitlines())
     assert 3 <= written < NUM_VIDEOS + 2, "the run was not interrupted"
+    if Path("/proc").is_dir():  # nothing of the killed run lives on, holding a copy of torch
+        assert helpers, "the run had no decoding worker"
+        deadline = time.monotonic() + 30
+        while (alive := [pid for pid in helpers if Path(f"/proc/{pid}").is_dir() and not _zombie(pid)]):
+            assert time.monotonic() < deadline, f"processes of the killed run still alive: {alive}"
+            time.sleep(0.2)
 
     rows = _eval(assets, tmp_path, "--method", "sta", "--r", "4", "--workers", "0", "--resume")
     assert _metrics(rows[0]) == _metrics(ref_rows[0])
     _same_predictions(_records(_run(tmp_path, "sta_r4")), _records(_run(ref_out, "sta_r4")))
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux: /proc's children lists); empty elsewhere."""
+    found, todo = [], [pid]
+    while todo:
+        children = Path(f"/proc/{todo.pop()}/task")
+        for task in children.glob("*/children") if children.is_dir() else []:
+            for child in map(int, task.read_text().split()):
+                found.append(child)
+                todo.append(child)
+    return found
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, IndexError):
+        return True
 
 
 # --- decoding workers after the parent decoded --------------------------------------------------

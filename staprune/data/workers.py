@@ -9,6 +9,12 @@ has none): a clean process that never decoded and forks each worker. The server 
 dataset's module (torch, PyAV and the library), so each worker starts in milliseconds rather
 than importing torch anew. Python 3.14 makes the same choice its default on Linux.
 
+A worker outlives no one: torch's workers watch their parent process, which for a forkserver
+worker is the server, not the process that reads the batches. If that process is killed (``kill
+-9``, the OOM killer), its workers would wait forever on their queues and keep the server (whose
+pipe they inherited) alive with them, each holding a copy of torch. So each worker also watches
+the process that started the loader and exits when it is gone.
+
 Ctrl-C stays this process's to handle, as with forked workers: the server starts with it ignored
 (and so does every worker it forks), and a Ctrl-C while workers start is delivered once they are
 up, so :func:`loading` always stops them cleanly, without a traceback from any of them.
@@ -17,9 +23,12 @@ up, so :func:`loading` always stops them cleanly, without a traceback from any o
 from __future__ import annotations
 
 import contextlib
+import functools
 import multiprocessing
+import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,12 +41,35 @@ def worker_start_method() -> str:
     return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
-def decode_worker_init(_: int) -> None:
+WATCH_INTERVAL_S = 1.0  # how often a worker checks that the process that started it is alive
+
+
+def decode_worker_init(_: int, main_pid: int | None = None) -> None:
     """``worker_init_fn`` of DataLoaders that decode videos: one thread per worker, so decoding
     workers do not fight the model for cores; Ctrl-C is the main process's to handle (it stops the
-    workers itself), so a worker never prints a traceback of its own."""
+    workers itself), so a worker never prints a traceback of its own; and with ``main_pid`` (the
+    process that reads the batches) the worker exits once that process is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
+    if main_pid is not None:
+        threading.Thread(target=_exit_without, args=(main_pid,), daemon=True, name="staprune-watch").start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # no signal sent: only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's (a reused pid): not ours, but alive
+        return True
+    return True
+
+
+def _exit_without(main_pid: int) -> None:
+    """Exit this worker at once when ``main_pid`` has gone (nothing is left to read its batches)."""
+    while _alive(main_pid):
+        time.sleep(WATCH_INTERVAL_S)
+    os._exit(0)
 
 
 def _on_main_thread() -> bool:
@@ -114,5 +146,6 @@ def decoding_loader(dataset: Dataset, workers: int, **options: Any) -> DataLoade
         preload = ["torch", "av", type(dataset).__module__]
         multiprocessing.set_forkserver_preload([m for m in preload if m != "__main__"])
         _start_forkserver()
-    return DataLoader(dataset, num_workers=workers, worker_init_fn=decode_worker_init,
+    init = functools.partial(decode_worker_init, main_pid=os.getpid())
+    return DataLoader(dataset, num_workers=workers, worker_init_fn=init,
                       multiprocessing_context=multiprocessing.get_context(method), **options)
