@@ -157,9 +157,10 @@ class VideoPatch(Patch):
 
     Attributes:
         encoding_video: set while the encoder method runs (the key hooks record only then).
-        videos: the videos of the forward in flight, as the encoder method encoded them
-            (``layouts``, ``keys``, ``change``): in the forward, or before it by ``generate`` (then
-            read off the ``mm_encoder_outputs`` it passes); empty outside a forward.
+        videos: the items of the forward in flight (videos, or a model's frames sent as images), as
+            the encoder method encoded them (``layouts``, ``keys``, ``pixels``): in the forward, or
+            before it by ``generate`` (then read off the ``mm_encoder_outputs`` it passes); empty
+            outside a forward.
         input_ids: the input_ids of the forward in flight; None outside it.
         in_forward: the model's (``inner``'s) forward is running; a language-model call outside it
             is somebody else's and passes unchanged.

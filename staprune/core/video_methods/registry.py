@@ -115,9 +115,9 @@ def needs_of(config: STAConfig) -> frozenset[str]:
 
 def kept_tokens_of(layout: VideoLayout, config: STAConfig) -> int:
     """Tokens one video of ``layout`` keeps under ``config``, the tail included."""
-    if config.method == "none" or (config.r == 0 and config.keep_ratio is None):
+    if config.method == "none":
         return layout.tokens
-    keep = kept_per_unit(config, layout.per_unit)
+    keep = kept_per_unit(config, layout.per_unit)  # r=0 or keep_ratio=1: the whole unit
     if keep == layout.per_unit:
         return layout.tokens
     return video_method(config.method).kept_count(layout, keep) + layout.tail
