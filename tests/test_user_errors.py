@@ -16,6 +16,7 @@ import torch
 from conftest import run_cli, snapshot, tiny_model, write_list_of_videos
 
 import staprune
+from staprune.core.video_methods import video_method_names
 from staprune.data import write_video
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,7 +107,7 @@ CASES = [
     ("flops-empty-model", lambda a: ["flops", "--model", ""], "--model is empty"),
     ("bench-empty-model", lambda a: ["bench", "--model", ""], "the model is empty"),
     ("video-llm-tome", lambda a: ["bench", "--model", "LLaVA-OneVision-0.5B", "--method", "tome", "--r", "4"],
-     "use sta, random, uniform, static, evs, divprune, vidcom2 or none"),
+     f"use {', '.join(video_method_names())} or none"),
     ("unpatchable-similarity", lambda a: ["visualize", str(a["root"] / "v0.mp4"), "--model", str(a["model"]), "--r",
                                           "4", "--similarity", "banana", "-o", str(a["root"] / "x.png")],
      "similarity='banana' is not valid"),

@@ -57,7 +57,8 @@ def tiny(request):
 
 
 @pytest.mark.parametrize("options", [{"method": "none"}, {"keep_ratio": 0.5}, {"r": 3},
-                                     {"keep_ratio": 0.5, "method": "uniform"}, {"keep_ratio": 0.1, "method": "evs"}])
+                                     {"keep_ratio": 0.5, "method": "uniform"}, {"keep_ratio": 0.1, "method": "evs"},
+                                     {"keep_ratio": 0.25, "method": "fastv", "method_options": {"fastv_layer": 1}}])
 def test_analytic_first_token_flops_are_what_flop_counter_counts(tiny, options):
     model, family, spec, inputs = tiny
     config = STAConfig(**options)

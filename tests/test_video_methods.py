@@ -36,7 +36,7 @@ def _video(seed: int = 0, **extra) -> VideoTokens:
 
 
 def test_the_built_in_methods_are_registered_in_order():
-    assert video_method_names()[:7] == ["sta", "random", "uniform", "static", "evs", "divprune", "vidcom2"]
+    assert video_method_names()[:8] == ["sta", "random", "uniform", "static", "evs", "divprune", "vidcom2", "fastv"]
 
 
 @pytest.mark.parametrize("similarity", ["key", "hidden"])
@@ -133,9 +133,9 @@ def test_a_registered_method_is_refused_by_video_classifiers(first_tokens):
 
 
 def test_a_method_that_needs_what_no_model_gives_is_refused():
-    with pytest.raises(UsageError, match="a method may need keys, pixel_change, noise"):
-        register_video_method(VideoMethod("needs-attention-test", _first_tokens,
-                                          needs=lambda config: frozenset({"attention"})))
+    with pytest.raises(UsageError, match="a method may need keys, pixel_change, noise, attention"):
+        register_video_method(VideoMethod("needs-flow-test", _first_tokens,
+                                          needs=lambda config: frozenset({"optical_flow"})))
 
 
 # --- EVS, against vLLM's rule -----------------------------------------------------------------------
@@ -268,12 +268,20 @@ def tiny_video_llms():
     return built
 
 
+# The tiny language models have two decoder layers: FastV cuts after the first.
+TINY_OPTIONS = {"fastv": {"fastv_layer": 1}}
+
+
+def method_options_for_tiny(method: str) -> dict:
+    return {"method": method, **TINY_OPTIONS.get(method, {})}
+
+
 @pytest.mark.parametrize("budget", [{"keep_ratio": 0.5}, {"keep_ratio": 0.25}, {"r": 5}], ids=str)
 def test_every_method_hands_every_model_the_same_count_at_one_budget(tiny_video_llms, budget):
     for name, (model, inputs) in tiny_video_llms.items():
         counts = {}
         for method in video_method_names():
-            staprune.patch(model, method=method, **budget)
+            staprune.patch(model, **method_options_for_tiny(method), **budget)
             try:
                 with torch.no_grad():
                     model(**inputs)
@@ -283,3 +291,55 @@ def test_every_method_hands_every_model_the_same_count_at_one_budget(tiny_video_
         expected = counts["sta"]
         # uniform keeps whole units (about as many tokens: its own count, said in its docs)
         assert all(c == expected for m, c in counts.items() if m != "uniform"), (name, counts)
+
+
+@pytest.mark.parametrize("method", video_method_names())
+def test_every_method_at_full_budget_is_every_model_s_stock_forward_and_generate(tiny_video_llms, method):
+    import test_video_llms as vl
+
+    for name, (model, inputs) in tiny_video_llms.items():
+        staprune.unpatch(model)
+        with torch.no_grad():
+            stock = model(**inputs).logits
+        stock_tokens = vl.greedy(model, inputs, steps=2)
+        staprune.patch(model, keep_ratio=1.0, **method_options_for_tiny(method))
+        try:
+            with torch.no_grad():
+                assert torch.equal(model(**inputs).logits, stock), name
+            assert torch.equal(vl.greedy(model, inputs, steps=2), stock_tokens), name
+        finally:
+            staprune.unpatch(model)
+
+
+def _two_video_lengths(family_name: str):
+    """A model and a batch of two prompts whose videos differ in length, and each prompt alone."""
+    import test_video_llms as vl
+
+    if family_name == "internvl":
+        model = vl.internvl()
+        prompts = [vl.internvl_inputs(model, frames=4, seed=1), vl.internvl_inputs(model, frames=2, seed=5)]
+        rows = [p["input_ids"][0].tolist() for p in prompts]
+        batch = vl.prompts(model, rows, pixel_values=torch.cat([p["pixel_values"] for p in prompts]))
+        return model, batch, prompts
+    model = vl.qwen25()
+    prompts = [vl.qwen_inputs(model, units=(4,), seed=1), vl.qwen_inputs(model, units=(2,), seed=5)]
+    rows = [p["input_ids"][0].tolist() for p in prompts]
+    batch = vl._batch(rows, [p["pixel_values_videos"] for p in prompts], [p["video_grid_thw"] for p in prompts])
+    return model, batch, prompts
+
+
+@pytest.mark.parametrize("family_name", ["qwen2_5_vl", "internvl"])
+@pytest.mark.parametrize("method", video_method_names())
+def test_every_method_prunes_a_batch_of_two_video_lengths_as_each_alone(family_name, method):
+    model, batch, prompts = _two_video_lengths(family_name)
+    staprune.patch(model, keep_ratio=0.25, **method_options_for_tiny(method))
+    with torch.no_grad():
+        together = model(**batch).logits[:, -1]
+        kept_together = staprune.kept_tokens(model)
+        alone, kept_alone = [], []
+        for prompt in prompts:
+            alone.append(model(**prompt).logits[0, -1])
+            kept_alone += staprune.kept_tokens(model)
+    assert [k.tolist() for k in kept_together] == [k.tolist() for k in kept_alone]
+    for row, single in zip(together, alone, strict=True):
+        torch.testing.assert_close(row, single, atol=1e-5, rtol=1e-5)

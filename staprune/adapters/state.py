@@ -80,6 +80,9 @@ def needs_noise(config: STAConfig) -> bool:
     return config.method == "random" or (config.method == "sta" and config.first_unit != "bipartite")
 
 
+_ABSENT = object()  # an attribute a patch set that the module did not have
+
+
 class Patch:
     """Undo log and runtime state of one patched model (stored on the model as ``_staprune``)."""
 
@@ -87,6 +90,7 @@ class Patch:
         self.config = config
         self.state: ForwardState | None = None
         self._overrides: list[tuple[nn.Module, str]] = []
+        self._attributes: list[tuple[nn.Module, str, object]] = []  # (module, name, the value it had)
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._plans: dict[tuple[int, int], PruningPlan] = {}
 
@@ -98,6 +102,12 @@ class Patch:
         """Shadow method ``name`` of ``module`` with an instance attribute; :meth:`undo` deletes it again."""
         module.__dict__[name] = PatchCallable(method)
         self._overrides.append((module, name))
+
+    def set_attribute(self, module: nn.Module, name: str, value: object) -> None:
+        """Set the plain attribute ``module.<name>`` (not a submodule, parameter or buffer) to ``value``
+        until :meth:`undo` puts the old value back."""
+        self._attributes.append((module, name, module.__dict__.get(name, _ABSENT)))
+        module.__dict__[name] = value
 
     def hook(self, module: nn.Module, fn, *, pre: bool = False, with_kwargs: bool = False,
              always_call: bool = False) -> None:
@@ -163,6 +173,12 @@ class Patch:
             module.__dict__.pop(name, None)
         for handle in self._hooks:
             handle.remove()
+        for module, name, value in reversed(self._attributes):
+            if value is _ABSENT:
+                module.__dict__.pop(name, None)
+            else:
+                module.__dict__[name] = value
+        self._attributes.clear()
         self._overrides.clear()
         self._hooks.clear()
         self.state = None

@@ -38,7 +38,15 @@ from ..core.baselines import unit_change
 from ..core.config import STAConfig
 from ..core.errors import ConfigError, UsageError
 from ..core.score import PerSampleRandom, gather_tokens, sample_seeds
-from ..core.video_methods import Selection, VideoLayout, VideoTokens, needs_of, select_video_tokens
+from ..core.video_methods import (
+    Selection,
+    VideoLayout,
+    VideoTokens,
+    in_language_model,
+    needs_of,
+    select_video_tokens,
+)
+from .in_language_model import LanguageModelCut, PendingVideo, install_cut
 from .state import Patch
 
 
@@ -136,6 +144,10 @@ class VideoLLMModel:
             order -> the videos, each a list of indices into ``spans`` (its frames, in order); items
             in no video are images and stay whole. None: every encoded item is one video.
         one_d_positions: the language model takes 1D positions (``positions="renumbered"`` allowed).
+        follow_cut: ``(patch, language_model, active cut)``: hooks that make inputs the language model
+            adds inside its layers follow the kept columns of a method inside it (FastV; Qwen3-VL's
+            DeepStack features), given a function returning the
+            :class:`~staprune.adapters.in_language_model.Cut` of the forward in flight or None.
     """
 
     inner: nn.Module
@@ -150,6 +162,7 @@ class VideoLLMModel:
     side_inputs: Callable[[dict, Tensor, Tensor, Tensor], None] | None = None
     group_videos: Callable[[Tensor, list[Tensor]], list[list[int]]] | None = None
     one_d_positions: bool = False
+    follow_cut: Callable[[Patch, nn.Module, Callable[[], object]], None] | None = None
 
 
 class VideoPatch(Patch):
@@ -182,6 +195,7 @@ class VideoPatch(Patch):
         self.applied: PrunedPrompt | None = None
         self.labels: Tensor | None = None
         self._prefilled: PrunedPrompt | None = None  # to put on the cache the language model returns
+        self.cut: LanguageModelCut | None = None  # a method inside the language model (FastV)
 
 
 CACHE_ATTR = "_staprune_pruned"  # the PrunedPrompt a KV cache was filled with (absent: a stock cache)
@@ -199,6 +213,14 @@ def install(p: VideoPatch, model: VideoLLMModel) -> None:
     if "pixel_change" in needs and model.unit_pixels is None:
         raise ConfigError(f"method={p.config.method!r} reads each token's pixel change, which this model does not "
                           "give: use sta, random or uniform")
+    layer = in_language_model(p.config)
+    if layer is not None:
+        p.cut = LanguageModelCut(p.config, layer)
+        p.cut.on_cut = lambda made: _loss_follows_cut(p, made)
+        install_cut(p, model.language_model, p.cut, model.follow_cut)
+    elif "attention" in needs:
+        raise ConfigError(f"method={p.config.method!r} reads the attention each token received in the vision tower, "
+                          "which this model does not give")
     inner = model.inner
     stock = getattr(type(inner), model.encoder)
     signature = inspect.signature(stock)
@@ -237,6 +259,8 @@ def install(p: VideoPatch, model: VideoLLMModel) -> None:
 
     def end_forward(module, args, kwargs, output):
         p.input_ids, p.videos, p.in_forward, p.foreign_videos, p._prefilled = None, {}, False, False, None
+        if p.cut is not None:
+            p.cut.finish()
 
     p.override_method(inner, model.encoder, encode)
     p.hook(inner, start_forward, pre=True, with_kwargs=True)
@@ -391,6 +415,7 @@ def _prefill(p: VideoPatch, model: VideoLLMModel, kwargs: dict) -> PrunedPrompt:
     for layout in layouts:
         starts.append(starts[-1] + layout.tokens)
     chosen: dict[tuple[int, ...], Selection] = {}
+    pending: list[PendingVideo] = []  # a method inside the language model selects there
     keep = torch.ones(bsz, length, dtype=torch.bool, device=ids.device)
     for row, held in enumerate(videos_of_rows(ids, model.video_token_id, layouts)):
         cols, start, spans = placeholders[row].nonzero().flatten(), 0, []
@@ -405,6 +430,10 @@ def _prefill(p: VideoPatch, model: VideoLLMModel, kwargs: dict) -> PrunedPrompt:
             video = tuple(held[k] for k in group)  # the encoded items (a video, or a model's frames) it joins
             layout = joined_layout([layouts[item] for item in video])
             span = torch.cat([spans[k] for k in group])
+            if p.cut is not None:
+                pending.append(PendingVideo(row, span, layout, len(state.kept)))
+                state.kept.append(no_video)
+                continue
             if video not in chosen:  # a copy of a prompt (beams, returned sequences) reuses its selection
                 tokens = embeds[row, span]
                 rng = PerSampleRandom(sample_seeds(tokens[None], cfg.seed), tokens.device) if "noise" in needs else None
@@ -421,6 +450,8 @@ def _prefill(p: VideoPatch, model: VideoLLMModel, kwargs: dict) -> PrunedPrompt:
             dropped = torch.ones(layout.tokens, dtype=torch.bool, device=ids.device)
             dropped[kept] = False
             keep[row, span[dropped]] = False
+    if pending:
+        p.cut.start(pending, state.kept)
     if bool(keep.all()):
         return state
     index, valid = pack_kept(keep)
@@ -444,6 +475,12 @@ def _prefill(p: VideoPatch, model: VideoLLMModel, kwargs: dict) -> PrunedPrompt:
     if model.side_inputs is not None:
         model.side_inputs(kwargs, keep, index, valid)
     return state
+
+
+def _loss_follows_cut(p: VideoPatch, made) -> None:
+    """The logits of a forward cut inside the language model cover the kept columns: so do its labels."""
+    p.applied = PrunedPrompt(kept=p.state.kept if p.state else [], stock_length=made.stock_length,
+                             mask=made.valid.long(), columns=made.index, valid=made.valid)
 
 
 def joined_layout(items: list[VideoLayout]) -> VideoLayout:

@@ -12,7 +12,7 @@ an error names the same limit whichever backbone it comes from.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from .errors import ConfigError, UnknownOptionError
@@ -21,6 +21,9 @@ from .errors import ConfigError, UnknownOptionError
 # which registers its name here when its module is imported (staprune.core.video_methods).
 CLASSIFIER_METHODS = ("sta", "random", "tome", "none")
 _method_names: list[str] = list(CLASSIFIER_METHODS)
+# A video-token method's own options: name -> (its option names, the check of given values that
+# raises ConfigError), registered with the method (staprune.core.video_methods.registry).
+_method_options: dict[str, tuple[frozenset[str], Callable[[dict], None]]] = {}
 SCHEDULES = ("decreasing", "constant", "increasing", "per_frame")
 FIRST_UNIT = ("bipartite", "random", "grid")
 SIMILARITY = ("key", "query", "value", "hidden")
@@ -31,10 +34,21 @@ FIRST_TRANSITION = ("all", "kept")
 TOME_MODES = ("locations", "every_block")
 
 
-def register_method_name(name: str) -> None:
-    """Let ``STAConfig(method=name)`` through (a video-token method registering itself)."""
+def register_method_name(name: str, options: frozenset[str] = frozenset(),
+                         check_options: Callable[[dict], None] | None = None) -> None:
+    """Let ``STAConfig(method=name)`` through (a video-token method registering itself), with the
+    names of the method's own options and the check of their values (raises :class:`ConfigError`)."""
     if name not in _method_names:
         _method_names.append(name)
+    clash = set(options) & set(STAConfig.__dataclass_fields__)
+    if clash:
+        raise ConfigError(f"method {name!r} names options {sorted(clash)} that are STAConfig fields; rename them")
+    _method_options[name] = (frozenset(options), check_options or (lambda given: None))
+
+
+def method_option_names(method: str) -> frozenset[str]:
+    """The names of ``method``'s own options (none for the classifier methods)."""
+    return _method_options.get(method, (frozenset(), None))[0]
 
 
 def method_names() -> tuple[str, ...]:
@@ -86,6 +100,9 @@ class STAConfig:
         positions: video LLMs only: ``original`` (every kept token and the text after it keep
             the stock positions) or ``renumbered`` (consecutive positions after pruning; 1D
             positions only, i.e. LLaVA-OneVision).
+        method_options: a video-token method's own options by name (FastV's ``fastv_layer``, ...),
+            those not given at the method's published defaults; pairs sorted by name (a mapping is
+            accepted). ``patch(model, method="fastv", fastv_layer=3)`` puts them here.
     """
 
     r: int = 0
@@ -101,6 +118,7 @@ class STAConfig:
     seed: int = 0
     keep_ratio: float | None = None
     positions: str = "original"
+    method_options: tuple[tuple[str, object], ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 0:
@@ -144,6 +162,25 @@ class STAConfig:
                     f"locations={self.locations!r} must be strictly increasing block indices >= 0"
                 )
             object.__setattr__(self, "locations", locs)
+        self._check_method_options()
+
+    def _check_method_options(self) -> None:
+        given = self.method_options
+        if isinstance(given, Mapping):
+            given = tuple(given.items())
+        try:
+            pairs = tuple(sorted((str(name), value) for name, value in given))
+        except (TypeError, ValueError):
+            raise ConfigError(f"method_options={self.method_options!r} must map option names to values") from None
+        object.__setattr__(self, "method_options", pairs)
+        if not pairs:
+            return
+        names, check = _method_options.get(self.method, (frozenset(), None))
+        unknown = sorted({name for name, _ in pairs} - names)
+        if unknown:
+            takes = f"takes {', '.join(sorted(names))}" if names else "takes no options of its own"
+            raise ConfigError(f"method={self.method!r} has no option {', '.join(unknown)}; it {takes}")
+        check(dict(pairs))
 
     @property
     def budget(self) -> str:
@@ -151,12 +188,22 @@ class STAConfig:
         return f"keep {self.keep_ratio:g}" if self.keep_ratio is not None else f"r={self.r}"
 
     def with_options(self, **options: object) -> STAConfig:
-        """Copy with some fields replaced (unknown names raise TypeError listing valid ones)."""
+        """Copy with some fields replaced, and the method's own options (any name its method takes,
+        :func:`method_option_names`) added to ``method_options``; other names raise TypeError listing
+        the valid ones."""
         valid = set(self.__dataclass_fields__)
-        unknown = set(options) - valid
+        method = options.get("method", self.method)
+        own = method_option_names(method) if isinstance(method, str) else frozenset()
+        unknown = set(options) - valid - own
         if unknown:
-            raise UnknownOptionError(f"unknown option(s) {sorted(unknown)}; valid options: {sorted(valid)}")
-        return replace(self, **options)
+            extra = f"; method {method!r} also takes {sorted(own)}" if own else ""
+            raise UnknownOptionError(f"unknown option(s) {sorted(unknown)}; valid options: {sorted(valid)}{extra}")
+        fields = {k: v for k, v in options.items() if k in valid}
+        method_options = {k: v for k, v in options.items() if k not in valid}
+        if method_options:
+            kept = dict(fields.get("method_options", self.method_options))
+            fields["method_options"] = tuple({**kept, **method_options}.items())
+        return replace(self, **fields)
 
 
 @dataclass(frozen=True)
@@ -431,6 +478,8 @@ def config_record(config: STAConfig) -> dict:
         value = getattr(config, name)
         if name == "schedule" and not isinstance(value, str):
             value = [list(pair) for pair in value]
+        elif name == "method_options":
+            value = dict(value)
         elif isinstance(value, tuple):
             value = list(value)
         record[name] = value

@@ -145,6 +145,9 @@ def add_pruning_arguments(parser: argparse.ArgumentParser, *, seed_flag: bool = 
     group.add_argument("--locations", help="block indices after which to prune, e.g. 0,4,8 (default 0, L/3, 2L/3)")
     group.add_argument("--tome-mode", help=f"{' | '.join(TOME_MODES)}: ToMe at STA's locations and counts, or r per "
                        "block (default locations)")
+    group.add_argument("--method-option", action="append", metavar="NAME=VALUE",
+                       help="a video-token method's own option, e.g. fastv_layer=3 (repeatable; default: the "
+                       "published values; docs/families/methods.md lists them)")
     flags = ["--prune-seed", "--seed"] if seed_flag else ["--prune-seed"]
     group.add_argument(*flags, dest="prune_seed", type=int,
                        help="seed of the random choices (random first unit, grid, random drop) (default 0)")
@@ -162,7 +165,26 @@ def pruning_options(args: argparse.Namespace) -> dict[str, Any]:
         elif flag == "locations":
             value = parse_locations(value)
         options[field] = value
+    given = getattr(args, "method_option", None)
+    if given:
+        options["method_options"] = dict(parse_method_option(text) for text in given)
     return options
+
+
+def parse_method_option(text: str) -> tuple[str, int | float | bool | str]:
+    """``fastv_layer=3`` -> ``("fastv_layer", 3)``: an integer, a number, true/false, else the text."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip() or not value.strip():
+        raise UsageError(f"--method-option {text!r}: give NAME=VALUE, e.g. fastv_layer=3")
+    value = value.strip()
+    if value.lower() in ("true", "false"):
+        return name.strip(), value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return name.strip(), kind(value)
+        except ValueError:
+            pass
+    return name.strip(), value
 
 
 def config_from_args(args: argparse.Namespace, r: int = 0, method: str | None = None) -> STAConfig:
@@ -296,6 +318,7 @@ __all__ = [
     "default_levels",
     "default_r",
     "parse_locations",
+    "parse_method_option",
     "parse_schedule",
     "pruning_options",
 ]

@@ -90,15 +90,21 @@ def sync_device(device: torch.device) -> None:
 
 
 def timed_selection(device: torch.device, spent: list[float]) -> Callable[[Callable], Callable]:
-    """Wrapper factory that adds the wall time of each selection call to ``spent[0]``."""
+    """Wrapper factory that adds the wall time of each selection call to ``spent[0]`` (a selection call
+    nested in another, e.g. STA's core inside a video's selection, is counted once)."""
+    depth = [0]
 
     def wrap(fn: Callable) -> Callable:
         def timed(*args, **kwargs):
+            if depth[0]:
+                return fn(*args, **kwargs)
             sync_device(device)
             start = time.perf_counter()
+            depth[0] += 1
             try:
                 return fn(*args, **kwargs)
             finally:
+                depth[0] -= 1
                 sync_device(device)
                 spent[0] += time.perf_counter() - start
 

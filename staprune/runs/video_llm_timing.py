@@ -63,10 +63,12 @@ class VideoLLMBenchRow:
 
 
 def setting_label(config: STAConfig | None) -> str:
-    """``dense`` for the stock model, else the budget and method (``keep 0.3``, ``r=8 random``)."""
+    """``dense`` for the stock model, else the budget and method, and the method's options given
+    (``keep 0.3``, ``r=8 random``, ``keep 0.25 fastv fastv_layer=3``)."""
     if config is None:
         return "dense"
-    return config.budget if config.method == "sta" else f"{config.budget} {config.method}"
+    label = config.budget if config.method == "sta" else f"{config.budget} {config.method}"
+    return " ".join([label, *(f"{name}={value}" for name, value in config.method_options)])
 
 
 def cache_bytes(cache) -> int:

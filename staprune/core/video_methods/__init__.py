@@ -12,10 +12,13 @@ import importlib
 from .layout import VideoLayout, kept_per_unit
 from .registry import (
     NEEDS,
+    MethodOption,
     Selection,
     VideoMethod,
     VideoTokens,
+    in_language_model,
     kept_tokens_of,
+    method_options,
     needs_of,
     register_video_method,
     select_video_tokens,
@@ -34,19 +37,23 @@ METHOD_MODULES: tuple[str, ...] = (
     "staprune.core.video_methods.evs",
     "staprune.core.video_methods.divprune",
     "staprune.core.video_methods.vidcom2",
+    "staprune.core.video_methods.fastv",
 )
 for _module in METHOD_MODULES:
     importlib.import_module(_module)
 
 __all__ = [
     "METHOD_MODULES",
+    "MethodOption",
     "NEEDS",
     "Selection",
     "VideoLayout",
     "VideoMethod",
     "VideoTokens",
     "kept_per_unit",
+    "in_language_model",
     "kept_tokens_of",
+    "method_options",
     "needs_of",
     "register_video_method",
     "select_video_tokens",

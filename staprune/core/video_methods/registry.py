@@ -11,17 +11,18 @@ methods at one ``keep_ratio`` differ only in which tokens they keep.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from ..config import STAConfig, register_method_name
-from ..errors import UsageError
+from ..errors import ConfigError, UsageError
 from ..score import PerSampleRandom
+from ..selection_hook import selection_function
 from .layout import VideoLayout, kept_per_unit
 
-NEEDS = ("keys", "pixel_change", "noise")  # what a method may ask the model's adapter for
+NEEDS = ("keys", "pixel_change", "noise", "attention")  # what a method may ask the model's adapter for
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,10 @@ class VideoTokens:
         change: ``(units, per_unit)`` each token's pixel change since the previous unit
             (``"pixel_change"``), else None.
         rng: the video's own seeded noise (``"noise"``), else None.
+        attention: ``(L_v,)`` the attention each token received (``"attention"``): in the vision
+            tower for a method before the language model (what that is for each tower:
+            docs/families/methods.md), from the last prompt token in the layer before ``after_layer`` for a
+            method inside it; else None.
     """
 
     tokens: Tensor
@@ -42,6 +47,7 @@ class VideoTokens:
     keys: Tensor | None = None
     change: Tensor | None = None
     rng: PerSampleRandom | None = None
+    attention: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,35 @@ class Selection:
 
     kept: Tensor
     merged: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class MethodOption:
+    """One of a method's own options (a keyword of ``staprune.patch``, ``--method-option NAME=VALUE``).
+
+    Attributes:
+        name: the keyword, prefixed with the method's name (``fastv_layer``) so it never clashes.
+        default: the published default (its type is the option's type).
+        valid: value -> whether it is in range.
+        accepts: what ``valid`` accepts, as the error states it (``an integer >= 0``).
+        help: one line for listings and the docs.
+    """
+
+    name: str
+    default: int | float | str | bool
+    valid: Callable[[object], bool]
+    accepts: str
+    help: str = ""
+
+    def check(self, method: str, value: object) -> None:
+        """Raise :class:`ConfigError` in one line unless ``value`` is of the option's type and valid."""
+        kind = type(self.default)
+        typed = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            typed = True
+        if not typed or not self.valid(value):
+            raise ConfigError(f"{self.name}={value!r} is not valid for method={method!r}: give {self.accepts} "
+                              f"(default {self.default!r})")
 
 
 SelectFn = Callable[[VideoTokens, int, STAConfig], "Tensor | Selection"]
@@ -68,6 +103,12 @@ class VideoMethod:
         kept_count: ``(layout, keep)`` -> tokens kept of the body (FLOPs before a model runs);
             default ``layout.units * keep``.
         description: one line for listings and the docs.
+        options: the method's own options, at their published defaults unless given
+            (:func:`method_options` reads them).
+        after_layer: for a method that acts inside the language model: ``config`` -> the decoder
+            layer after which it selects (it reads ``"attention"``: what the last prompt token paid
+            each video token in the layer before); None for a method that selects before the
+            language model (all but FastV).
     """
 
     name: str
@@ -75,6 +116,14 @@ class VideoMethod:
     needs: Callable[[STAConfig], frozenset[str]] = lambda config: frozenset()
     kept_count: Callable[[VideoLayout, int], int] = lambda layout, keep: layout.units * keep
     description: str = ""
+    options: tuple[MethodOption, ...] = field(default_factory=tuple)
+    after_layer: Callable[[STAConfig], int] | None = None
+
+    def check_options(self, given: dict) -> None:
+        """Raise :class:`ConfigError` for a value out of range (names are checked by ``STAConfig``)."""
+        by_name = {o.name: o for o in self.options}
+        for name, value in given.items():
+            by_name[name].check(self.name, value)
 
 
 _methods: dict[str, VideoMethod] = {}
@@ -86,7 +135,7 @@ def register_video_method(method: VideoMethod) -> VideoMethod:
     if unknown:
         raise UsageError(f"video method {method.name!r} needs {sorted(unknown)}; a method may need {', '.join(NEEDS)}")
     _methods[method.name] = method
-    register_method_name(method.name)
+    register_method_name(method.name, frozenset(o.name for o in method.options), method.check_options)
     return method
 
 
@@ -108,6 +157,22 @@ def video_method_names() -> list[str]:
     return list(_methods)
 
 
+def method_options(config: STAConfig) -> dict[str, object]:
+    """``config``'s method's own options: those given in ``config.method_options``, the rest at their
+    defaults."""
+    if config.method not in _methods:
+        return {}
+    return {o.name: o.default for o in _methods[config.method].options} | dict(config.method_options)
+
+
+def in_language_model(config: STAConfig) -> int | None:
+    """The decoder layer after which ``config``'s method selects inside the language model (FastV), or
+    None when it selects before the language model (every other method, and ``none``)."""
+    if config.method == "none" or video_method(config.method).after_layer is None:
+        return None
+    return video_method(config.method).after_layer(config)
+
+
 def needs_of(config: STAConfig) -> frozenset[str]:
     """What ``config``'s method reads besides the tokens (nothing for ``method="none"``)."""
     return frozenset() if config.method == "none" else video_method(config.method).needs(config)
@@ -123,6 +188,7 @@ def kept_tokens_of(layout: VideoLayout, config: STAConfig) -> int:
     return video_method(config.method).kept_count(layout, keep) + layout.tail
 
 
+@selection_function  # its time and FLOPs are the method's, not the model's
 def select_video_tokens(video: VideoTokens, config: STAConfig) -> Selection:
     """The kept tokens of one video under ``config``'s method and budget.
 
@@ -143,5 +209,5 @@ def select_video_tokens(video: VideoTokens, config: STAConfig) -> Selection:
     return Selection(kept, merged)
 
 
-__all__ = ["NEEDS", "Selection", "VideoMethod", "VideoTokens", "kept_tokens_of", "needs_of", "register_video_method",
+__all__ = ["NEEDS", "MethodOption", "Selection", "VideoMethod", "VideoTokens", "in_language_model", "kept_tokens_of", "method_options", "needs_of", "register_video_method",
            "select_video_tokens", "unregister_video_method", "video_method", "video_method_names"]

@@ -28,7 +28,7 @@ from ...core.config import STAConfig
 from ...core.errors import CheckpointError, ConfigError
 from ...core.flops import FlopCount
 from ...core.score import packed_slice, slice_metric
-from ...core.video_methods import VideoLayout, kept_tokens_of, video_method_names
+from ...core.video_methods import VideoLayout, in_language_model, kept_tokens_of, video_method_names
 from ...data.transforms import Preprocessing
 from ..base import VIDEO_LLM, LoadedModel, Spec, side
 from ..hf import TransformersFamily, load_hf_pretrained
@@ -142,16 +142,17 @@ class VideoLLMFamily(TransformersFamily):
 
     def check_method(self, config: STAConfig) -> None:
         """Refuse a method that is not a video-token method, and the video classifiers' options
-        (a video LLM's tokens are chosen once, before the language model: there are no stages)."""
+        (a video LLM's tokens are chosen once per video, before the language model or, FastV, at one
+        layer inside it: there are no stages)."""
         if config.method == "tome":
-            raise ConfigError(f"method='tome' is not supported for {self.title}: video-LLM tokens are dropped before "
-                              f"the language model, not merged; use {self.method_choices()}")
+            raise ConfigError(f"method='tome' is not supported for {self.title}: ToMe merges in every block of a "
+                              f"classifier; a video LLM's tokens are chosen once per video; use {self.method_choices()}")
         super().check_method(config)
         default = STAConfig()
         for option in ("schedule", "locations", "tome_mode"):
             if getattr(config, option) != getattr(default, option):
-                raise ConfigError(f"{option} does not apply to {self.title}: a video's tokens are chosen once, before "
-                                  "the language model (no stages or block locations); leave it out")
+                raise ConfigError(f"{option} does not apply to {self.title}: a video's tokens are chosen once (no "
+                                  "stages or block locations); leave it out")
         if config.similarity in ("query", "value"):
             raise ConfigError(f"similarity={config.similarity!r} does not apply to {self.title}: a video's tokens are "
                               "compared by the vision tower's keys (similarity='key') or by the tokens the language "
@@ -221,11 +222,25 @@ class VideoLLMFamily(TransformersFamily):
 
     def flops(self, spec: VideoLLMSpec, config: STAConfig) -> FlopCount:
         """Multiply-adds to the first token: the vision tower on the video (pruning does not change
-        it) and the language model's prefill of the prompt with the kept video tokens."""
+        it) and the language model's prefill of the prompt with the kept video tokens (a method inside
+        the language model, FastV: its first ``K`` layers on every token, the rest on the kept ones)."""
         parts = self.vision_flops(spec)
         length = self.prompt_length(spec, self.kept_video_tokens(spec, config))
-        parts.update(language_model_flops(spec.text, length))
-        return FlopCount(sum(parts.values()), 0.0, parts)
+        layer = in_language_model(config)
+        if layer is None:
+            parts.update(language_model_flops(spec.text, length))
+            return FlopCount(sum(parts.values()), 0.0, parts)
+        depth = spec.text["num_hidden_layers"]
+        if not 1 <= layer < depth:
+            raise ConfigError(f"fastv_layer={layer} must be between 1 and {depth - 1}: the language model has "
+                              f"{depth} decoder layers")
+        stock = self.prompt_length(spec, self.layout(spec).tokens)
+        before = language_model_flops({**spec.text, "num_hidden_layers": layer}, stock)
+        after = language_model_flops({**spec.text, "num_hidden_layers": depth - layer}, length)
+        parts.update({kind: before[kind] + (after[kind] if kind != "lm_head" else 0) for kind in before})
+        head_dim = spec.text.get("head_dim") or spec.text["hidden_size"] // spec.text["num_attention_heads"]
+        selection = spec.text["num_attention_heads"] * head_dim * stock  # the last query's row, once
+        return FlopCount(sum(parts.values()), selection, parts)
 
     def levels(self, spec: VideoLLMSpec) -> tuple[int, ...]:
         raise ConfigError(f"{self.title} prunes by keep ratio: give keep ratios (--keep 0.5 0.3), default "

@@ -205,6 +205,11 @@ class QwenVLFamily(VideoLLMFamily):
         """What follows the kept tokens besides the embeddings (Qwen3-VL: DeepStack), or None."""
         return None
 
+    def follow_cut(self):
+        """What makes inputs added inside the language model follow a cut inside it (Qwen3-VL:
+        DeepStack), or None."""
+        return None
+
     def layout(self, spec: QwenVLSpec) -> VideoLayout:
         t, h, w = spec.grid
         merge = spec.vision["spatial_merge_size"]
@@ -232,6 +237,7 @@ class QwenVLFamily(VideoLLMFamily):
             unit_pixels=qwen_unit_pixels(inner.config.vision_config.spatial_merge_size),
             install_keys=lambda p, m: install_qwen_keys(p, m, windowed=self.windowed_vision),
             side_inputs=self.side_inputs(),
+            follow_cut=self.follow_cut(),
         )
 
 

@@ -8,12 +8,15 @@ order.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from ...adapters.in_language_model import Cut
+from ...adapters.state import Patch
 from ...adapters.video_tokens import take_columns
 from ...data.transforms import Preprocessing
 from ..base import FamilyModels, ModelEntry
@@ -37,6 +40,22 @@ def deepstack_follows_kept(kwargs: dict, keep: Tensor, index: Tensor, valid: Ten
     kwargs["deepstack_visual_embeds"] = [e[kept_visual] for e in kwargs["deepstack_visual_embeds"]]
 
 
+def deepstack_follows_cut(p: Patch, language_model: nn.Module, active: Callable[[], Cut | None]) -> None:
+    """DeepStack adds features to the hidden states after its first decoder layers: after a cut inside
+    the language model (FastV at a layer DeepStack still reaches), at the kept visual columns only."""
+    stock = type(language_model)._deepstack_process
+
+    def deepstack(hidden: Tensor, visual_pos_masks: Tensor, visual_embeds: Tensor) -> Tensor:
+        cut = active()
+        if cut is not None and hidden.shape[1] != visual_pos_masks.shape[1]:
+            inputs = {"visual_pos_masks": visual_pos_masks, "deepstack_visual_embeds": [visual_embeds]}
+            deepstack_follows_kept(inputs, cut.keep, cut.index, cut.valid)
+            visual_pos_masks, visual_embeds = inputs["visual_pos_masks"], inputs["deepstack_visual_embeds"][0]
+        return stock(language_model, hidden, visual_pos_masks, visual_embeds)
+
+    p.override_method(language_model, "_deepstack_process", deepstack)
+
+
 class Qwen3VLFamily(QwenVLFamily):
     name = "qwen3_vl"
     title = "Qwen3-VL (transformers)"
@@ -52,6 +71,9 @@ class Qwen3VLFamily(QwenVLFamily):
 
     def side_inputs(self):
         return deepstack_follows_kept
+
+    def follow_cut(self):
+        return deepstack_follows_cut
 
     def tiny_model(self, seed: int = 0, **overrides: Any) -> nn.Module:
         """Two text and two vision layers (64 and 32 wide), 16 px patches, DeepStack after vision layer 0."""
@@ -88,4 +110,4 @@ REGISTRATION = FamilyModels(FAMILY, (
                description="Qwen3-VL-8B-Instruct, 16 frames at 448² (random weights)"),
 ))
 
-__all__ = ["FAMILY", "REGISTRATION", "Qwen3VLFamily", "Qwen3VLSpec", "deepstack_follows_kept", "qwen3_config"]
+__all__ = ["FAMILY", "REGISTRATION", "Qwen3VLFamily", "Qwen3VLSpec", "deepstack_follows_cut", "deepstack_follows_kept", "qwen3_config"]

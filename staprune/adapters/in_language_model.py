@@ -1,0 +1,251 @@
+"""A video-token method that acts inside the language model (FastV): after decoder layer ``K`` the
+later layers, and their KV cache, see only the kept video tokens.
+
+The language model runs its stock forward; hooks on its decoder layers do the rest:
+
+1. layer ``K - 1``'s attention runs through :data:`ATTENTION_NAME`, a function registered with
+   transformers' ``AttentionInterface`` that calls the model's own attention and also keeps the last
+   query's attention over every key, averaged over heads (``(B, L)``: one row of one layer's map);
+2. before layer ``K``, each video's method picks its tokens from that row; the hidden states, the
+   rotary embeddings, the positions and the mask of every later layer follow the kept columns
+   (:class:`Cut`), the kept tokens keeping their stock positions;
+3. a decoding step's mask (over the full-length cache of the first ``K`` layers) is mapped onto the
+   later layers' shorter cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..core.config import STAConfig
+from ..core.errors import ConfigError, UsageError
+from ..core.video_methods import VideoLayout, VideoTokens, select_video_tokens
+from ..core.video_methods.attention import last_query_attention
+from .state import Patch
+
+ATTENTION_NAME = "staprune_last_query"  # the attention function layer K - 1 runs with
+CUT_ATTR = "_staprune_cut"  # on a KV cache: the Cut its later layers were filled with
+
+
+@dataclass
+class Cut:
+    """The columns the layers after ``K`` keep of a prompt of ``stock_length`` columns.
+
+    Attributes:
+        index: ``(B, L')`` the stock column of each kept column (left padding reads column 0).
+        valid: ``(B, L')`` False on the left padding rows with fewer kept tokens get.
+        keep: ``(B, L)`` bool, the kept stock columns.
+    """
+
+    index: Tensor
+    valid: Tensor
+    keep: Tensor
+    stock_length: int
+
+
+@dataclass
+class PendingVideo:
+    """One video of the prefill in flight, to select at layer ``K``: its row, its placeholder columns
+    ``(L_v,)``, its layout, and where its kept indices go in :func:`staprune.kept_tokens`."""
+
+    row: int
+    span: Tensor
+    layout: VideoLayout
+    slot: int
+
+
+class LanguageModelCut:
+    """The state of an in-language-model method on one patched model (see the module docstring)."""
+
+    def __init__(self, config: STAConfig, layer: int) -> None:
+        self.config = config
+        self.layer = layer
+        self.pending: list[PendingVideo] = []  # this prefill's videos (set before the language model runs)
+        self.kept: list[Tensor] | None = None  # the prefill's kept_tokens list, filled at layer K
+        self.attention: Tensor | None = None  # (B, L) layer K - 1's last-query row
+        self.active: Cut | None = None  # the cut of the forward in flight
+        self.memo: dict[int, object] = {}  # per forward: a stock tensor's id -> its cut form
+        self.on_cut: Callable[[Cut], None] = lambda made: None  # told each cut made (the loss follows it)
+
+    def start(self, pending: list[PendingVideo], kept: list[Tensor]) -> None:
+        self.pending, self.kept, self.attention, self.active, self.memo = pending, kept, None, None, {}
+
+    def finish(self) -> None:
+        self.pending, self.kept, self.attention, self.active, self.memo = [], None, None, None, {}
+
+
+def install_cut(p: Patch, language_model: nn.Module, cut: LanguageModelCut,
+                follow_cut: Callable[[Patch, nn.Module, Callable[[], Cut | None]], None] | None) -> None:
+    """Hook ``language_model``'s decoder layers for ``cut`` (undone with ``p``).
+
+    Raises:
+        ConfigError: ``K`` is not below the language model's depth, or its attention cannot be read.
+    """
+    layers = getattr(language_model, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ConfigError(f"{p.config.method} prunes inside the language model, whose decoder layers this model "
+                          "does not list as .layers")
+    if not 1 <= cut.layer < len(layers):
+        raise ConfigError(f"fastv_layer={cut.layer} must be between 1 and {len(layers) - 1}: the language model "
+                          f"has {len(layers)} decoder layers")
+    attention = getattr(layers[cut.layer - 1], "self_attn", None)
+    if attention is None or not hasattr(attention, "config"):
+        raise ConfigError(f"{p.config.method} reads the attention of decoder layer {cut.layer - 1}, which has no "
+                          "self_attn with a config here")
+    implementation = attention.config._attn_implementation
+    if implementation not in ("eager", "sdpa"):
+        raise ConfigError(f"{p.config.method} reads one row of attention weights, which attn_implementation="
+                          f"{implementation!r} does not give here; load the model with attn_implementation='sdpa'")
+    _register_attention()
+    own = copy.copy(attention.config)  # this layer's attention alone runs ATTENTION_NAME
+    own._attn_implementation = ATTENTION_NAME
+    p.set_attribute(attention, "config", own)
+    p.set_attribute(attention, "_staprune_cut", (cut, implementation))
+    for number, layer in enumerate(layers):
+        if number >= cut.layer:
+            p.hook(layer, _cut_hook(cut, number == cut.layer), pre=True, with_kwargs=True)
+    if follow_cut is not None:
+        follow_cut(p, language_model, lambda: cut.active)
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, _last_query_attention)
+
+
+def _stock_attention(module: nn.Module, implementation: str) -> Callable:
+    if implementation == "eager":  # each transformers model module defines its own
+        return sys.modules[type(module).__module__].eager_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS[implementation]
+
+
+def _last_query_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                          attention_mask: Tensor | None, *args, **kwargs):
+    """The model's own attention; during a prefill with videos to cut, also the last query's
+    attention over every key, averaged over heads (``query`` ``(B, H, L, d)``, ``key`` ``(B, h, L, d)``)."""
+    cut, implementation = module._staprune_cut
+    if cut.pending and query.shape[2] > 1:
+        scaling = kwargs.get("scaling", args[0] if args else None)
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        cut.attention = last_query_attention(query, key, attention_mask, scaling)
+    return _stock_attention(module, implementation)(module, query, key, value, attention_mask, *args, **kwargs)
+
+
+def _cut_hook(cut: LanguageModelCut, first: bool):
+    """The pre-hook of a decoder layer after ``K`` (``first``: layer ``K``, where the cut is made)."""
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if first and cut.pending:
+            cut.active = _make_cut(cut, hidden)
+            cut.on_cut(cut.active)
+            if cache is not None:
+                setattr(cache, CUT_ATTR, cut.active)
+        state = cut.active if cut.active is not None else getattr(cache, CUT_ATTR, None)
+        if state is None:
+            return None
+        prefill = cut.active is not None
+        if prefill and hidden.shape[1] == state.stock_length:
+            hidden = hidden.gather(1, state.index[..., None].expand(-1, -1, hidden.shape[-1]))
+        kwargs = dict(kwargs)
+        if args:
+            args = (hidden, *args[1:])
+        else:
+            kwargs["hidden_states"] = hidden
+        kwargs["attention_mask"] = _memo(cut, kwargs.get("attention_mask"),
+                                         lambda m: _cut_mask(m, state, prefill))
+        if prefill:
+            for name in ("position_embeddings", "position_ids"):
+                if kwargs.get(name) is not None:
+                    kwargs[name] = _memo(cut, kwargs[name], lambda v: _cut_columns(v, state))
+        return args, kwargs
+
+    return hook
+
+
+def _make_cut(cut: LanguageModelCut, hidden: Tensor) -> Cut:
+    """Select every pending video's tokens from layer ``K - 1``'s last-query row."""
+    if cut.attention is None:
+        raise UsageError(f"{cut.config.method} found no attention from decoder layer {cut.layer - 1} in this "
+                         "forward; the language model's layers ran in an order it does not know")
+    bsz, length = hidden.shape[:2]
+    keep = torch.ones(bsz, length, dtype=torch.bool, device=hidden.device)
+    for video in cut.pending:
+        selection = select_video_tokens(VideoTokens(hidden[video.row, video.span], video.layout,
+                                                    attention=cut.attention[video.row, video.span]), cut.config)
+        cut.kept[video.slot] = selection.kept
+        dropped = torch.ones(video.span.numel(), dtype=torch.bool, device=hidden.device)
+        dropped[selection.kept] = False
+        keep[video.row, video.span[dropped]] = False
+    cut.pending = []
+    counts = keep.sum(1)
+    width = int(counts.max())
+    order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+    source = torch.arange(width, device=keep.device)[None] - (width - counts)[:, None]
+    return Cut(order.gather(1, source.clamp(min=0)), source >= 0, keep, length)
+
+
+def _memo(cut: LanguageModelCut, value, make):
+    """Every layer after ``K`` gets the same stock mask and embeddings: cut them once per forward."""
+    if value is None or isinstance(value, dict):
+        return make(value) if value is None else value
+    key = id(value)
+    if key not in cut.memo:
+        cut.memo[key] = (value, make(value))  # the stock tensor held: its id stays its own
+    return cut.memo[key][1]
+
+
+def _cut_columns(value, state: Cut):
+    """Rotary ``(cos, sin)`` ``(B, L, d)`` or positions ``(..., B, L)`` at the kept columns."""
+    if isinstance(value, tuple):
+        return tuple(_cut_columns(v, state) for v in value)
+    index = state.index
+    if value.dim() == 3 and value.shape[1] == state.stock_length:  # (B or 1, L, d)
+        value = value.expand(index.shape[0], -1, -1)
+        return value.gather(1, index[..., None].expand(-1, -1, value.shape[-1]))
+    value = value.expand(*value.shape[:-2], index.shape[0], -1)  # (..., 1, L): one row for the batch
+    return value.gather(-1, index.expand(*value.shape[:-2], *index.shape))
+
+
+def _cut_mask(mask: Tensor | None, state: Cut, prefill: bool) -> Tensor | None:
+    """The mask a layer after ``K`` needs: stock ``(B, 1, q, k)`` (bool: True attends; float: added)
+    or None (causal), with the stock prompt's key columns mapped onto the kept ones (and, at the
+    prefill, its query rows too); the new left padding masked as a key."""
+    index, valid = state.index, state.valid
+    bsz, kept = index.shape
+    if mask is None and bool(valid.all()):
+        return None  # causal over the kept columns, which keep their order
+    if mask is None:
+        mask = torch.ones(bsz, 1, state.stock_length, state.stock_length, dtype=torch.bool,
+                          device=index.device).tril()
+    mask = mask.expand(bsz, -1, -1, -1)
+    tail = mask[..., state.stock_length :]  # the decoding steps' own columns
+    columns = index[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1)
+    cut = torch.cat([mask[..., : state.stock_length].gather(3, columns), tail], dim=3)
+    if prefill and cut.shape[2] == state.stock_length:
+        cut = cut.gather(2, index[:, None, :, None].expand(-1, cut.shape[1], -1, cut.shape[3]))
+    padding = torch.cat([~valid, valid.new_zeros(bsz, cut.shape[3] - kept)], dim=1)[:, None, None, :]
+    if cut.dtype == torch.bool:
+        cut = cut & ~padding
+        if prefill:  # a padding row attends to itself (no row without a key: no NaN)
+            cut = cut | torch.eye(kept, dtype=torch.bool, device=cut.device)[None, None] & ~valid[:, None, :, None]
+        return cut
+    low = torch.finfo(cut.dtype).min
+    cut = cut.masked_fill(padding, low)
+    if prefill:
+        own = torch.eye(kept, dtype=torch.bool, device=cut.device)[None, None] & ~valid[:, None, :, None]
+        cut = cut.masked_fill(own, 0.0)
+    return cut
+
+
+__all__ = ["ATTENTION_NAME", "CUT_ATTR", "Cut", "LanguageModelCut", "PendingVideo", "install_cut"]
