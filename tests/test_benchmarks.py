@@ -35,6 +35,8 @@ EXPECTED: dict[str, list[str]] = {
     "bench_vit.py": [r"speedup/ratio", r"min-max s", r"selection %", r"ViT-S\s+1\s+dense"],
     "demo_score_ablation.py": [r"obj\. recall", r"STA score='temporal'", r"random"],
     "bench_video_llm.py": [r"prefill s \(min-max\)", r"LLaVA-OneVision-0.5B\s+dense", r"keep 0.15", r"TTFT"],
+    "bench_video_llm_methods.py": [r"keep 0.25 fastv fastv_layer=1", r"keep 0.25 divprune", r"selection %",
+                                   r"selection share, vidcom2: at most \d+\.\d+%"],
     "video_llm_similarity.py": [r"KL nats", r"qwen2_5_vl\s+0.5\s+key", r"llava_onevision\s+0.15\s+hidden"],
     "vjepa2_key_rotation.py": [r"STA, keys before rotation", r"STA, keys after rotation", r"static clips: "],
 }
