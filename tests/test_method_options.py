@@ -102,3 +102,26 @@ def test_flops_shows_the_options_a_setting_was_given():
                            "--method-option", "fastv_layer=3")
     assert rc == 0, err
     assert "keep 0.25 fastv fastv_layer=3" in out
+
+
+def test_several_methods_are_compared_at_each_budget_each_with_its_own_options():
+    rc, out, err = run_cli("flops", "--model", "Qwen2.5-VL-7B", "--keep", "0.25", "0.1", "--method", "sta", "evs",
+                           "fastv", "--method-option", "fastv_layer=3", "--json")
+    assert rc == 0, err
+    import json
+
+    settings = [row["setting"] for row in json.loads(out)]
+    assert settings == ["dense", "keep 0.25", "keep 0.1", "keep 0.25 evs", "keep 0.1 evs",
+                        "keep 0.25 fastv fastv_layer=3", "keep 0.1 fastv fastv_layer=3"]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--model", "Qwen2.5-VL-7B", "--keep", "0.25", "--method", "sta", "evs", "--method-option", "fastv_layer=3"],
+     "--method-option fastv_layer: none of the methods sta, evs takes it"),
+    (["--model", "Qwen2.5-VL-7B", "--keep", "0.25", "--method", "evs", "fastv", "--method-option", "fastv_layer=0"],
+     "fastv_layer=0 is not valid for method='fastv'"),
+    (["--model", "ViT-B", "--method", "sta", "random"], "--method sta random: several methods compare a video LLM's"),
+])
+def test_several_methods_refuse_what_none_of_them_takes_in_one_line(argv, message):
+    rc, out, err = run_cli("flops", *argv)
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err

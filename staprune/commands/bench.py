@@ -146,7 +146,7 @@ def _check_registry_settings(args: argparse.Namespace) -> None:
     family = family_of_spec(spec)
     options = pruning_options(args)
     if family.kind == VIDEO_LLM:
-        for config in video_llm_settings(args.keep, args.r, args.method, options, family.default_keep)[1:]:
+        for config in video_llm_settings(args.keep, args.r, args.methods, options, family.default_keep)[1:]:
             family.kept_video_tokens(spec, config)
         return
     refuse_keep(args, family.title)
@@ -159,7 +159,7 @@ def _run_video_llm(args: argparse.Namespace, loaded, device: torch.device, dtype
     family = loaded.family
     model = loaded.model.to(device=device, dtype=dtype)
     spec = family.spec_of(model, args.frames, args.size)
-    settings = video_llm_settings(args.keep, args.r, args.method, pruning_options(args), family.default_keep)
+    settings = video_llm_settings(args.keep, args.r, args.methods, pruning_options(args), family.default_keep)
     for config in settings[1:]:  # every budget fits this video before anything is timed
         family.kept_video_tokens(spec, config)
     frames = torch.rand(spec.frames, 3, spec.size, spec.size, generator=torch.Generator().manual_seed(0))

@@ -171,7 +171,7 @@ def _run_video_llms(args: argparse.Namespace, specs: dict) -> int:
     for name, spec in specs.items():
         family = family_of_spec(spec)
         dense = family.flops(spec, STAConfig(method="none"))
-        for config in video_llm_settings(args.keep, args.r, args.method, pruning_options(args), family.default_keep):
+        for config in video_llm_settings(args.keep, args.r, args.methods, pruning_options(args), family.default_keep):
             count = family.flops(spec, config or STAConfig(method="none"))
             video = family.kept_video_tokens(spec, config or STAConfig(method="none"))
             rows.append({

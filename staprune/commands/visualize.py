@@ -186,7 +186,7 @@ def _run_video_llm(args: argparse.Namespace, loaded, output, gif) -> int:
     """A video LLM: the video's frames as the model reads them, then one row per budget."""
     family = loaded.family
     spec = family.spec_of(loaded.model, args.frames, args.size)
-    settings = video_llm_settings(args.keep, [args.r] if args.r else None, args.method, pruning_options(args),
+    settings = video_llm_settings(args.keep, [args.r] if args.r else None, args.methods, pruning_options(args),
                                   family.default_keep)[1:]
     for config in settings:  # every budget fits before the video is decoded
         family.kept_video_tokens(spec, config)

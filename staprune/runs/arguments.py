@@ -33,6 +33,7 @@ from ..core.config import (
     SIMILARITY,
     TOME_MODES,
     STAConfig,
+    method_option_names,
 )
 from ..core.errors import UsageError
 from ..core.video_methods import video_method, video_method_names
@@ -203,7 +204,10 @@ def check_pruning_options(args: argparse.Namespace) -> None:
 
     An explicit schedule gives every stage's r, so an ``--r`` beside it would be ignored: refused.
     """
-    config_from_args(args, 0, _method(args))
+    methods = [m for m in getattr(args, "methods", None) or [_method(args)] if m not in ("none", "dense")] or ["sta"]
+    for method in methods:
+        options = _options_for(method, methods, pruning_options(args))
+        STAConfig(method=method, **options)
     r = getattr(args, "r", None)
     if explicit_schedule(pruning_options(args)) and r not in (None, []):
         raise UsageError(f"--schedule {args.schedule} gives every stage's r; drop --r (got {r})")
@@ -262,9 +266,20 @@ def add_method_argument(parser: argparse.ArgumentParser) -> None:
     registered video-token method (:mod:`staprune.core.video_methods`); the family refuses what it
     does not take, in one line."""
     video = [m for m in video_method_names() if m not in CLASSIFIER_METHODS]
-    parser.add_argument("--method", default="sta", choices=tuple(dict.fromkeys(("sta", "random", "tome", *video))),
-                        help=f"pruning method (video LLMs only: {', '.join(video)}; "
-                        f"{'; '.join(f'{m}: {video_method(m).description}' for m in video)})")
+    parser.add_argument("--method", default="sta", nargs="+", action=MethodsAction, metavar="METHOD",
+                        choices=tuple(dict.fromkeys(("sta", "random", "tome", *video))),
+                        help=f"pruning method; a video LLM takes several, compared at each budget (video LLMs "
+                        f"only: {', '.join(video)}; {'; '.join(f'{m}: {video_method(m).description}' for m in video)})")
+    parser.set_defaults(methods=["sta"])
+
+
+class MethodsAction(argparse.Action):
+    """``--method A [B ...]``: ``args.methods`` all of them (several: a video LLM's comparison),
+    ``args.method`` the first (what a classifier command runs)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        namespace.methods = list(dict.fromkeys(values))
+        namespace.method = values[0]
 
 
 def add_keep_argument(parser: argparse.ArgumentParser) -> None:
@@ -274,22 +289,47 @@ def add_keep_argument(parser: argparse.ArgumentParser) -> None:
                         "when no --r is given)")
 
 
-def video_llm_settings(keeps: Sequence[float] | None, rs: Sequence[int] | None, method: str | None,
+def video_llm_settings(keeps: Sequence[float] | None, rs: Sequence[int] | None, methods: str | Sequence[str] | None,
                        options: dict[str, Any], default_keep: Sequence[float]) -> list[STAConfig | None]:
-    """The settings a video-LLM command runs: the stock model (None), then one per keep ratio in
-    ``keeps`` and per non-zero ``rs`` (neither given: ``default_keep``), each with ``method`` and the
-    pruning ``options``."""
+    """The settings a video-LLM command runs: the stock model (None), then per method, one per keep
+    ratio in ``keeps`` and per non-zero ``rs`` (neither given: ``default_keep``), each with the pruning
+    ``options`` (a method's own options go to the methods that take them).
+
+    Raises:
+        UsageError: a method option that none of ``methods`` takes.
+    """
     rs = [r for r in (rs or []) if r]
     keeps = list(keeps or ([] if rs else default_keep))
-    method = method or "sta"
-    return [None, *(STAConfig(keep_ratio=k, method=method, **options) for k in keeps),
-            *(STAConfig(r=r, method=method, **options) for r in rs)]
+    methods = [methods] if isinstance(methods, str) else list(methods or ["sta"])
+    settings: list[STAConfig | None] = [None]
+    for method in methods:
+        own = _options_for(method, methods, options)
+        settings += [STAConfig(keep_ratio=k, method=method, **own) for k in keeps]
+        settings += [STAConfig(r=r, method=method, **own) for r in rs]
+    return settings
+
+
+def _options_for(method: str, methods: Sequence[str], options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with only the method options ``method`` takes (with one method: all, so that
+    STAConfig names what it does not take)."""
+    given = dict(options.get("method_options") or {})
+    if len(methods) == 1 or not given:
+        return options
+    taken = set().union(*(method_option_names(m) for m in methods))
+    unknown = sorted(set(given) - taken)
+    if unknown:
+        raise UsageError(f"--method-option {', '.join(unknown)}: none of the methods {', '.join(methods)} takes it")
+    own = {name: value for name, value in given.items() if name in method_option_names(method)}
+    return {**options, "method_options": own}
 
 
 def refuse_keep(args: argparse.Namespace, title: str) -> None:
-    """``--keep`` on a model that is not a video LLM: one clear line."""
+    """``--keep``, or several ``--method``, on a model that is not a video LLM: one clear line."""
     if getattr(args, "keep", None):
         raise UsageError(f"--keep is a video-LLM budget; {title} prunes r tokens per temporal unit: use --r")
+    methods = getattr(args, "methods", None) or []
+    if len(methods) > 1:
+        raise UsageError(f"--method {' '.join(methods)}: several methods compare a video LLM's; {title} takes one")
 
 
 def _method(args: argparse.Namespace) -> str:
@@ -319,6 +359,7 @@ __all__ = [
     "default_r",
     "parse_locations",
     "parse_method_option",
+    "MethodsAction",
     "parse_schedule",
     "pruning_options",
 ]
