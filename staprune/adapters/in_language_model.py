@@ -3,9 +3,9 @@ later layers, and their KV cache, see only the kept video tokens.
 
 The language model runs its stock forward; hooks on its decoder layers do the rest:
 
-1. layer ``K - 1``'s attention runs through :data:`ATTENTION_NAME`, a function registered with
-   transformers' ``AttentionInterface`` that calls the model's own attention and also keeps the last
-   query's attention over every key, averaged over heads (``(B, L)``: one row of one layer's map);
+1. layer ``K - 1``'s attention is tapped (:mod:`.attention_tap`): it runs as it did, and the last
+   query's attention over every key, averaged over heads, is kept (``(B, L)``: one row of one
+   layer's map);
 2. before layer ``K``, each video's method picks its tokens from that row; the hidden states, the
    rotary embeddings, the positions and the mask of every later layer follow the kept columns
    (:class:`Cut`), the kept tokens keeping their stock positions;
@@ -15,8 +15,6 @@ The language model runs its stock forward; hooks on its decoder layers do the re
 
 from __future__ import annotations
 
-import copy
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,11 +23,10 @@ from torch import Tensor, nn
 
 from ..core.config import STAConfig
 from ..core.errors import ConfigError, UsageError
-from ..core.video_methods import VideoLayout, VideoTokens, select_video_tokens
-from ..core.video_methods.attention import last_query_attention
+from ..core.video_methods import VideoLayout, VideoTokens, last_query_attention, select_video_tokens
+from .attention_tap import tap_attention
 from .state import Patch
 
-ATTENTION_NAME = "staprune_last_query"  # the attention function layer K - 1 runs with
 CUT_ATTR = "_staprune_cut"  # on a KV cache: the Cut its later layers were filled with
 
 
@@ -95,49 +92,20 @@ def install_cut(p: Patch, language_model: nn.Module, cut: LanguageModelCut,
         raise ConfigError(f"fastv_layer={cut.layer} must be between 1 and {len(layers) - 1}: the language model "
                           f"has {len(layers)} decoder layers")
     attention = getattr(layers[cut.layer - 1], "self_attn", None)
-    if attention is None or not hasattr(attention, "config"):
+    if attention is None:
         raise ConfigError(f"{p.config.method} reads the attention of decoder layer {cut.layer - 1}, which has no "
-                          "self_attn with a config here")
-    implementation = attention.config._attn_implementation
-    if implementation not in ("eager", "sdpa"):
-        raise ConfigError(f"{p.config.method} reads one row of attention weights, which attn_implementation="
-                          f"{implementation!r} does not give here; load the model with attn_implementation='sdpa'")
-    _register_attention()
-    own = copy.copy(attention.config)  # this layer's attention alone runs ATTENTION_NAME
-    own._attn_implementation = ATTENTION_NAME
-    p.set_attribute(attention, "config", own)
-    p.set_attribute(attention, "_staprune_cut", (cut, implementation))
+                          "self_attn here")
+
+    def keep_last_query(module: nn.Module, query: Tensor, key: Tensor, mask: Tensor | None, scaling: float) -> None:
+        if cut.pending and query.shape[2] > 1:  # a prefill with videos to cut
+            cut.attention = last_query_attention(query, key, mask, scaling)
+
+    tap_attention(p, attention, keep_last_query, p.config.method)
     for number, layer in enumerate(layers):
         if number >= cut.layer:
             p.hook(layer, _cut_hook(cut, number == cut.layer), pre=True, with_kwargs=True)
     if follow_cut is not None:
         follow_cut(p, language_model, lambda: cut.active)
-
-
-def _register_attention() -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(ATTENTION_NAME, _last_query_attention)
-
-
-def _stock_attention(module: nn.Module, implementation: str) -> Callable:
-    if implementation == "eager":  # each transformers model module defines its own
-        return sys.modules[type(module).__module__].eager_attention_forward
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    return ALL_ATTENTION_FUNCTIONS[implementation]
-
-
-def _last_query_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
-                          attention_mask: Tensor | None, *args, **kwargs):
-    """The model's own attention; during a prefill with videos to cut, also the last query's
-    attention over every key, averaged over heads (``query`` ``(B, H, L, d)``, ``key`` ``(B, h, L, d)``)."""
-    cut, implementation = module._staprune_cut
-    if cut.pending and query.shape[2] > 1:
-        scaling = kwargs.get("scaling", args[0] if args else None)
-        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-        cut.attention = last_query_attention(query, key, attention_mask, scaling)
-    return _stock_attention(module, implementation)(module, query, key, value, attention_mask, *args, **kwargs)
 
 
 def _cut_hook(cut: LanguageModelCut, first: bool):
@@ -248,4 +216,4 @@ def _cut_mask(mask: Tensor | None, state: Cut, prefill: bool) -> Tensor | None:
     return cut
 
 
-__all__ = ["ATTENTION_NAME", "CUT_ATTR", "Cut", "LanguageModelCut", "PendingVideo", "install_cut"]
+__all__ = ["CUT_ATTR", "Cut", "LanguageModelCut", "PendingVideo", "install_cut"]

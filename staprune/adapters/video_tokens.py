@@ -132,6 +132,9 @@ class VideoLLMModel:
         install_keys: registers hooks that record the vision tower's keys while
             ``p.encoding_video`` is set and returns a reader ``(encoder arguments) -> (P, d)``,
             one row per video token; None if unavailable (methods that need keys are refused).
+        install_attention: as ``install_keys``, for the attention each video token received in the
+            vision tower (``(P,)``, one value per video token; what it is for each tower:
+            docs/families/methods.md); None if unavailable (methods that need it are refused).
         unit_pixels: the encoder's arguments -> per encoded item ``(units, per_unit, P)``, the
             (normalised) pixels each token covers, from which a method reads how much they changed
             since the previous unit (:func:`staprune.core.baselines.unit_change` over a whole video);
@@ -158,6 +161,7 @@ class VideoLLMModel:
     encoder: str = "get_video_features"
     modality: str = "video"
     install_keys: Callable[[Patch, nn.Module], Callable[[VideoInputs], Tensor]] | None = None
+    install_attention: Callable[[Patch, nn.Module], Callable[[VideoInputs], Tensor]] | None = None
     unit_pixels: Callable[[VideoInputs], list[Tensor]] | None = None
     side_inputs: Callable[[dict, Tensor, Tensor, Tensor], None] | None = None
     group_videos: Callable[[Tensor, list[Tensor]], list[list[int]]] | None = None
@@ -205,7 +209,7 @@ VIDEOS_ATTR = "_staprune_videos"  # on the encoder's output: its VideoPatch.vide
 def install(p: VideoPatch, model: VideoLLMModel) -> None:
     """Hook ``model`` so its language model sees each prompt with the videos pruned."""
     needs = needs_of(p.config)
-    read_keys = None
+    read_keys = read_attention = None
     if "keys" in needs:
         if model.install_keys is None:
             raise ConfigError("this model has no vision keys staprune can read; use similarity='hidden'")
@@ -219,8 +223,10 @@ def install(p: VideoPatch, model: VideoLLMModel) -> None:
         p.cut.on_cut = lambda made: _loss_follows_cut(p, made)
         install_cut(p, model.language_model, p.cut, model.follow_cut)
     elif "attention" in needs:
-        raise ConfigError(f"method={p.config.method!r} reads the attention each token received in the vision tower, "
-                          "which this model does not give")
+        if model.install_attention is None:
+            raise ConfigError(f"method={p.config.method!r} reads the attention each token received in the vision "
+                              "tower, which this model does not give")
+        read_attention = model.install_attention(p, model.inner)
     inner = model.inner
     stock = getattr(type(inner), model.encoder)
     signature = inspect.signature(stock)
@@ -241,6 +247,7 @@ def install(p: VideoPatch, model: VideoLLMModel) -> None:
             return out
         videos = {"layouts": layouts,
                   "keys": None if read_keys is None else read_keys(inputs),
+                  "attention": None if read_attention is None else read_attention(inputs),
                   "pixels": model.unit_pixels(inputs) if "pixel_change" in needs else None}
         if p.in_forward:  # the forward encodes its own videos
             p.videos = videos
@@ -410,7 +417,7 @@ def _prefill(p: VideoPatch, model: VideoLLMModel, kwargs: dict) -> PrunedPrompt:
     needs = needs_of(cfg)
     merged_rows: list[tuple[int, Tensor, Tensor]] = []
     placeholders = ids == model.video_token_id
-    keys = p.videos.get("keys")
+    keys, attention = p.videos.get("keys"), p.videos.get("attention")
     starts = [0]  # each encoded video's first row in keys
     for layout in layouts:
         starts.append(starts[-1] + layout.tokens)
@@ -441,6 +448,8 @@ def _prefill(p: VideoPatch, model: VideoLLMModel, kwargs: dict) -> PrunedPrompt:
                     tokens, layout, keys=None if keys is None else torch.cat([keys[starts[i] : starts[i + 1]] for i in video]),
                     change=unit_change(torch.cat([p.videos["pixels"][i] for i in video])) if "pixel_change" in needs
                     else None,
+                    attention=None if attention is None else torch.cat([attention[starts[i] : starts[i + 1]]
+                                                                        for i in video]),
                     rng=rng), cfg)
             selection = chosen[video]
             kept = selection.kept

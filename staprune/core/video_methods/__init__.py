@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 
+from .attention import attention_received, last_query_attention
 from .layout import VideoLayout, kept_per_unit
 from .registry import (
     NEEDS,
@@ -50,9 +51,11 @@ __all__ = [
     "VideoLayout",
     "VideoMethod",
     "VideoTokens",
+    "attention_received",
     "kept_per_unit",
     "in_language_model",
     "kept_tokens_of",
+    "last_query_attention",
     "method_options",
     "needs_of",
     "register_video_method",

@@ -23,12 +23,19 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ...adapters.attention_tap import tap_attention
 from ...adapters.video_tokens import VideoLLMModel, VideoPatch, install
 from ...core.config import STAConfig
 from ...core.errors import CheckpointError, ConfigError
 from ...core.flops import FlopCount
 from ...core.score import packed_slice, slice_metric
-from ...core.video_methods import VideoLayout, in_language_model, kept_tokens_of, video_method_names
+from ...core.video_methods import (
+    VideoLayout,
+    attention_received,
+    in_language_model,
+    kept_tokens_of,
+    video_method_names,
+)
 from ...data.transforms import Preprocessing
 from ..base import VIDEO_LLM, LoadedModel, Spec, side
 from ..hf import TransformersFamily, load_hf_pretrained
@@ -301,6 +308,20 @@ def token_pixels(frames: Tensor, side: int) -> Tensor:
     small = nn.functional.adaptive_avg_pool2d(frames.float(), 4 * side)
     per_token = small.view(count, channels, side, 4, side, 4).permute(0, 2, 4, 1, 3, 5)
     return per_token.reshape(count, side * side, -1)
+
+
+def record_received_attention(p: VideoPatch, attention: nn.Module, queries: slice | None = None) -> list[Tensor]:
+    """Tap a vision layer's ``attention`` module: while videos are encoded, each call's attention
+    received by every token (heads and ``queries`` averaged: :func:`attention_received`) is appended
+    to the returned list, ``(B, L)`` per call (a family's reader pops them)."""
+    calls: list[Tensor] = []
+
+    def keep(module: nn.Module, query: Tensor, key: Tensor, mask: Tensor | None, scaling: float) -> None:
+        if p.encoding_video:
+            calls.append(attention_received(query, key, scaling, queries))
+
+    tap_attention(p, attention, keep, p.config.method)
+    return calls
 
 
 def merged_keys(qkv: Tensor, heads: int, group: int) -> Tensor:

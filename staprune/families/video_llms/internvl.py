@@ -26,7 +26,15 @@ from ...core.score import slice_metric
 from ...core.video_methods import VideoLayout
 from ...data.transforms import Preprocessing
 from ..base import FamilyModels, ModelEntry, side
-from .base import FixedSideSpec, VideoLLMFamily, normalised, prompt_ids, text_ids, token_pixels
+from .base import (
+    FixedSideSpec,
+    VideoLLMFamily,
+    normalised,
+    prompt_ids,
+    record_received_attention,
+    text_ids,
+    token_pixels,
+)
 
 # The text around one frame in an example prompt: "FrameK: " (about four tokens), <img>, then </img> and "\n".
 FRAME_LABEL, FRAME_TEXT = 4, 7
@@ -100,6 +108,26 @@ def install_internvit_keys(p: VideoPatch, inner: nn.Module):
         return grouped.reshape(-1, d)
 
     p.hook(attention.k_norm, keep_keys)  # nn.Identity without query/key norm: the projected keys
+    return read
+
+
+def install_internvit_attention(p: VideoPatch, inner: nn.Module):
+    """Tap the vision layer the projector reads; the reader gives the attention each token received
+    there from the [CLS] token (heads averaged), as VisionZip reads a tower with a [CLS]; the mean
+    over each pixel-shuffle 2x2 group, one value per language-model token, images in order."""
+    layers = inner.vision_tower.encoder.layer
+    chosen = inner.config.vision_feature_layer
+    chosen = chosen[-1] if isinstance(chosen, (list, tuple)) else chosen
+    ratio = round(1 / inner.config.downsample_ratio)
+    calls = record_received_attention(p, layers[chosen if chosen < 0 else chosen - 1].attention, queries=slice(0, 1))
+
+    def read(inputs: VideoInputs) -> Tensor:
+        received = torch.cat(calls)[:, 1:]  # (images, patches): the [CLS] column dropped, as the projector drops it
+        calls.clear()
+        images, patches = received.shape
+        side = int(patches**0.5)
+        return received.view(images, side // ratio, ratio, side // ratio, ratio).mean((2, 4)).reshape(-1)
+
     return read
 
 
@@ -183,6 +211,7 @@ class InternVLFamily(VideoLLMFamily):
             encoder="get_image_features",
             modality="image",
             install_keys=install_internvit_keys,
+            install_attention=install_internvit_attention,
             unit_pixels=lambda inputs: list(token_pixels(inputs["pixel_values"], rows)[:, None]),
             group_videos=frame_runs(),
             one_d_positions=True,

@@ -25,7 +25,15 @@ from ...core.score import slice_metric
 from ...core.video_methods import VideoLayout
 from ...data.transforms import Preprocessing
 from ..base import FamilyModels, ModelEntry
-from .base import FixedSideSpec, VideoLLMFamily, VideoLLMSpec, normalised, prompt_ids, token_pixels
+from .base import (
+    FixedSideSpec,
+    VideoLLMFamily,
+    VideoLLMSpec,
+    normalised,
+    prompt_ids,
+    record_received_attention,
+    token_pixels,
+)
 
 
 def _pooled_side(inner: nn.Module) -> int:
@@ -71,6 +79,28 @@ def install_siglip_keys(p: VideoPatch, inner: nn.Module):
         return torch.cat([keys, newline], dim=1).flatten(0, 1)
 
     p.hook(attention.k_proj, keep_keys)
+    return read
+
+
+def install_siglip_attention(p: VideoPatch, inner: nn.Module):
+    """Tap the vision layer the projector reads; the reader gives the attention each token received
+    there (heads and queries averaged: SigLIP has no [CLS]; each frame attends within itself),
+    pooled like the features, each video's frames then a zero for its newline."""
+    tower = inner.vision_tower
+    layers = getattr(tower, "vision_model", tower).encoder.layers
+    chosen = inner.config.vision_feature_layer
+    chosen = chosen[-1] if isinstance(chosen, (list, tuple)) else chosen
+    calls = record_received_attention(p, layers[chosen if chosen < 0 else chosen - 1].self_attn)
+
+    def read(inputs: VideoInputs) -> torch.Tensor:
+        pixels = inputs["pixel_values_videos"]
+        received = torch.cat(calls)  # (videos * frames, patches)
+        calls.clear()
+        if inner.config.vision_feature_select_strategy == "default":
+            received = received[:, 1:]
+        pooled = inner.apply_pooling(received[..., None]).reshape(pixels.shape[0], -1)
+        return torch.cat([pooled, pooled.new_zeros(pooled.shape[0], 1)], dim=1).flatten()
+
     return read
 
 
@@ -150,6 +180,7 @@ class LlavaOnevisionFamily(VideoLLMFamily):
             video_token_id=inner.config.video_token_id,
             layouts=layouts,
             install_keys=install_siglip_keys,
+            install_attention=install_siglip_attention,
             unit_pixels=frame_pixels(side),
             one_d_positions=True,
         )

@@ -21,7 +21,15 @@ from ...adapters.video_tokens import VideoInputs, VideoLLMModel, VideoPatch
 from ...core.errors import ConfigError
 from ...core.video_methods import VideoLayout
 from ...data.transforms import Preprocessing
-from .base import VideoLLMFamily, VideoLLMSpec, merged_keys, normalised, prompt_ids, text_ids
+from .base import (
+    VideoLLMFamily,
+    VideoLLMSpec,
+    merged_keys,
+    normalised,
+    prompt_ids,
+    record_received_attention,
+    text_ids,
+)
 
 # Placeholder ids of the tiny test models (image, video, vision start, vision end).
 TINY_IDS = dict(image_token_id=10, video_token_id=11, vision_start_token_id=12, vision_end_token_id=13)
@@ -100,6 +108,25 @@ def install_qwen_keys(p: VideoPatch, inner: nn.Module, windowed: bool):
         return keys
 
     p.hook(attention.qkv, keep_qkv)
+    return read
+
+
+def install_qwen_attention(p: VideoPatch, inner: nn.Module, windowed: bool):
+    """Tap the vision tower's last block; the reader gives the attention each merged token received
+    there (heads and queries averaged: Qwen's tower has no [CLS]; each call attends within one
+    temporal patch, or one window in a windowed block), the mean of its merged patches, in the order
+    the language model sees them."""
+    visual = inner.visual
+    calls = record_received_attention(p, visual.blocks[-1].attn)
+
+    def read(inputs: VideoInputs) -> torch.Tensor:
+        received = torch.cat([call.reshape(-1) for call in calls])  # patches, in the order the tower ran them
+        calls.clear()
+        merged = received.view(-1, visual.spatial_merge_size**2).mean(1)
+        if windowed:
+            merged = merged[torch.argsort(_window_index(visual, inputs["video_grid_thw"]))]
+        return merged
+
     return read
 
 
@@ -236,10 +263,11 @@ class QwenVLFamily(VideoLLMFamily):
             layouts=qwen_layouts(inner.config.vision_config.spatial_merge_size),
             unit_pixels=qwen_unit_pixels(inner.config.vision_config.spatial_merge_size),
             install_keys=lambda p, m: install_qwen_keys(p, m, windowed=self.windowed_vision),
+            install_attention=lambda p, m: install_qwen_attention(p, m, windowed=self.windowed_vision),
             side_inputs=self.side_inputs(),
             follow_cut=self.follow_cut(),
         )
 
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "QWEN_IDS", "TINY_IDS", "QwenVLFamily", "QwenVLSpec", "install_qwen_keys", "patchify",
+__all__ = ["CLIP_MEAN", "CLIP_STD", "QWEN_IDS", "TINY_IDS", "QwenVLFamily", "QwenVLSpec", "install_qwen_attention", "install_qwen_keys", "patchify",
            "qwen_layouts", "qwen_unit_pixels", "qwen_video_inputs", "qwen_vision_tower_flops", "tiny_qwen_config"]
