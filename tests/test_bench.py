@@ -99,3 +99,24 @@ def test_bench_reports_speedup_against_dense_where_flops_halve(capsys):
     assert dense["speedup"] == pytest.approx(1.0)
     assert pruned["speedup"] == pytest.approx(dense["latency_median_s"] / pruned["latency_median_s"], rel=1e-6)
     assert pruned["speedup"] > 0 and pruned["throughput_clips_s"] > 0
+
+
+def test_a_selection_call_inside_another_is_timed_once(monkeypatch):
+    """A video's selection (select_video_tokens) runs STA's core selection inside it: the time is the
+    outer call's, counted once, not twice."""
+    import itertools
+
+    import torch
+
+    from staprune.core.config import STAConfig
+    from staprune.core.selection_hook import wrapping_selection
+    from staprune.core.video_methods import VideoLayout, VideoTokens, select_video_tokens
+    from staprune.runs import timing
+
+    clock = itertools.count()  # each reading of the clock advances it by one second
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: float(next(clock)))
+    spent = [0.0]
+    video = VideoTokens(torch.randn(32, 8), VideoLayout(2, 4, 4))
+    with wrapping_selection(timing.timed_selection(torch.device("cpu"), spent)):
+        select_video_tokens(video, STAConfig(keep_ratio=0.5, similarity="hidden"))
+    assert spent[0] == 1.0  # one start and one end reading: the nested sta_keep_indices read none
