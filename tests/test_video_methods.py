@@ -36,7 +36,8 @@ def _video(seed: int = 0, **extra) -> VideoTokens:
 
 
 def test_the_built_in_methods_are_registered_in_order():
-    assert video_method_names()[:8] == ["sta", "random", "uniform", "static", "evs", "divprune", "vidcom2", "fastv"]
+    assert video_method_names()[:9] == ["sta", "random", "uniform", "static", "evs", "divprune", "vidcom2", "fastv",
+                                        "visionzip"]
 
 
 @pytest.mark.parametrize("similarity", ["key", "hidden"])
@@ -343,3 +344,60 @@ def test_every_method_prunes_a_batch_of_two_video_lengths_as_each_alone(family_n
     assert [k.tolist() for k in kept_together] == [k.tolist() for k in kept_alone]
     for row, single in zip(together, alone, strict=True):
         torch.testing.assert_close(row, single, atol=1e-5, rtol=1e-5)
+
+
+def _selections_of(model, inputs) -> list[Selection]:
+    """What the patched model's method handed over for each video of ``inputs`` (its Selections)."""
+    from staprune.core.selection_hook import wrapping_selection
+
+    made: list[Selection] = []
+
+    def record(fn):
+        def recorded(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            if isinstance(out, Selection):
+                made.append(out)
+            return out
+
+        return recorded
+
+    with wrapping_selection(record), torch.no_grad():
+        logits = model(**inputs).logits
+    return made, logits
+
+
+BEFORE_THE_LANGUAGE_MODEL = [m for m in video_method_names() if m != "fastv"]  # FastV: tests/test_method_fastv.py
+
+
+@pytest.mark.parametrize("method", BEFORE_THE_LANGUAGE_MODEL)
+def test_every_method_s_pruned_forward_is_the_stock_language_model_on_what_it_hands_over(tiny_video_llms, method):
+    """The stock language model on the text and exactly the tokens the method hands over (a merging
+    method's merged values at its kept tokens' columns), every token at its stock position."""
+    import test_video_llms as vl
+
+    for name, (model, inputs) in tiny_video_llms.items():
+        staprune.unpatch(model)
+        stock = vl.language_model_inputs(model, inputs)
+        staprune.patch(model, keep_ratio=0.3, **method_options_for_tiny(method))
+        try:
+            (selection,), pruned = _selections_of(model, inputs)
+        finally:
+            staprune.unpatch(model)
+        ids = inputs["input_ids"][0]
+        video = (ids == vl.VID).nonzero().flatten()
+        embeds = stock["inputs_embeds"].clone()
+        if selection.merged is not None:
+            embeds[0, video[selection.kept]] = selection.merged
+        keep = torch.ones(ids.shape[0], dtype=torch.bool)
+        keep[video] = False
+        keep[video[selection.kept]] = True
+        reference = {"inputs_embeds": embeds[:, keep], "position_ids": vl.stock_positions(stock)[..., keep],
+                     "attention_mask": torch.ones(1, int(keep.sum()), dtype=torch.long)}
+        if stock.get("visual_pos_masks") is not None:  # Qwen3-VL DeepStack: the features of kept visual tokens
+            visual = stock["visual_pos_masks"]
+            reference["visual_pos_masks"] = visual[:, keep]
+            reference["deepstack_visual_embeds"] = [e[keep[visual[0]]] for e in stock["deepstack_visual_embeds"]]
+        with torch.no_grad():
+            expected = model.lm_head(model.model.language_model(**reference).last_hidden_state)
+        assert keep.sum() < keep.numel(), name
+        torch.testing.assert_close(pruned, expected, atol=1e-5, rtol=1e-5, msg=name)

@@ -39,6 +39,7 @@ METHOD_MODULES: tuple[str, ...] = (
     "staprune.core.video_methods.divprune",
     "staprune.core.video_methods.vidcom2",
     "staprune.core.video_methods.fastv",
+    "staprune.core.video_methods.visionzip",
 )
 for _module in METHOD_MODULES:
     importlib.import_module(_module)
