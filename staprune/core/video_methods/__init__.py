@@ -40,6 +40,7 @@ METHOD_MODULES: tuple[str, ...] = (
     "staprune.core.video_methods.vidcom2",
     "staprune.core.video_methods.fastv",
     "staprune.core.video_methods.visionzip",
+    "staprune.core.video_methods.fastvid",
 )
 for _module in METHOD_MODULES:
     importlib.import_module(_module)
