@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import staprune
+from staprune.core.errors import ConfigError
 from staprune.core.video_methods import VideoMethod, register_video_method, unregister_video_method
 
 transformers = pytest.importorskip("transformers")
@@ -135,3 +136,15 @@ def test_the_tap_changes_no_output_and_unpatch_removes_it(family, reads_attentio
         for a, b in zip(stock_features.pooler_output, tapped.pooler_output, strict=True):
             assert torch.equal(a, b)
     assert len(configs) == len(after) + 1  # the tapped layer's own config, gone again
+
+
+@pytest.mark.parametrize("method", ["visionzip", "fastvid"])
+def test_a_vision_tower_that_cannot_give_attention_is_one_clear_error(method):
+    model = vl.qwen25()
+    model.model.visual.config._attn_implementation = "flash_attention_2"
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    with pytest.raises(ConfigError, match=f"{method} reads attention weights, which attn_implementation='flash_attention_2' does "
+                             "not give here; load the model with attn_implementation='sdpa'"):
+        staprune.patch(model, keep_ratio=0.25, method=method)
+    assert staprune.get_config(model) is None  # nothing left half-patched: no hook, no config of its own
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks

@@ -182,7 +182,11 @@ class VideoLLMFamily(TransformersFamily):
             raise ConfigError(f"positions='renumbered' needs 1D positions; {self.title} uses 3D M-RoPE, where kept "
                               "tokens keep their (time, row, column) positions: use positions='original'")
         p = VideoPatch(config)
-        install(p, described)
+        try:
+            install(p, described)
+        except BaseException:
+            p.undo()  # a hook installed before the one that failed leaves with it
+            raise
         model._staprune = p
         return model
 
