@@ -36,8 +36,8 @@ def _video(seed: int = 0, **extra) -> VideoTokens:
 
 
 def test_the_built_in_methods_are_registered_in_order():
-    assert video_method_names()[:10] == ["sta", "random", "uniform", "static", "evs", "divprune", "vidcom2", "fastv",
-                                        "visionzip", "fastvid"]
+    assert video_method_names()[:11] == ["sta", "random", "uniform", "static", "evs", "divprune", "vidcom2", "fastv",
+                                        "visionzip", "fastvid", "holitom"]
 
 
 @pytest.mark.parametrize("similarity", ["key", "hidden"])

@@ -41,6 +41,7 @@ METHOD_MODULES: tuple[str, ...] = (
     "staprune.core.video_methods.fastv",
     "staprune.core.video_methods.visionzip",
     "staprune.core.video_methods.fastvid",
+    "staprune.core.video_methods.holitom",
 )
 for _module in METHOD_MODULES:
     importlib.import_module(_module)
