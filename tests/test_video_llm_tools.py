@@ -216,3 +216,14 @@ def test_internvl_example_prompt_carries_the_pixels_its_video_processor_makes():
     context = (ours["input_ids"][0] == model.config.image_token_id).int()
     runs = torch.diff(torch.cat([torch.tensor([0]), context, torch.tensor([0])])).nonzero().flatten().view(-1, 2)
     assert (runs[:, 1] - runs[:, 0]).tolist() == [16, 16, 16]  # one run of a frame's tokens per frame
+
+
+def test_visualize_draws_several_methods_side_by_side(saved, tmp_path):
+    out_png = tmp_path / "methods.png"
+    rc, out, err = run_cli("visualize", str(saved / "clip.mp4"), "--model", str(saved / "qwen2_5_vl"), "--frames", "4",
+                           "--size", "112", "--keep", "0.25", "--method", "sta", "evs", "fastv", "visionzip",
+                           "--method-option", "fastv_layer=1", "-o", str(out_png))
+    assert rc == 0, err
+    titles = [line.strip() for line in out.splitlines() if "kept" in line]
+    assert [t.split(":")[0] for t in titles] == ["sta keep 0.25", "evs keep 0.25", "fastv keep 0.25", "visionzip keep 0.25"]
+    assert all("kept 8/32 video tokens" in t for t in titles)
