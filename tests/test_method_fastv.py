@@ -252,3 +252,27 @@ def test_the_loss_is_the_stock_loss_on_the_kept_columns():
     kept_labels = labels[0, keep]
     expected = torch.nn.functional.cross_entropy(logits[:-1], kept_labels[1:])
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_batch_of_a_video_row_and_a_text_row_is_each_row_alone(family):
+    """The video row is cut after layer K, the text row is not: the cut rows are left-padded again."""
+    model, video = family
+    text = vl.text_prompt(model)
+    batch = vl.prompts(model, [video["input_ids"][0].tolist(), text["input_ids"][0].tolist()],
+                       **vl.video_tensors(video))
+    staprune.unpatch(model)
+    with torch.no_grad():
+        stock_text = model(**text).logits[0, -1]
+    stock_text_tokens = vl.greedy(model, text)[0]
+    staprune.patch(model, keep_ratio=0.25, method="fastv", fastv_layer=K)
+    with torch.no_grad():
+        video_alone = model(**video).logits[0, -1]
+        kept_alone = staprune.kept_tokens(model)[0]
+        together = model(**batch).logits[:, -1]
+    kept_video, kept_text = staprune.kept_tokens(model)
+    assert torch.equal(kept_video, kept_alone) and kept_text.numel() == 0
+    torch.testing.assert_close(together[0], video_alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(together[1], stock_text, atol=1e-5, rtol=1e-5)
+    tokens = vl.greedy(model, batch)
+    assert tokens[0].tolist() == vl.greedy(model, video)[0].tolist()
+    assert tokens[1].tolist() == stock_text_tokens.tolist()
