@@ -7,8 +7,8 @@ Every setting runs on the same model object, round-robin (one of each per round)
 * **encode**: the vision encoder and projector on the video (the method the family declares,
   ``get_video_features`` or InternVL's ``get_image_features``, which ``generate`` calls before its
   first forward; pruning does not change it). It runs once per round
-  for the stock model and once for each different vision-side need of the pruned settings (the
-  similarity read off the tower): budgets that differ only in how many tokens they keep share it;
+  for the stock model and once for each different vision-side need of the pruned settings (what
+  their methods read off the tower: keys, attention, pixels): settings that read the same share it;
 * **prefill**: the forward after it, on the encoded features, STA's selection included: what
   pruning shrinks;
 * **TTFT** = encode + prefill of the same round: the time to first token of ``generate`` but for
@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from ..api.patching import patch, unpatch
 from ..core.config import STAConfig
 from ..core.selection_hook import wrapping_selection
+from ..core.video_methods import vision_needs_of
 from ..families import family_of
 from ..families.base import Family
 from ..families.video_llms.base import VideoLLMSpec, prefill_flops
@@ -103,7 +104,7 @@ def time_video_llm(model: nn.Module, inputs: dict[str, Tensor], settings: Sequen
                     unpatch(model)
                     if config is not None:
                         patch(model, config=config)
-                    need = None if config is None else (config.similarity, config.method)
+                    need = None if config is None else vision_needs_of(config)
                     if need in shared:
                         encoded, encode, encode_selection = shared[need]
                     else:

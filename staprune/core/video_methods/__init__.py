@@ -26,6 +26,7 @@ from .registry import (
     unregister_video_method,
     video_method,
     video_method_names,
+    vision_needs_of,
 )
 
 # One line per method, in the order listings show them: importing a module registers its method
@@ -66,4 +67,5 @@ __all__ = [
     "unregister_video_method",
     "video_method",
     "video_method_names",
+    "vision_needs_of",
 ]

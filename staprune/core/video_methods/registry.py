@@ -173,6 +173,16 @@ def in_language_model(config: STAConfig) -> int | None:
     return video_method(config.method).after_layer(config)
 
 
+VISION_NEEDS = frozenset({"keys", "attention", "pixel_change"})  # the needs read off the vision encoder
+
+
+def vision_needs_of(config: STAConfig) -> frozenset[str]:
+    """What ``config``'s method reads off the vision encoder (a method inside the language model reads
+    its ``"attention"`` there, not in the vision tower)."""
+    needs = needs_of(config) & VISION_NEEDS
+    return needs - {"attention"} if in_language_model(config) is not None else needs
+
+
 def needs_of(config: STAConfig) -> frozenset[str]:
     """What ``config``'s method reads besides the tokens (nothing for ``method="none"``)."""
     return frozenset() if config.method == "none" else video_method(config.method).needs(config)
@@ -209,5 +219,5 @@ def select_video_tokens(video: VideoTokens, config: STAConfig) -> Selection:
     return Selection(kept, merged)
 
 
-__all__ = ["NEEDS", "MethodOption", "Selection", "VideoMethod", "VideoTokens", "in_language_model", "kept_tokens_of", "method_options", "needs_of", "register_video_method",
+__all__ = ["NEEDS", "MethodOption", "Selection", "VideoMethod", "VideoTokens", "in_language_model", "kept_tokens_of", "method_options", "needs_of", "register_video_method", "vision_needs_of",
            "select_video_tokens", "unregister_video_method", "video_method", "video_method_names"]
