@@ -276,3 +276,21 @@ def test_a_batch_of_a_video_row_and_a_text_row_is_each_row_alone(family):
     tokens = vl.greedy(model, batch)
     assert tokens[0].tolist() == vl.greedy(model, video)[0].tolist()
     assert tokens[1].tolist() == stock_text_tokens.tolist()
+
+
+def test_rows_of_one_length_that_keep_different_counts_generate_as_each_alone():
+    """No padding in the prompts (the stock masks may be None), but the cut pads the row that keeps fewer
+    tokens: prefill and every decoding step must mask that padding themselves."""
+    model = vl.qwen25()
+    staprune.patch(model, keep_ratio=0.25, method="fastv", fastv_layer=K)
+    long_prompt, short_prompt = vl.qwen_inputs(model, units=(4,), seed=1), vl.qwen_inputs(model, units=(2,), seed=5)
+    rows = [long_prompt["input_ids"][0].tolist(), short_prompt["input_ids"][0].tolist()]
+    filler = len(rows[0]) - len(rows[1])
+    rows[1] = rows[1][:3] + [26] * filler + rows[1][3:]  # text, so both rows are as long
+    short_prompt = vl._batch([rows[1]], [short_prompt["pixel_values_videos"]], [short_prompt["video_grid_thw"]])
+    batch = vl._batch(rows, [long_prompt["pixel_values_videos"], short_prompt["pixel_values_videos"]],
+                      [long_prompt["video_grid_thw"], short_prompt["video_grid_thw"]])
+    assert bool(batch["attention_mask"].all())
+    together = vl.greedy(model, batch, steps=3)
+    for row, prompt in zip(together, (long_prompt, short_prompt), strict=True):
+        assert row.tolist() == vl.greedy(model, prompt, steps=3)[0].tolist()

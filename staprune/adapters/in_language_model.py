@@ -103,13 +103,14 @@ def install_cut(p: Patch, language_model: nn.Module, cut: LanguageModelCut,
     tap_attention(p, attention, keep_last_query, p.config.method)
     for number, layer in enumerate(layers):
         if number >= cut.layer:
-            p.hook(layer, _cut_hook(cut, number == cut.layer), pre=True, with_kwargs=True)
+            p.hook(layer, _cut_hook(cut, number), pre=True, with_kwargs=True)
     if follow_cut is not None:
         follow_cut(p, language_model, lambda: cut.active)
 
 
-def _cut_hook(cut: LanguageModelCut, first: bool):
-    """The pre-hook of a decoder layer after ``K`` (``first``: layer ``K``, where the cut is made)."""
+def _cut_hook(cut: LanguageModelCut, number: int):
+    """The pre-hook of decoder layer ``number`` after ``K`` (at layer ``K`` the cut is made)."""
+    first = number == cut.layer
 
     def hook(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -130,8 +131,13 @@ def _cut_hook(cut: LanguageModelCut, first: bool):
             args = (hidden, *args[1:])
         else:
             kwargs["hidden_states"] = hidden
-        kwargs["attention_mask"] = _memo(cut, kwargs.get("attention_mask"),
-                                         lambda m: _cut_mask(m, state, prefill))
+        mask = kwargs.get("attention_mask")
+        if mask is None and not bool(state.valid.all()):  # the cut padded a row: the mask must say so
+            past = 0 if prefill or cache is None else cache.get_seq_length(number)
+            mask = _padding_mask(state, prefill, hidden.shape[1], past, module)
+        else:
+            mask = _memo(cut, mask, lambda m: _cut_mask(m, state, prefill))
+        kwargs["attention_mask"] = mask
         if prefill:
             for name in ("position_embeddings", "position_ids"):
                 if kwargs.get(name) is not None:
@@ -164,9 +170,10 @@ def _make_cut(cut: LanguageModelCut, hidden: Tensor) -> Cut:
 
 
 def _memo(cut: LanguageModelCut, value, make):
-    """Every layer after ``K`` gets the same stock mask and embeddings: cut them once per forward."""
+    """Every layer after ``K`` gets the same stock mask and embeddings: cut them once per forward
+    (None, causal over columns that keep their order, stays None)."""
     if value is None or isinstance(value, dict):
-        return make(value) if value is None else value
+        return value
     key = id(value)
     if key not in cut.memo:
         cut.memo[key] = (value, make(value))  # the stock tensor held: its id stays its own
@@ -185,17 +192,32 @@ def _cut_columns(value, state: Cut):
     return value.gather(-1, index.expand(*value.shape[:-2], *index.shape))
 
 
-def _cut_mask(mask: Tensor | None, state: Cut, prefill: bool) -> Tensor | None:
-    """The mask a layer after ``K`` needs: stock ``(B, 1, q, k)`` (bool: True attends; float: added)
-    or None (causal), with the stock prompt's key columns mapped onto the kept ones (and, at the
-    prefill, its query rows too); the new left padding masked as a key."""
+def _padding_mask(state: Cut, prefill: bool, queries: int, past: int, layer: nn.Module) -> Tensor:
+    """Where the stock model had no mask (causal, no padding) but the cut padded a row: causal over
+    the kept columns (the prefill) or every kept and generated one (a decoding step of ``queries``
+    tokens after ``past`` in this layer's cache), the new padding masked; bool, or additive for eager
+    attention."""
+    valid = state.valid
+    bsz, kept = valid.shape
+    keys = kept if prefill else past + queries
+    mask = torch.ones(queries, keys, dtype=torch.bool, device=valid.device).tril(keys - queries)
+    mask = mask[None, None].expand(bsz, 1, -1, -1)
+    padding = torch.cat([~valid, valid.new_zeros(bsz, keys - kept)], dim=1)[:, None, None, :]
+    mask = mask & ~padding
+    if prefill:  # a padding row attends to itself (no row without a key: no NaN)
+        mask = mask | torch.eye(kept, dtype=torch.bool, device=mask.device)[None, None] & ~valid[:, None, :, None]
+    attention = getattr(layer, "self_attn", None)
+    if getattr(getattr(attention, "config", None), "_attn_implementation", "sdpa") == "eager":
+        return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    return mask
+
+
+def _cut_mask(mask: Tensor, state: Cut, prefill: bool) -> Tensor:
+    """The mask a layer after ``K`` needs from the stock ``(B, 1, q, k)`` (bool: True attends; float:
+    added): the stock prompt's key columns mapped onto the kept ones (and, at the prefill, its query
+    rows too); the new left padding masked as a key."""
     index, valid = state.index, state.valid
     bsz, kept = index.shape
-    if mask is None and bool(valid.all()):
-        return None  # causal over the kept columns, which keep their order
-    if mask is None:
-        mask = torch.ones(bsz, 1, state.stock_length, state.stock_length, dtype=torch.bool,
-                          device=index.device).tril()
     mask = mask.expand(bsz, -1, -1, -1)
     tail = mask[..., state.stock_length :]  # the decoding steps' own columns
     columns = index[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1)
