@@ -143,8 +143,8 @@ def test_selection_is_measured_through_core_s_seam_without_replacing_module_attr
 
     from staprune.core.selection_hook import SELECTED, wrapping_selection
 
-    assert sorted(fn.__name__ for fn in SELECTED) == ["last_query_attention", "random_keep_indices", "select_video_tokens",
-                                                      "sta_keep_indices", "tome_merge"]
+    assert sorted(fn.__name__ for fn in SELECTED) == ["attention_received", "last_query_attention", "random_keep_indices",
+                                                      "select_video_tokens", "sta_keep_indices", "tome_merge"]
     calls: list[tuple[str, str]] = []
 
     def recording(tag):
