@@ -52,6 +52,24 @@ MODELS = {
 }
 
 
+def model_and_inputs(entry, frames: int, smoke: bool, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """(family, spec, model, example inputs) of a ``MODELS`` entry: the published shape with random
+    weights, or (``smoke``) the family's tiny test model; seeded, on ``device`` in ``dtype``."""
+    family = family_named(entry[0])
+    torch.manual_seed(0)
+    if smoke:
+        model = family.tiny_model()
+        spec = family.spec_of(model, frames, None if family.fixed_size else 112)
+    else:
+        spec = entry[1]().with_input(frames)
+        model = family.build(spec)
+    model = model.to(device, dtype)
+    pixels = torch.rand(spec.frames, 3, spec.size, spec.size, generator=torch.Generator().manual_seed(0))
+    inputs = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
+              for k, v in family.video_inputs(model, pixels, spec).items()}
+    return family, spec, model, inputs
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=16, help="input frames per video")
@@ -71,16 +89,7 @@ def main(argv: list[str] | None = None) -> None:
           f"fp32, batch 1, {args.frames} frames, {args.repeats} rounds (medians), random weights")
     rows = []
     for name in args.models:
-        family = family_named(MODELS[name][0])
-        torch.manual_seed(0)
-        if args.smoke:
-            model = family.tiny_model()
-            spec = family.spec_of(model, args.frames, None if family.fixed_size else 112)
-        else:
-            spec = MODELS[name][1]().with_input(args.frames)
-            model = family.build(spec)
-        frames = torch.rand(spec.frames, 3, spec.size, spec.size, generator=torch.Generator().manual_seed(0))
-        inputs = family.video_inputs(model, frames, spec)
+        family, spec, model, inputs = model_and_inputs(MODELS[name], args.frames, args.smoke)
         settings = [None] + [STAConfig(keep_ratio=k) for k in args.keep]
         results = time_video_llm(model, inputs, settings, warmup=1, repeats=args.repeats)
         rows += summarize_video_llm(name, family, spec, settings, results, device="cpu", dtype="fp32")

@@ -23,11 +23,11 @@ from dataclasses import asdict
 
 import torch
 import transformers
-from bench_video_llm import qwen25_vl_05b
+from bench_video_llm import model_and_inputs, qwen25_vl_05b
 
 from staprune.core.config import STAConfig
 from staprune.core.video_methods import video_method_names
-from staprune.families import family_named, model_entry
+from staprune.families import model_entry
 from staprune.runs.video_llm_timing import format_video_llm_table, summarize_video_llm, time_video_llm
 
 SMOKE_NOTE = "SMOKE RUN (--smoke): tiny configs that check the script runs; its numbers are not a result"
@@ -74,18 +74,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.device} {args.dtype}, batch 1, {args.frames} frames, {args.repeats} rounds (medians), random weights")
     rows = []
     for name in args.models:
-        family = family_named(MODELS[name][0])
-        torch.manual_seed(0)
-        if args.smoke:
-            model = family.tiny_model()
-            spec = family.spec_of(model, args.frames, None if family.fixed_size else 112)
-        else:
-            spec = MODELS[name][1]().with_input(args.frames)
-            model = family.build(spec)
-        model = model.to(args.device, dtype)
-        frames = torch.rand(spec.frames, 3, spec.size, spec.size, generator=torch.Generator().manual_seed(0))
-        inputs = {k: v.to(args.device, dtype) if v.is_floating_point() else v.to(args.device)
-                  for k, v in family.video_inputs(model, frames, spec).items()}
+        family, spec, model, inputs = model_and_inputs(MODELS[name], args.frames, args.smoke, args.device, dtype)
         settings = settings_for(args.methods, args.keep, args.smoke)
         results = time_video_llm(model, inputs, settings, warmup=1, repeats=args.repeats)
         rows += summarize_video_llm(name, family, spec, settings, results, device=args.device, dtype=args.dtype)
